@@ -1,0 +1,127 @@
+"""state_dict / load_state_dict in torch.optim's layout, all-or-nothing."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import _validate
+
+# Group keys that torch writes and fastopt has no use for; accepted and dropped on load.
+TORCH_ONLY_KEYS = frozenset({"foreach", "fused", "capturable", "differentiable", "initial_lr"})
+
+
+def _host(a) -> np.ndarray:
+    if isinstance(a, np.ndarray):
+        return a.copy()
+    if hasattr(a, "get"):          # CuPy
+        return a.get()
+    return np.array(a)
+
+
+def state_dict(opt) -> dict:
+    state = {}
+    for i, st in enumerate(opt._state):
+        if not st:
+            continue
+        d = {name: _host(arr) for name, arr in st.items()}
+        if opt.has_step_state:
+            d["step"] = np.array(float(opt._steps[i]), dtype=np.float32)
+        state[i] = d
+    groups, start = [], 0
+    for g in opt.param_groups:
+        n = len(g["params"])
+        d = {k: v for k, v in g.items() if k != "params"}
+        d["params"] = list(range(start, start + n))
+        start += n
+        groups.append(d)
+    return {"state": state, "param_groups": groups}
+
+
+def _as_step(value, label) -> int:
+    v = np.asarray(value)
+    if v.size != 1 or v.dtype.kind not in "fiu":
+        raise ValueError(f"{label} must be a scalar step count, got {value!r}")
+    f = float(v.reshape(()))
+    if not math.isfinite(f) or f < 0 or f != int(f):
+        raise ValueError(f"{label} must be a non-negative whole number, got {f}")
+    return int(f)
+
+
+def load_state_dict(opt, sd) -> None:
+    name = type(opt).__name__
+    if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
+        raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (torch layout)")
+    groups, state = sd["param_groups"], sd["state"]
+    if not isinstance(state, dict):
+        raise ValueError("state_dict['state'] must be a dict")
+    if len(groups) != len(opt.param_groups):
+        raise ValueError(f"state_dict has {len(groups)} param groups, the optimizer has {len(opt.param_groups)}")
+    # 1. Groups: sizes, hyperparameter names (a different optimizer has other names), values.
+    new_groups, id_map = [], {}
+    for gi, (saved, mine) in enumerate(zip(groups, opt.param_groups)):
+        where = f"state_dict['param_groups'][{gi}]"
+        ids = list(saved.get("params", ()))
+        if len(ids) != len(mine["params"]):
+            raise ValueError(f"{where} has {len(ids)} params, the optimizer's group has {len(mine['params'])}")
+        missing = set(opt.defaults) - set(saved)
+        unknown = set(saved) - set(opt.defaults) - {"params"} - TORCH_ONLY_KEYS
+        if missing or unknown:
+            detail = []
+            if missing:
+                detail.append(f"lacks {sorted(missing)}")
+            if unknown:
+                detail.append(f"has unknown keys {sorted(unknown)}")
+            raise ValueError(f"{where} {' and '.join(detail)}: it is not a {name} state dict")
+        group = {k: saved[k] for k in opt.defaults}
+        if "betas" in group:
+            group["betas"] = tuple(float(b) for b in group["betas"])
+        group["params"] = mine["params"]
+        opt._check_group(group, where)
+        new_groups.append(group)
+        base = sum(len(g["params"]) for g in opt.param_groups[:gi])
+        for k, pid in enumerate(ids):
+            id_map[pid] = (gi, base + k)
+    # 2. Per-param state: keys the loaded group needs, shapes, finite step counts.
+    loaded = {}
+    for pid, st in state.items():
+        where = f"state_dict['state'][{pid!r}]"
+        if pid not in id_map:
+            raise ValueError(f"{where} refers to no param in state_dict['param_groups']")
+        gi, i = id_map[pid]
+        p = opt.param_groups[gi]["params"][i - sum(len(g["params"]) for g in opt.param_groups[:gi])]
+        need = {n for n in opt._active_slots(new_groups[gi]) if n is not None}
+        have = set(st) - {"step"}
+        if opt.has_step_state and "step" not in st:
+            raise ValueError(f"{where} lacks 'step': it is not a {name} state dict")
+        if need - have:
+            raise ValueError(f"{where} lacks {sorted(need - have)}: it is not a {name} state dict "
+                             f"for these hyperparameters")
+        extra = have - set(opt.slot_names)
+        if extra:
+            raise ValueError(f"{where} has unknown keys {sorted(extra)}: it is not a {name} state dict")
+        for key in have:
+            _validate.state_array(st[key], p, f"{where}[{key!r}]", f"params[{i}]")
+        step = _as_step(st["step"], f"{where}['step']") if "step" in st else (1 if have else 0)
+        loaded[i] = (p, {k: st[k] for k in have}, step, new_groups[gi])
+    # 3. All checked: mutate.
+    for gi, group in enumerate(new_groups):
+        opt.param_groups[gi].update({k: v for k, v in group.items() if k != "params"})
+        opt._plans[gi] = None
+    opt._state = [None] * len(opt._state)
+    opt._arenas.clear()          # fresh state buffers: nothing left over from before the load
+    opt._steps[:] = 0
+    for i, (p, arrays, step, group) in loaded.items():
+        opt._ensure_state(i, p, group, tuple(arrays))
+        for key, value in arrays.items():
+            dst = opt._state[i][key]
+            src = np.asarray(value) if isinstance(dst, np.ndarray) else value
+            dst[...] = _to_like(dst, src)
+        opt._steps[i] = step
+
+
+def _to_like(dst, src):
+    if isinstance(dst, np.ndarray):
+        return np.asarray(src, dtype=dst.dtype).reshape(dst.shape)
+    import cupy
+    return cupy.asarray(src, dtype=dst.dtype).reshape(dst.shape)

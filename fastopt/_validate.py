@@ -1,0 +1,150 @@
+"""Argument checks shared by the optimizers, the functional API and checkpoints.
+
+Every check raises before anything is mutated, with a message naming the argument (and
+the tensor index) and what was expected.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from ._backend import is_device_array
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def number(name, value, *, low=None, high=None, low_open=False, high_open=False, where=""):
+    """A finite real number in [low, high] (open ends where asked)."""
+    prefix = f"{where}: " if where else ""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{prefix}{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if math.isnan(value) or math.isinf(value):
+        raise ValueError(f"{prefix}{name} must be finite, got {value}")
+    bad_low = low is not None and (value <= low if low_open else value < low)
+    bad_high = high is not None and (value >= high if high_open else value > high)
+    if bad_low or bad_high:
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        rng = f"{lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
+        raise ValueError(f"{prefix}{name} must be in {rng}, got {value}")
+    return value
+
+
+def flag(name, value, where=""):
+    if not isinstance(value, (bool, np.bool_)):
+        prefix = f"{where}: " if where else ""
+        raise TypeError(f"{prefix}{name} must be a bool, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def betas(value, where=""):
+    prefix = f"{where}: " if where else ""
+    try:
+        b1, b2 = value
+    except (TypeError, ValueError):
+        raise TypeError(f"{prefix}betas must be a pair (beta1, beta2), got {value!r}") from None
+    number("betas[0]", b1, low=0.0, high=1.0, high_open=True, where=where)
+    number("betas[1]", b2, low=0.0, high=1.0, high_open=True, where=where)
+    return (float(b1), float(b2))
+
+
+def _describe(a):
+    return f"{type(a).__name__} of shape {getattr(a, 'shape', '?')} and dtype {getattr(a, 'dtype', '?')}"
+
+
+def is_array(a) -> bool:
+    return isinstance(a, np.ndarray) or is_device_array(a)
+
+
+def _contiguous(a) -> bool:
+    flags = getattr(a, "flags", None)
+    return bool(flags["C_CONTIGUOUS"]) if flags is not None else True
+
+
+def _writeable(a) -> bool:
+    flags = getattr(a, "flags", None)
+    if isinstance(a, np.ndarray):
+        return bool(flags.writeable)
+    return True
+
+
+def param(p, label):
+    """A parameter: a writeable, C-contiguous float32/float64 array."""
+    if not is_array(p):
+        raise TypeError(f"{label} must be a NumPy array or a CUDA array, got {type(p).__name__}")
+    dt = np.dtype(p.dtype)
+    if dt not in FLOAT_DTYPES:
+        raise TypeError(f"{label} has dtype {dt}; fastopt steps float32 and float64 arrays "
+                        "(integer, complex, object and other dtypes are not optimizable)")
+    if not _contiguous(p):
+        raise ValueError(f"{label} is not C-contiguous; pass np.ascontiguousarray(param) and keep that array")
+    if not _writeable(p):
+        raise ValueError(f"{label} is read-only; optimizer steps update params in place")
+
+
+def address(a) -> int:
+    if is_device_array(a):
+        return a.__cuda_array_interface__["data"][0]
+    return a.__array_interface__["data"][0]
+
+
+def nbytes(a) -> int:
+    return int(a.size) * np.dtype(a.dtype).itemsize
+
+
+def no_overlap(arrays, label):
+    """No two arrays share memory (the same array twice, or overlapping views)."""
+    spans = sorted((address(a), address(a) + nbytes(a), i) for i, a in enumerate(arrays) if a.size)
+    for (s0, e0, i0), (s1, e1, i1) in zip(spans, spans[1:]):
+        if s1 < e0:
+            i, j = sorted((i0, i1))
+            what = "the same array" if arrays[i] is arrays[j] else "overlapping memory"
+            raise ValueError(f"{label}[{i}] and {label}[{j}] are {what}; each parameter must be a distinct array")
+
+
+def grad(g, p, index, p_address=None, where="") -> int:
+    """``grads[index]`` is aligned with ``params[index]``: same shape and dtype,
+    C-contiguous, not the param, not overlapping it. Returns the gradient's data address."""
+    if (type(g) is np.ndarray and type(p) is np.ndarray and g.shape == p.shape
+            and g.dtype == p.dtype and g.flags.c_contiguous):
+        # Fast path for the common case: only the aliasing test is left.
+        ga = g.__array_interface__["data"][0]
+        if g.size:
+            pa = p.__array_interface__["data"][0] if p_address is None else p_address
+            if ga < pa + p.nbytes and pa < ga + g.nbytes:
+                raise ValueError(f"{where}grads[{index}] is params[{index}] itself or overlaps "
+                                 "its memory; a gradient must be a separate array")
+        return ga
+    label, param_label = f"{where}grads[{index}]", f"params[{index}]"
+    if not is_array(g):
+        raise TypeError(f"{label} must be an array or None, got {type(g).__name__}")
+    if is_device_array(g) != is_device_array(p):
+        raise TypeError(f"{label} is a {'device' if is_device_array(g) else 'host'} array but "
+                        f"{param_label} is a {'device' if is_device_array(p) else 'host'} array; "
+                        "host and device arrays cannot be mixed in one step")
+    if tuple(g.shape) != tuple(p.shape):
+        raise ValueError(f"{label} has shape {tuple(g.shape)}, expected {tuple(p.shape)} like {param_label}")
+    if np.dtype(g.dtype) != np.dtype(p.dtype):
+        raise TypeError(f"{label} has dtype {g.dtype}, expected {p.dtype} like {param_label}")
+    if not _contiguous(g):
+        raise ValueError(f"{label} is not C-contiguous")
+    ga, pa = address(g), address(p)
+    if g.size and ga < pa + nbytes(p) and pa < ga + nbytes(g):
+        raise ValueError(f"{label} is {param_label} itself or overlaps its memory; "
+                         "a gradient must be a separate array")
+    return ga
+
+
+def state_array(s, p, label, param_label):
+    """A state tensor loaded for a parameter: same shape; cast to its dtype on copy."""
+    if not (is_array(s) or hasattr(s, "__array__")):
+        raise TypeError(f"{label} must be an array, got {type(s).__name__}")
+    shape = tuple(np.shape(s))
+    if shape != tuple(p.shape):
+        raise ValueError(f"{label} has shape {shape}, expected {tuple(p.shape)} like {param_label}")
+    dt = np.dtype(s.dtype) if hasattr(s, "dtype") else None
+    if dt is None or dt.kind != "f":
+        raise TypeError(f"{label} has dtype {dt}, expected a floating dtype")

@@ -1,0 +1,361 @@
+"""The optimizer base class: param groups, lazy state, one fused pass per step.
+
+Subclasses name their element function and state slots and map a param group to the
+element's host scalars; everything else (validation, buckets, chunk tables, state
+arenas, state dicts) lives here once.
+"""
+from __future__ import annotations
+
+import operator
+from typing import ClassVar
+
+import numpy as np
+
+from . import _backend, _validate
+from .flat import FlatParams, arena_of
+
+_NOT_HYPERPARAMETERS = ("params",)
+
+
+class _Bucket:
+    """Tensors of one group and dtype stepped together, with their cached chunk table."""
+
+    __slots__ = ("indices", "params", "grads", "slots", "table", "positions")
+
+    def __init__(self, indices, params, grads, slots):
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.params = params
+        self.grads = grads
+        self.slots = slots
+        self.table = None
+        self.positions = None
+
+
+class _Plan:
+    """Everything a group's step needs that depends only on which arrays take part."""
+
+    __slots__ = ("key", "params", "grads", "grad_addresses", "buckets")
+
+    def __init__(self, key, params, grads, grad_addresses, buckets=None):
+        self.key = key
+        self.params = params
+        self.grads = grads
+        self.grad_addresses = grad_addresses
+        self.buckets = buckets
+
+    def same_arrays(self, key, params, grads) -> bool:
+        return self.key == key and self.params is params and len(self.grads) == len(grads)
+
+    def same_grads(self, grads) -> bool:
+        return all(map(operator.is_, self.grads, grads))
+
+
+class Optimizer:
+    """Base class of fastopt's optimizers (torch.optim's interface over NumPy/CUDA arrays).
+
+    Args:
+      params: a FlatParams, a list of arrays, or a list of param-group dicts
+        (``{"params": [...], "lr": ...}``) as in torch.optim.
+      defaults: hyperparameter defaults filled into each group.
+      backend: ``"cpu"``, ``"numpy"``, ``"cuda"`` or None (context, env var, then auto).
+    """
+
+    element: ClassVar = None            # the element function (kernels.<name>)
+    slot_names: ClassVar[tuple] = ()    # the element's three state positions
+    has_step_state: ClassVar[bool] = True
+
+    def __init__(self, params, defaults: dict, backend: str | None = None):
+        if backend is not None:
+            _backend._check_name(backend, "backend")
+        self.defaults = dict(defaults)
+        self.backend = backend
+        self.param_groups: list[dict] = []
+        self._state: list[dict | None] = []
+        self._param_addresses: list[int] = []
+        self._steps = np.zeros(0, dtype=np.int64)
+        self._arenas: dict = {}
+        self._plans: list[_Plan | None] = []
+        groups = self._as_groups(params)
+        for group in groups:
+            self.add_param_group(group)
+
+    # -- construction -------------------------------------------------------------------
+    @staticmethod
+    def _as_groups(params):
+        if isinstance(params, FlatParams):
+            return [{"params": list(params.params)}]
+        if _validate.is_array(params):
+            raise TypeError("params must be a list of arrays, a list of param-group dicts or a "
+                            "FlatParams, got a single array; wrap it in a list")
+        params = list(params)
+        if not params:
+            raise ValueError("params is empty: the optimizer got no parameters")
+        if all(isinstance(g, dict) for g in params):
+            return [dict(g) for g in params]
+        if any(isinstance(g, dict) for g in params):
+            raise TypeError("params mixes arrays and param-group dicts")
+        return [{"params": params}]
+
+    def add_param_group(self, group: dict) -> None:
+        """Add a group (torch semantics): missing hyperparameters take the defaults."""
+        if not isinstance(group, dict) or "params" not in group:
+            raise TypeError("a param group must be a dict with a 'params' entry")
+        gi = len(self.param_groups)
+        where = f"param_groups[{gi}]"
+        ps = group["params"]
+        ps = list(ps.params) if isinstance(ps, FlatParams) else ([ps] if _validate.is_array(ps) else list(ps))
+        if not ps:
+            raise ValueError(f"{where}['params'] is empty")
+        for k, p in enumerate(ps):
+            _validate.param(p, f"{where}['params'][{k}]")
+        unknown = set(group) - set(self.defaults) - set(_NOT_HYPERPARAMETERS)
+        if unknown:
+            raise TypeError(f"{where} has unknown hyperparameters {sorted(unknown)} for "
+                            f"{type(self).__name__}; expected some of {sorted(self.defaults)}")
+        new = {"params": ps}
+        for k, v in self.defaults.items():
+            new[k] = group.get(k, v)
+        self._check_group(new, where)
+        all_params = [p for g in self.param_groups for p in g["params"]] + ps
+        _validate.no_overlap(all_params, "params")
+        self.param_groups.append(new)
+        self._param_addresses.extend(_validate.address(p) for p in ps)
+        self._state.extend([None] * len(ps))
+        self._steps = np.concatenate([self._steps, np.zeros(len(ps), dtype=np.int64)])
+        self._plans.append(None)
+
+    # -- per-optimizer hooks ------------------------------------------------------------
+    @classmethod
+    def _check_group(cls, group: dict, where: str) -> None:
+        """Validate a group's hyperparameters (raise naming the bad one)."""
+        raise NotImplementedError
+
+    @classmethod
+    def _active_slots(cls, group: dict) -> tuple:
+        """The state keys the element reads and writes for this group (None = absent)."""
+        raise NotImplementedError
+
+    @classmethod
+    def _initial_value(cls, group: dict, name: str) -> float:
+        return 0.0
+
+    @classmethod
+    def _scalars(cls, group: dict, step: int, cast):
+        """The element's host scalars for a step (``step`` counts this step, 1-based)."""
+        raise NotImplementedError
+
+    @classmethod
+    def _reference(cls, group, step, params, grads, slots) -> None:
+        """The NumPy reference for one bucket (the ``"numpy"`` backend)."""
+        raise NotImplementedError
+
+    # -- stepping -----------------------------------------------------------------------
+    def _flat_grads(self, group):
+        grads = []
+        for k, p in enumerate(group["params"]):
+            flat = arena_of(p)
+            if flat is None:
+                raise ValueError(f"step() got no grads, and param_groups[{self.param_groups.index(group)}]"
+                                 f"['params'][{k}] is not a FlatParams view; pass grads=[...]")
+            grads.append(flat.grads[flat.index_of(p)])
+        return grads
+
+    def _group_grads(self, grads):
+        """Split ``grads`` (aligned with all params, or None for FlatParams) per group."""
+        if grads is None:
+            out = []
+            for gi, group in enumerate(self.param_groups):
+                plan = self._plans[gi]
+                if plan is not None and plan.key[2] and plan.params is group["params"]:
+                    out.append(plan.grads)          # cached FlatParams grads
+                else:
+                    out.append(self._flat_grads(group))
+            return out
+        if _validate.is_array(grads):
+            raise TypeError("grads must be a list aligned with the params, got a single array")
+        grads = list(grads)
+        n = sum(len(g["params"]) for g in self.param_groups)
+        if len(grads) != n:
+            raise ValueError(f"grads has {len(grads)} entries, expected {n} (one per param; None skips one)")
+        out, start = [], 0
+        for group in self.param_groups:
+            k = len(group["params"])
+            out.append(grads[start:start + k])
+            start += k
+        return out
+
+    def _plan_for(self, gi, grads, backend_name, from_flat):
+        """The group's plan for these grads: cached, re-targeted, or new (validated)."""
+        group = self.param_groups[gi]
+        params = group["params"]
+        key = (self._active_slots(group), backend_name, from_flat)
+        plan = self._plans[gi]
+        reuse = plan is not None and plan.same_arrays(key, params, grads)
+        if reuse and plan.same_grads(grads):
+            return plan, "cached"
+        base = sum(len(g["params"]) for g in self.param_groups[:gi])
+        addresses = {}
+        check = _validate.grad
+        for k, (p, g, pa) in enumerate(zip(params, grads, self._param_addresses[base:])):
+            if g is not None:
+                addresses[k] = check(g, p, base + k, pa)
+        if reuse and [g is None for g in plan.grads] == [g is None for g in grads]:
+            return _Plan(key, params, grads, addresses, plan.buckets), "regrad"
+        return _Plan(key, params, grads, addresses), "new"
+
+    def _build_buckets(self, gi, plan):
+        group = self.param_groups[gi]
+        base = sum(len(g["params"]) for g in self.param_groups[:gi])
+        slot_names = plan.key[0]
+        by_dtype: dict = {}
+        for k, (p, g) in enumerate(zip(plan.params, plan.grads)):
+            if g is not None:
+                by_dtype.setdefault(np.dtype(p.dtype), []).append(k)
+        buckets = []
+        for ks in by_dtype.values():
+            idx = [base + k for k in ks]
+            for i, k in zip(idx, ks):
+                self._ensure_state(i, plan.params[k], group, slot_names)
+            slots = tuple(None if name is None else [self._state[i][name] for i in idx]
+                          for name in slot_names)
+            bucket = _Bucket(idx, [plan.params[k] for k in ks], [plan.grads[k] for k in ks], slots)
+            bucket.positions = ks
+            buckets.append(bucket)
+        plan.buckets = buckets
+
+    def _regrad_buckets(self, gi, plan):
+        """Same params and state, new gradient arrays: re-target the cached tables."""
+        buckets = []
+        for old in plan.buckets:
+            ks = old.positions
+            bucket = _Bucket(old.indices, old.params, [plan.grads[k] for k in ks], old.slots)
+            bucket.positions = ks
+            if old.table is not None and hasattr(old.table, "with_grads"):
+                bucket.table = old.table.with_grads(bucket.grads, [plan.grad_addresses[k] for k in ks])
+            buckets.append(bucket)
+        plan.buckets = buckets
+
+    def _ensure_state(self, i, p, group, slot_names):
+        st = self._state[i]
+        if st is None:
+            st = self._state[i] = {}
+        for name in slot_names:
+            if name is None or name in st:
+                continue
+            fill = self._initial_value(group, name)
+            flat = arena_of(p)
+            if flat is not None:
+                key = (id(flat), name)
+                arena = self._arenas.get(key)
+                if arena is None:
+                    arena = self._arenas[key] = (flat, flat.views_of(flat.new_buffer(fill)))
+                st[name] = arena[1][flat.index_of(p)]
+            else:
+                xp = np if isinstance(p, np.ndarray) else _cupy()
+                st[name] = xp.full(p.shape, fill, dtype=p.dtype)
+
+    def step(self, grads=None) -> bool:
+        """One fused optimizer step; returns True when the step was applied.
+
+        Args:
+          grads: a list aligned with all params (in group order); None entries skip
+            their param. Omit it when every param is a FlatParams view: the step reads
+            the FlatParams' grads.
+        """
+        from_flat = grads is None
+        per_group = self._group_grads(grads)
+        backend_name = _backend.resolve(self.backend, self.param_groups[0]["params"][0])
+        plans = []
+        for gi, group in enumerate(self.param_groups):
+            self._check_group(group, f"param_groups[{gi}]")
+            plans.append(self._plan_for(gi, per_group[gi], backend_name, from_flat))
+        # Everything is validated: from here on the step mutates.
+        for gi, (plan, how) in enumerate(plans):
+            if how == "new":
+                self._build_buckets(gi, plan)
+            elif how == "regrad":
+                self._regrad_buckets(gi, plan)
+            self._plans[gi] = plan
+            self._run_group(self.param_groups[gi], plan, backend_name)
+        return True
+
+    def _run_group(self, group, plan, backend_name):
+        for bucket in plan.buckets:
+            steps = self._steps[bucket.indices]
+            if steps.size and steps.min() != steps.max():
+                # Params of one group that skipped different steps: one pass per step count.
+                for s in np.unique(steps):
+                    sel = np.flatnonzero(steps == s)
+                    sub = _Bucket(bucket.indices[sel], [bucket.params[j] for j in sel],
+                                  [bucket.grads[j] for j in sel],
+                                  tuple(None if s_ is None else [s_[j] for j in sel] for s_ in bucket.slots))
+                    self._run_bucket(group, sub, int(s) + 1, backend_name)
+            elif steps.size:
+                self._run_bucket(group, bucket, int(steps[0]) + 1, backend_name)
+            self._steps[bucket.indices] += 1
+
+    def _run_bucket(self, group, bucket, step, backend_name):
+        if backend_name == "numpy":
+            self._reference(group, step, bucket.params, bucket.grads, bucket.slots)
+            return
+        be = _backend.get(backend_name)
+        if bucket.table is None:
+            bucket.table = be.table(bucket.params, bucket.grads, bucket.slots)
+        cast = np.dtype(bucket.params[0].dtype).type
+        be.run(self.element, bucket.table, self._scalars(group, step, cast))
+
+    def zero_grad(self, grads=None):
+        """Zero FlatParams grads (or the given grads) in place."""
+        seen = set()
+        if grads is None:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    flat = arena_of(p)
+                    if flat is not None and id(flat) not in seen:
+                        seen.add(id(flat))
+                        flat.zero_grad()
+        else:
+            for g in grads:
+                if g is not None:
+                    g.fill(0)
+
+    # -- state ----------------------------------------------------------------------------
+    @property
+    def state(self) -> dict:
+        """{param index: {state key: array}} (arrays are live; 'step' is a copy)."""
+        out = {}
+        for i, st in enumerate(self._state):
+            if st:
+                d = dict(st)
+                if self.has_step_state:
+                    d["step"] = np.float32(self._steps[i])
+                out[i] = d
+        return out
+
+    def state_dict(self) -> dict:
+        """torch's layout: {'state': {i: {...}}, 'param_groups': [{..., 'params': [i, ...]}]}.
+
+        Arrays are NumPy copies (device state is copied to the host).
+        """
+        from ._state import state_dict
+        return state_dict(self)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict from fastopt or from torch (tensors turned into NumPy arrays).
+
+        Everything is checked first; on any error nothing changes.
+        """
+        from ._state import load_state_dict
+        load_state_dict(self, state_dict)
+
+    def __repr__(self):
+        lines = [f"{type(self).__name__} ("]
+        for i, g in enumerate(self.param_groups):
+            hp = ", ".join(f"{k}={v}" for k, v in g.items() if k != "params")
+            lines.append(f"  group {i}: {len(g['params'])} params, {hp}")
+        return "\n".join(lines + [")"])
+
+
+def _cupy():
+    import cupy
+    return cupy

@@ -1,0 +1,275 @@
+"""The CPU driver: one ``prange`` over a chunk table, for any optimizer and any tensors.
+
+A step is described by a *tensor table* and a *chunk table*:
+
+- ``table[r] = (n, p_addr, g_addr, s0_addr, s1_addr, s2_addr)``: row ``r`` is a run of
+  ``n`` elements of params, grads and up to three state slots, each given by the address
+  of its first element. A row is one tensor in list mode, or a stretch of a FlatParams
+  arena covering many tensors. An absent state slot repeats the grad address; the driver
+  is specialised not to write it.
+- ``chunks[c] = (r, lo, hi)``: chunk ``c`` is elements ``[lo, hi)`` of row ``r``;
+  chunks hold at most :data:`CHUNK` elements, so threads get balanced work.
+
+The driver knows chunks and addresses, never optimizer math: the per-element update is
+the optimizer's element function, inlined into the loop. Each (element, slot mask) pair
+is compiled once and cached on disk (``cache=True``).
+"""
+from __future__ import annotations
+
+import ctypes
+import glob
+import hashlib
+import inspect
+import os
+import sys
+import types as pytypes
+
+import numba
+import numpy as np
+from numba import carray, prange, types
+from numba.extending import intrinsic
+
+# Elements per chunk: 256 KiB of float32 per array, a few chunks per thread per MB.
+CHUNK = 1 << 16
+
+
+
+def _preload_tbb() -> None:
+    """Load the pip ``tbb`` wheel's libtbb so Numba's TBB layer finds it.
+
+    The wheel puts libtbb.so.12 in ``<prefix>/lib``, which is not on the loader path of a
+    virtual environment; once loaded by soname, Numba's tbbpool links against it.
+    """
+    for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
+        for lib in sorted(glob.glob(os.path.join(prefix, "lib", "libtbb.so.12*"))):
+            try:
+                ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+                return
+            except OSError:
+                continue
+
+
+# Pin the threading layer that is both thread-safe (concurrent steps from several
+# Python threads) and fork-safe (a step in a forked child): that is TBB ("safe"). A user
+# who set NUMBA_THREADING_LAYER keeps their choice.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    _preload_tbb()
+    numba.config.THREADING_LAYER = "safe"
+
+
+@intrinsic
+def _address_to_pointer(typingctx, address, like):
+    """Reinterpret an integer address as a pointer to elements of ``like``'s type."""
+    pointer_type = types.CPointer(like)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(pointer_type))
+
+    return pointer_type(address, like), codegen
+
+
+def _view(address, n, like):
+    return carray(_address_to_pointer(address, like), n)
+
+
+_view = numba.njit(inline="always", cache=True)(_view)
+
+
+def _driver_template(table, chunks, like, h, grad_scale):
+    # ELEMENT, HAS0, HAS1, HAS2 are compile-time constants injected by _instantiate.
+    # grad_scale multiplies every gradient on the fly (unscaling, fused clipping); the
+    # driver is compiled for float32 math when like is float32.
+    for c in prange(chunks.shape[0]):
+        r = chunks[c, 0]
+        lo = chunks[c, 1]
+        hi = chunks[c, 2]
+        n = table[r, 0]
+        # Slice first, then loop from 0: LLVM vectorises this form.
+        p = _view(table[r, 1], n, like)[lo:hi]
+        g = _view(table[r, 2], n, like)[lo:hi]
+        s0 = _view(table[r, 3], n, like)[lo:hi]
+        s1 = _view(table[r, 4], n, like)[lo:hi]
+        s2 = _view(table[r, 5], n, like)[lo:hi]
+        for i in range(hi - lo):
+            out = ELEMENT(p[i], g[i] * grad_scale, s0[i], s1[i], s2[i], h)  # noqa: F821
+            p[i] = out[0]
+            if HAS0:  # noqa: F821
+                s0[i] = out[1]
+            if HAS1:  # noqa: F821
+                s1[i] = out[2]
+            if HAS2:  # noqa: F821
+                s2[i] = out[3]
+
+
+_DRIVERS: dict = {}
+
+
+def _source_tag(fn) -> str:
+    """Short hash of the element's source, so an edited element never hits a stale cache."""
+    try:
+        src = inspect.getsource(fn)
+    except OSError:  # pragma: no cover - functions without source
+        src = fn.__code__.co_code.hex()
+    return hashlib.sha1(src.encode()).hexdigest()[:10]
+
+
+def _instantiate(element, has: tuple[bool, bool, bool]):
+    """Compile the driver with ``element`` inlined and the slot mask ``has`` frozen."""
+    namespace = dict(globals())
+    namespace.update(
+        ELEMENT=numba.njit(inline="always", cache=True)(element),
+        HAS0=has[0], HAS1=has[1], HAS2=has[2],
+    )
+    fn = pytypes.FunctionType(_driver_template.__code__, namespace, _driver_template.__name__)
+    mask = "".join("1" if x else "0" for x in has)
+    # The qualname names the on-disk cache entry: one per element, mask and element source.
+    fn.__qualname__ = f"step_{element.__name__}_{mask}_{_source_tag(element)}"
+    return numba.njit(parallel=True, cache=True, nogil=True)(fn)
+
+
+def driver(element, has: tuple[bool, bool, bool]):
+    """The compiled driver for ``element`` with state slots ``has`` (cached per process)."""
+    key = (element, has)
+    fn = _DRIVERS.get(key)
+    if fn is None:
+        fn = _DRIVERS[key] = _instantiate(element, has)
+    return fn
+
+
+def address(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0]
+
+
+class ChunkTable:
+    """Tensor and chunk tables for one step over aligned lists of arrays.
+
+    ``params[i]``, ``grads[i]`` and ``slots[k][i]`` are C-contiguous arrays of one dtype
+    and equal size (validated by the caller). Consecutive tensors that sit back to back
+    in memory for params, grads and every state slot (a FlatParams arena) merge into one
+    row, so an arena is streamed as one run whatever its number of tensors.
+
+    The addresses of params and state are taken once; :meth:`with_grads` re-targets the
+    table at new gradient arrays for the cost of reading their addresses.
+    """
+
+    __slots__ = ("fixed", "table", "chunks", "like", "has", "n_elements", "refs")
+
+    def __init__(self, params, grads, slots, grad_addresses=None, fixed=None):
+        self.has = tuple(s is not None for s in slots)
+        dtype = np.dtype(params[0].dtype) if params else np.dtype(np.float32)
+        self.like = dtype.type(0)
+        if fixed is None:
+            # columns: n, p, s0, s1, s2 (absent slots: 0, replaced by the grad address below)
+            fixed = np.zeros((len(params), 5), dtype=np.int64)
+            for i, p in enumerate(params):
+                fixed[i, 0] = p.size
+                if p.size:
+                    fixed[i, 1] = address(p)
+                    for k, s in enumerate(slots):
+                        if s is not None:
+                            fixed[i, 2 + k] = address(s[i])
+        self.fixed = fixed
+        if grad_addresses is None:
+            grad_addresses = [address(g) if g.size else 0 for g in grads]
+        g_addr = np.asarray(grad_addresses, dtype=np.int64)
+        full = np.empty((len(params), 6), dtype=np.int64)
+        full[:, :2] = fixed[:, :2]
+        full[:, 2] = g_addr
+        for k in range(3):
+            full[:, 3 + k] = fixed[:, 2 + k] if self.has[k] else g_addr
+        full = full[full[:, 0] > 0]
+        self.table = self._merge_runs(full, dtype.itemsize)
+        self.chunks = self._split(self.table[:, 0])
+        self.n_elements = int(self.table[:, 0].sum())
+        # The table holds raw addresses: keep every array alive while the table lives.
+        self.refs = (params, grads, slots)
+
+    @staticmethod
+    def _merge_runs(rows, itemsize):
+        """Merge each row into the previous one where every column continues it in memory."""
+        if rows.shape[0] < 2:
+            return rows
+        ends = rows[:-1, 1:] + rows[:-1, :1] * itemsize
+        continues = np.all(rows[1:, 1:] == ends, axis=1)
+        starts = np.flatnonzero(np.concatenate([[True], ~continues]))
+        merged = rows[starts].copy()
+        merged[:, 0] = np.add.reduceat(rows[:, 0], starts)
+        return merged
+
+    @staticmethod
+    def _split(sizes):
+        counts = -(-sizes // CHUNK)
+        row_of = np.repeat(np.arange(sizes.size, dtype=np.int64), counts)
+        first = np.repeat(np.cumsum(counts) - counts, counts)
+        lo = (np.arange(row_of.size, dtype=np.int64) - first) * CHUNK
+        hi = np.minimum(lo + CHUNK, sizes[row_of])
+        return np.ascontiguousarray(np.stack([row_of, lo, hi], axis=1))
+
+    def with_grads(self, grads, grad_addresses=None) -> "ChunkTable":
+        """The same params and state over new gradient arrays."""
+        params, _, slots = self.refs
+        return ChunkTable(params, grads, slots, grad_addresses, self.fixed)
+
+
+def run(element, table: ChunkTable, scalars, grad_scale=1.0) -> None:
+    """One fused step of ``element`` over every chunk of ``table``.
+
+    Each gradient is multiplied by ``grad_scale`` as it is read (1.0 leaves it exact).
+    """
+    if table.chunks.shape[0] == 0:
+        return
+    driver(element, table.has)(table.table, table.chunks, table.like, scalars,
+                               table.like.dtype.type(grad_scale))
+
+
+def _reduce_template(table, chunks, like, h, out):
+    # REDUCER(p, g, s0, s1, s2, h) -> (a, b); MAXIMUM picks max instead of sum. One
+    # partial per chunk, combined by the caller in a fixed order: the result does not
+    # depend on the number of threads.
+    for c in prange(chunks.shape[0]):
+        r = chunks[c, 0]
+        lo = chunks[c, 1]
+        hi = chunks[c, 2]
+        n = table[r, 0]
+        p = _view(table[r, 1], n, like)[lo:hi]
+        g = _view(table[r, 2], n, like)[lo:hi]
+        s0 = _view(table[r, 3], n, like)[lo:hi]
+        s1 = _view(table[r, 4], n, like)[lo:hi]
+        s2 = _view(table[r, 5], n, like)[lo:hi]
+        acc_a = out[c, 0] * 0
+        acc_b = out[c, 1] * 0
+        for i in range(hi - lo):
+            a, b = REDUCER(p[i], g[i], s0[i], s1[i], s2[i], h)  # noqa: F821
+            if MAXIMUM:  # noqa: F821
+                acc_a = max(acc_a, a)
+                acc_b = max(acc_b, b)
+            else:
+                acc_a += a
+                acc_b += b
+        out[c, 0] = acc_a
+        out[c, 1] = acc_b
+
+
+def reducer(fn, maximum: bool):
+    """The compiled reduction driver for ``fn`` (sum, or max when ``maximum``)."""
+    key = ("reduce", fn, maximum)
+    compiled = _DRIVERS.get(key)
+    if compiled is None:
+        namespace = dict(globals())
+        namespace.update(REDUCER=numba.njit(inline="always", cache=True)(fn), MAXIMUM=maximum)
+        f = pytypes.FunctionType(_reduce_template.__code__, namespace, _reduce_template.__name__)
+        f.__qualname__ = f"reduce_{fn.__name__}_{int(maximum)}_{_source_tag(fn)}"
+        compiled = _DRIVERS[key] = numba.njit(parallel=True, cache=True, nogil=True)(f)
+    return compiled
+
+
+def reduce_chunks(fn, table: ChunkTable, scalars, maximum=False, accumulate=np.float64) -> np.ndarray:
+    """Per-chunk partials ``(n_chunks, 2)`` of ``fn`` over ``table``, in ``accumulate`` precision.
+
+    Rows of the chunk table are ``table.chunks[:, 0]``; combine partials per row with
+    ``np.add.reduceat`` / ``np.maximum.reduceat`` (fixed order, deterministic).
+    """
+    out = np.zeros((table.chunks.shape[0], 2), dtype=accumulate)
+    if out.shape[0]:
+        reducer(fn, maximum)(table.table, table.chunks, table.like, scalars, out)
+    return out
