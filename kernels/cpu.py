@@ -152,9 +152,9 @@ class ChunkTable:
     table at new gradient arrays for the cost of reading their addresses.
     """
 
-    __slots__ = ("fixed", "table", "chunks", "like", "has", "n_elements", "refs")
+    __slots__ = ("fixed", "table", "chunks", "like", "has", "n_elements", "refs", "merge")
 
-    def __init__(self, params, grads, slots, grad_addresses=None, fixed=None):
+    def __init__(self, params, grads, slots, grad_addresses=None, fixed=None, merge=True):
         self.has = tuple(s is not None for s in slots)
         dtype = np.dtype(params[0].dtype) if params else np.dtype(np.float32)
         self.like = dtype.type(0)
@@ -178,7 +178,9 @@ class ChunkTable:
         for k in range(3):
             full[:, 3 + k] = fixed[:, 2 + k] if self.has[k] else g_addr
         full = full[full[:, 0] > 0]
-        self.table = self._merge_runs(full, dtype.itemsize)
+        # merge=False keeps one row per non-empty tensor (per-tensor reductions need it).
+        self.merge = merge
+        self.table = self._merge_runs(full, dtype.itemsize) if merge else full
         self.chunks = self._split(self.table[:, 0])
         self.n_elements = int(self.table[:, 0].sum())
         # The table holds raw addresses: keep every array alive while the table lives.
@@ -208,7 +210,7 @@ class ChunkTable:
     def with_grads(self, grads, grad_addresses=None) -> "ChunkTable":
         """The same params and state over new gradient arrays."""
         params, _, slots = self.refs
-        return ChunkTable(params, grads, slots, grad_addresses, self.fixed)
+        return ChunkTable(params, grads, slots, grad_addresses, self.fixed, self.merge)
 
 
 def run(element, table: ChunkTable, scalars, grad_scale=1.0) -> None:
