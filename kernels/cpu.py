@@ -113,27 +113,31 @@ def _source_tag(fn) -> str:
     return hashlib.sha1(src.encode()).hexdigest()[:10]
 
 
-def _instantiate(element, has: tuple[bool, bool, bool]):
-    """Compile the driver with ``element`` inlined and the slot mask ``has`` frozen."""
+def _instantiate(template, prefix: str, fn, **constants):
+    """Compile ``template`` with ``fn`` inlined as its global ELEMENT and ``constants``
+    frozen as globals. The qualname names the on-disk cache entry: one per template,
+    function, constants and function source.
+    """
     namespace = dict(globals())
-    namespace.update(
-        ELEMENT=numba.njit(inline="always", cache=True)(element),
-        HAS0=has[0], HAS1=has[1], HAS2=has[2],
-    )
-    fn = pytypes.FunctionType(_driver_template.__code__, namespace, _driver_template.__name__)
-    mask = "".join("1" if x else "0" for x in has)
-    # The qualname names the on-disk cache entry: one per element, mask and element source.
-    fn.__qualname__ = f"step_{element.__name__}_{mask}_{_source_tag(element)}"
-    return numba.njit(parallel=True, cache=True, nogil=True)(fn)
+    namespace.update(constants)
+    namespace["ELEMENT"] = numba.njit(inline="always", cache=True)(fn)
+    compiled = pytypes.FunctionType(template.__code__, namespace, template.__name__)
+    tag = "".join(str(int(v)) for k, v in sorted(constants.items()) if isinstance(v, bool))
+    compiled.__qualname__ = f"{prefix}_{fn.__name__}_{tag}_{_source_tag(fn)}"
+    return numba.njit(parallel=True, cache=True, nogil=True)(compiled)
+
+
+def _cached(key, make):
+    fn = _DRIVERS.get(key)
+    if fn is None:
+        fn = _DRIVERS[key] = make()
+    return fn
 
 
 def driver(element, has: tuple[bool, bool, bool]):
-    """The compiled driver for ``element`` with state slots ``has`` (cached per process)."""
-    key = (element, has)
-    fn = _DRIVERS.get(key)
-    if fn is None:
-        fn = _DRIVERS[key] = _instantiate(element, has)
-    return fn
+    """The compiled chunk-table driver for ``element`` with state slots ``has``."""
+    return _cached(("step", element, has), lambda: _instantiate(
+        _driver_template, "step", element, HAS0=has[0], HAS1=has[1], HAS2=has[2]))
 
 
 def address(a: np.ndarray) -> int:
@@ -225,7 +229,7 @@ def run(element, table: ChunkTable, scalars, grad_scale=1.0) -> None:
 
 
 def _reduce_template(table, chunks, like, h, out):
-    # REDUCER(p, g, s0, s1, s2, h) -> (a, b); MAXIMUM picks max instead of sum. One
+    # ELEMENT(p, g, s0, s1, s2, h) -> (a, b); MAXIMUM picks max instead of sum. One
     # partial per chunk, combined by the caller in a fixed order: the result does not
     # depend on the number of threads.
     for c in prange(chunks.shape[0]):
@@ -241,7 +245,7 @@ def _reduce_template(table, chunks, like, h, out):
         acc_a = out[c, 0] * 0
         acc_b = out[c, 1] * 0
         for i in range(hi - lo):
-            a, b = REDUCER(p[i], g[i], s0[i], s1[i], s2[i], h)  # noqa: F821
+            a, b = ELEMENT(p[i], g[i], s0[i], s1[i], s2[i], h)  # noqa: F821
             if MAXIMUM:  # noqa: F821
                 acc_a = max(acc_a, a)
                 acc_b = max(acc_b, b)
@@ -254,15 +258,8 @@ def _reduce_template(table, chunks, like, h, out):
 
 def reducer(fn, maximum: bool):
     """The compiled reduction driver for ``fn`` (sum, or max when ``maximum``)."""
-    key = ("reduce", fn, maximum)
-    compiled = _DRIVERS.get(key)
-    if compiled is None:
-        namespace = dict(globals())
-        namespace.update(REDUCER=numba.njit(inline="always", cache=True)(fn), MAXIMUM=maximum)
-        f = pytypes.FunctionType(_reduce_template.__code__, namespace, _reduce_template.__name__)
-        f.__qualname__ = f"reduce_{fn.__name__}_{int(maximum)}_{_source_tag(fn)}"
-        compiled = _DRIVERS[key] = numba.njit(parallel=True, cache=True, nogil=True)(f)
-    return compiled
+    return _cached(("reduce", fn, maximum), lambda: _instantiate(
+        _reduce_template, "reduce", fn, MAXIMUM=maximum))
 
 
 def reduce_chunks(fn, table: ChunkTable, scalars, maximum=False, accumulate=np.float64) -> np.ndarray:
