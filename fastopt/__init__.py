@@ -11,10 +11,11 @@ from .checkpoint import CheckpointError, load, save
 from .flat import FlatParams
 from .optim import SGD, Adagrad, Adam, AdamW, RMSprop
 from .optimizer import Optimizer
+from .sparse import SparseGrad
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Optimizer", "FlatParams", "functional",
-    "backend", "BackendUnavailableError", "save", "load", "CheckpointError", "__version__",
+    "SparseGrad", "backend", "BackendUnavailableError", "save", "load", "CheckpointError", "__version__",
 ]

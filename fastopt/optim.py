@@ -5,6 +5,10 @@ and to its NumPy reference; the base class does the rest.
 """
 from __future__ import annotations
 
+import math
+
+import numpy as np
+
 from . import _validate as v
 from .kernels import adagrad as _adagrad
 from .kernels import adam as _adam
@@ -12,6 +16,12 @@ from .kernels import reference
 from .kernels import rmsprop as _rmsprop
 from .kernels import sgd as _sgd
 from .optimizer import Optimizer
+
+
+def _no_weight_decay(group, where):
+    if group["weight_decay"] != 0:
+        raise ValueError(f"{where}: weight_decay must be 0 with sparse gradients (as in torch), "
+                         f"got {group['weight_decay']}")
 
 
 def _lr_wd_eps(group, where, eps=True):
@@ -33,6 +43,7 @@ class SGD(Optimizer):
     element = staticmethod(_sgd.sgd_element)
     slot_names = ("momentum_buffer",)
     has_step_state = False
+    supports_sparse = True
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False, *, maximize=False, backend=None):
@@ -52,6 +63,23 @@ class SGD(Optimizer):
     @classmethod
     def _active_slots(cls, group):
         return ("momentum_buffer" if group["momentum"] != 0 else None, None, None)
+
+    _check_sparse_group = classmethod(lambda cls, group, where: _no_weight_decay(group, where))
+
+    def _sparse_rows(self, i, param, sg):
+        if self._locate_group(i)["momentum"] == 0:
+            return sg.indices, sg.rows
+        # Momentum decays every row seen so far: step those rows, with zero gradient
+        # where this step has none (equal to the dense step, as torch's sparse SGD).
+        seen = self.__dict__.setdefault("_sparse_seen", {})
+        mask = seen.get(i)
+        if mask is None:
+            mask = seen[i] = np.zeros(param.shape[0], dtype=bool)
+        mask[sg.indices] = True
+        index = np.flatnonzero(mask)
+        rows = np.zeros((index.size,) + param.shape[1:], dtype=param.dtype)
+        rows[np.searchsorted(index, sg.indices)] = sg.rows
+        return index, rows
 
     @classmethod
     def _scalars(cls, group, step, cast):
@@ -76,6 +104,8 @@ class Adagrad(Optimizer):
 
     element = staticmethod(_adagrad.adagrad_element)
     slot_names = ("sum",)
+    supports_sparse = True
+    _check_sparse_group = classmethod(lambda cls, group, where: _no_weight_decay(group, where))
 
     def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
                  initial_accumulator_value=0.0, eps=1e-10, *, maximize=False, backend=None):
@@ -162,6 +192,7 @@ class Adam(Optimizer):
 
     element = staticmethod(_adam.adam_element)
     slot_names = _adam.SLOTS
+    supports_sparse = True   # with torch.optim.SparseAdam's semantics (lazy rows)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, *, maximize=False, decoupled_weight_decay=False, backend=None):
@@ -186,6 +217,27 @@ class Adam(Optimizer):
         return _adam.adam_scalars(step, group["lr"], beta1, beta2, group["eps"],
                                   group["weight_decay"], group["amsgrad"], group["maximize"],
                                   group["decoupled_weight_decay"], cast)
+
+    @classmethod
+    def _check_sparse_group(cls, group, where):
+        _no_weight_decay(group, where)
+        if group["amsgrad"]:
+            raise ValueError(f"{where}: amsgrad is not supported with sparse gradients (SparseAdam semantics)")
+
+    @classmethod
+    def _sparse_scalars(cls, group, step, cast):
+        # SparseAdam: denom = sqrt(v) + eps and step size lr * sqrt(bc2) / bc1.
+        beta1, beta2 = group["betas"]
+        dense = cls._scalars(group, step, cast)
+        return dense._replace(
+            step_size=cast(group["lr"] * math.sqrt(1.0 - beta2 ** step) / (1.0 - beta1 ** step)),
+            bias_correction2_sqrt=cast(1.0))
+
+    @classmethod
+    def _sparse_reference(cls, group, step, param, index, rows, slots):
+        beta1, beta2 = group["betas"]
+        reference.sparse_adam(param, index, rows, slots[0], slots[1], step=step, lr=group["lr"],
+                              beta1=beta1, beta2=beta2, eps=group["eps"], maximize=group["maximize"])
 
     @classmethod
     def _reference(cls, group, step, params, grads, slots):

@@ -12,7 +12,9 @@ from typing import ClassVar
 import numpy as np
 
 from . import _backend, _validate
+from . import sparse as _sparse
 from .flat import FlatParams, arena_of
+from .sparse import SparseGrad
 
 _NOT_HYPERPARAMETERS = ("params",)
 
@@ -263,12 +265,14 @@ class Optimizer:
             the FlatParams' grads.
         """
         from_flat = grads is None
+        grads, sparse = self._split_sparse(grads)
         per_group = self._group_grads(grads)
         backend_name = _backend.resolve(self.backend, self.param_groups[0]["params"][0])
         plans = []
         for gi, group in enumerate(self.param_groups):
             self._check_group(group, f"param_groups[{gi}]")
             plans.append(self._plan_for(gi, per_group[gi], backend_name, from_flat))
+        sparse = self._check_sparse(sparse, backend_name)
         # Everything is validated: from here on the step mutates.
         for gi, (plan, how) in enumerate(plans):
             if how == "new":
@@ -277,7 +281,82 @@ class Optimizer:
                 self._regrad_buckets(gi, plan)
             self._plans[gi] = plan
             self._run_group(self.param_groups[gi], plan, backend_name)
+        for i, (group, param, sg) in sparse.items():
+            self._run_sparse(i, group, param, sg, backend_name)
         return True
+
+    # -- sparse rows --------------------------------------------------------------------
+    supports_sparse: ClassVar[bool] = False
+
+    def _split_sparse(self, grads):
+        """Take SparseGrad entries out of ``grads`` (they step separately)."""
+        if grads is None or _validate.is_array(grads):
+            return grads, {}
+        grads = list(grads)
+        sparse = {i: g for i, g in enumerate(grads) if isinstance(g, SparseGrad)}
+        for i in sparse:
+            grads[i] = None
+        return grads, sparse
+
+    def _check_sparse(self, sparse, backend_name):
+        if not sparse:
+            return sparse
+        name = type(self).__name__
+        if not self.supports_sparse:
+            raise TypeError(f"{name} does not take sparse gradients (SparseGrad): SGD, Adagrad and Adam do")
+        if backend_name == "cuda":
+            raise NotImplementedError("sparse gradients run on the 'cpu' and 'numpy' backends")
+        located = {}
+        for i, sg in sparse.items():
+            gi, k = self._locate(i)
+            group = self.param_groups[gi]
+            self._check_sparse_group(group, f"param_groups[{gi}]")
+            located[i] = (group, group["params"][k], _sparse.check(sg, group["params"][k], i))
+        return located
+
+    def _locate_group(self, i):
+        return self.param_groups[self._locate(i)[0]]
+
+    def _locate(self, i):
+        for gi, group in enumerate(self.param_groups):
+            n = len(group["params"])
+            if i < n:
+                return gi, i
+            i -= n
+        raise IndexError(i)
+
+    @classmethod
+    def _check_sparse_group(cls, group, where):
+        """Hyperparameters that sparse updates do not support (torch rejects them too)."""
+
+    @classmethod
+    def _sparse_scalars(cls, group, step, cast):
+        return cls._scalars(group, step, cast)
+
+    def _sparse_rows(self, i, param, sg):
+        """The rows to update and their gradient rows (default: the rows present)."""
+        return sg.indices, sg.rows
+
+    def _run_sparse(self, i, group, param, sg, backend_name):
+        slot_names = self._active_slots(group)
+        self._ensure_state(i, param, group, slot_names)
+        step = int(self._steps[i]) + 1
+        slots = tuple(None if n is None else self._state[i][n] for n in slot_names)
+        index, rows = self._sparse_rows(i, param, sg)
+        if backend_name == "numpy":
+            self._sparse_reference(group, step, param, index, rows, slots)
+        else:
+            from .kernels import cpu
+            cpu.run_rows(self.element, param, index, rows, slots,
+                         self._sparse_scalars(group, step, param.dtype.type))
+        self._steps[i] += 1
+
+    @classmethod
+    def _sparse_reference(cls, group, step, param, index, rows, slots):
+        """Reference: the dense step with a gradient that is zero outside ``index``."""
+        dense = np.zeros_like(param)
+        dense[index] = rows
+        cls._reference(group, step, [param], [dense], tuple(None if s is None else [s] for s in slots))
 
     def _run_group(self, group, plan, backend_name):
         for bucket in plan.buckets:

@@ -140,6 +140,45 @@ def driver(element, has: tuple[bool, bool, bool]):
         _driver_template, "step", element, HAS0=has[0], HAS1=has[1], HAS2=has[2]))
 
 
+def _rows_template(p, g, s0, s1, s2, index, h, grad_scale):
+    # Sparse row update: p and s* are (rows, width) views of a param and its state; g is
+    # (k, width), the coalesced gradient rows for the unique row ids in index. Absent
+    # state slots are passed as p and never written.
+    for k in prange(index.size):
+        r = index[k]
+        pr = p[r]
+        gr = g[k]
+        a0 = s0[r]
+        a1 = s1[r]
+        a2 = s2[r]
+        for j in range(pr.size):
+            out = ELEMENT(pr[j], gr[j] * grad_scale, a0[j], a1[j], a2[j], h)  # noqa: F821
+            pr[j] = out[0]
+            if HAS0:  # noqa: F821
+                a0[j] = out[1]
+            if HAS1:  # noqa: F821
+                a1[j] = out[2]
+            if HAS2:  # noqa: F821
+                a2[j] = out[3]
+
+
+def run_rows(element, param, index, rows, slots, scalars, grad_scale=1.0) -> None:
+    """Update only rows ``index`` (unique) of ``param`` with gradient ``rows``, in parallel.
+
+    ``param`` and each present slot are arrays of shape (R, ...); ``rows`` is (k, ...).
+    """
+    if index.size == 0:
+        return
+    has = tuple(s is not None for s in slots)
+    width = int(np.prod(param.shape[1:], dtype=np.int64))
+    p2 = param.reshape(param.shape[0], width)
+    s2 = [p2 if s is None else s.reshape(p2.shape) for s in slots]
+    fn = _cached(("rows", element, has), lambda: _instantiate(
+        _rows_template, "rows", element, HAS0=has[0], HAS1=has[1], HAS2=has[2]))
+    fn(p2, rows.reshape(index.size, width), s2[0], s2[1], s2[2], index, scalars,
+       param.dtype.type(grad_scale))
+
+
 def address(a: np.ndarray) -> int:
     return a.__array_interface__["data"][0]
 

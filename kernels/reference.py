@@ -100,6 +100,21 @@ def adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step, l
          decoupled_weight_decay=True)
 
 
+def sparse_adam(param, indices, rows, exp_avg, exp_avg_sq, *, step, lr=1e-3, beta1=0.9,
+                beta2=0.999, eps=1e-8, maximize=False):
+    """torch.optim.SparseAdam on unique row ``indices`` with gradient ``rows``: only those
+    rows of the moments and the param change."""
+    g = -rows if maximize else rows
+    m = exp_avg[indices]
+    v = exp_avg_sq[indices]
+    m = m + (1 - beta1) * (g - m)
+    v = v + (1 - beta2) * (g * g - v)
+    exp_avg[indices] = m
+    exp_avg_sq[indices] = v
+    step_size = lr * np.sqrt(1 - beta2 ** step) / (1 - beta1 ** step)
+    param[indices] -= step_size * (m / (np.sqrt(v) + eps))
+
+
 def roof(params, grads, states):
     """The roof's access pattern in NumPy: read p, g, states; write p, states (trivial math)."""
     for i, (p, g) in enumerate(zip(params, grads)):

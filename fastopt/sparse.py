@@ -1,0 +1,58 @@
+"""Sparse row gradients for embedding tables.
+
+A :class:`SparseGrad` says "rows ``indices`` of this parameter have gradients ``rows``";
+duplicate indices are summed first (torch's ``coalesce``, Keras's deduplication). SGD,
+Adagrad and Adam accept it in place of a dense gradient and update only the rows that
+need it, in parallel over unique rows:
+
+- SGD without momentum and Adagrad: the rows present (the dense update is zero elsewhere,
+  so this equals the dense step with a gradient that is zero outside those rows).
+- SGD with momentum: every row whose momentum buffer is non-zero, i.e. every row seen
+  so far (again equal to the dense step; torch's sparse SGD does the same).
+- Adam: torch.optim.SparseAdam's lazy semantics: only rows present update their moments
+  and weights, with SparseAdam's ``denom = sqrt(v) + eps``, ``lr * sqrt(bc2) / bc1``.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+
+class SparseGrad(NamedTuple):
+    """Gradient rows of a (R, ...) parameter: ``rows[k]`` belongs to row ``indices[k]``."""
+
+    indices: np.ndarray
+    rows: np.ndarray
+
+    def coalesce(self) -> "SparseGrad":
+        """Unique sorted indices, duplicate rows summed (in index order: deterministic)."""
+        uniq, inverse = np.unique(self.indices, return_inverse=True)
+        if uniq.size == self.indices.size:
+            order = np.argsort(self.indices, kind="stable")
+            return SparseGrad(uniq, np.ascontiguousarray(self.rows[order]))
+        summed = np.zeros((uniq.size,) + self.rows.shape[1:], dtype=self.rows.dtype)
+        np.add.at(summed, inverse.reshape(-1), self.rows)
+        return SparseGrad(uniq, summed)
+
+
+def check(grad, param, index: int) -> "SparseGrad":
+    """Validate a SparseGrad against its parameter; return it coalesced."""
+    label = f"grads[{index}]"
+    if not isinstance(param, np.ndarray):
+        raise TypeError(f"{label}: sparse gradients are supported for NumPy params only")
+    if param.ndim < 1:
+        raise ValueError(f"{label}: a sparse gradient needs a param with rows (ndim >= 1)")
+    idx = np.asarray(grad.indices)
+    rows = np.asarray(grad.rows)
+    if idx.ndim != 1 or idx.dtype.kind not in "iu":
+        raise TypeError(f"{label}.indices must be a 1-D integer array, got {idx.dtype} with shape {idx.shape}")
+    if rows.shape != (idx.size,) + param.shape[1:]:
+        raise ValueError(f"{label}.rows has shape {rows.shape}, expected {(idx.size,) + param.shape[1:]} "
+                         f"(one row of params[{index}] per index)")
+    if rows.dtype != param.dtype:
+        raise TypeError(f"{label}.rows has dtype {rows.dtype}, expected {param.dtype}")
+    if idx.size and (idx.min() < 0 or idx.max() >= param.shape[0]):
+        raise IndexError(f"{label}.indices must lie in [0, {param.shape[0]}), got "
+                         f"[{idx.min()}, {idx.max()}]")
+    return SparseGrad(idx.astype(np.int64, copy=False), rows).coalesce()
