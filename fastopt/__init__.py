@@ -8,6 +8,12 @@ from __future__ import annotations
 from . import functional
 from ._backend import BackendUnavailableError, backend
 from .checkpoint import CheckpointError, load, save
+from . import init
+from .amp import GradScaler
+from .clip import (NonFiniteNormError, all_finite, clip_grad_norm, clip_grad_value,
+                   clip_grads_with_norm, global_norm)
+from .ema import EMA
+from .lr_finder import LRRangeResult, lr_range_test
 from .flat import FlatParams
 from .optim import SGD, Adagrad, Adam, AdamW, RMSprop
 from .optimizer import Optimizer
@@ -17,5 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Optimizer", "FlatParams", "functional",
-    "SparseGrad", "backend", "BackendUnavailableError", "save", "load", "CheckpointError", "__version__",
+    "SparseGrad", "clip_grad_norm", "clip_grad_value", "clip_grads_with_norm", "global_norm",
+    "all_finite", "NonFiniteNormError", "GradScaler", "EMA", "lr_range_test", "LRRangeResult",
+    "init", "backend", "BackendUnavailableError", "save", "load", "CheckpointError", "__version__",
 ]

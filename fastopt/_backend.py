@@ -59,11 +59,11 @@ class _CpuBackend:
         from .kernels import cpu
         self._cpu = cpu
 
-    def table(self, params, grads, slots):
-        return self._cpu.ChunkTable(params, grads, slots)
+    def table(self, params, grads, slots, model=None):
+        return self._cpu.ChunkTable(params, grads, slots, model=model)
 
-    def run(self, element, table, scalars, grad_scale=1.0):
-        self._cpu.run(element, table, scalars, grad_scale)
+    def run(self, element, table, scalars, grad_scale=1.0, **options):
+        self._cpu.run(element, table, scalars, grad_scale, **options)
 
 
 _loaded: dict = {}

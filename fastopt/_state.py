@@ -6,6 +6,7 @@ import math
 import numpy as np
 
 from . import _validate
+from .optimizer import MASTER
 
 # Group keys that torch writes and fastopt has no use for; accepted and dropped on load.
 TORCH_ONLY_KEYS = frozenset({"foreach", "fused", "capturable", "differentiable", "initial_lr"})
@@ -97,7 +98,7 @@ def load_state_dict(opt, sd) -> None:
         if need - have:
             raise ValueError(f"{where} lacks {sorted(need - have)}: it is not a {name} state dict "
                              f"for these hyperparameters")
-        extra = have - set(opt.slot_names)
+        extra = have - set(opt.slot_names) - ({MASTER} if np.dtype(p.dtype).itemsize == 2 else set())
         if extra:
             raise ValueError(f"{where} has unknown keys {sorted(extra)}: it is not a {name} state dict")
         for key in have:

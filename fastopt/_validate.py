@@ -71,14 +71,28 @@ def _writeable(a) -> bool:
     return True
 
 
-def param(p, label):
-    """A parameter: a writeable, C-contiguous float32/float64 array."""
+def low_precision_dtypes() -> tuple:
+    """float16 and (when ml_dtypes is installed) bfloat16: stepped with float32 master weights."""
+    from .kernels.lowp import bfloat16_dtype
+    bf16 = bfloat16_dtype()
+    return (np.dtype(np.float16),) + ((bf16,) if bf16 is not None else ())
+
+
+def param(p, label, allow_low_precision=False):
+    """A parameter: a writeable, C-contiguous float32/float64 array (or float16/bfloat16
+    when the optimizer keeps float32 master weights)."""
     if not is_array(p):
         raise TypeError(f"{label} must be a NumPy array or a CUDA array, got {type(p).__name__}")
     dt = np.dtype(p.dtype)
     if dt not in FLOAT_DTYPES:
-        raise TypeError(f"{label} has dtype {dt}; fastopt steps float32 and float64 arrays "
-                        "(integer, complex, object and other dtypes are not optimizable)")
+        if dt in low_precision_dtypes():
+            if not allow_low_precision:
+                raise TypeError(f"{label} has dtype {dt}: 16-bit params are stepped with float32 "
+                                "master weights; pass master_weights=True")
+        else:
+            raise TypeError(f"{label} has dtype {dt}; fastopt steps float32 and float64 arrays "
+                            "(and float16/bfloat16 with master_weights=True); integer, complex, "
+                            "object and other dtypes are not optimizable")
     if not _contiguous(p):
         raise ValueError(f"{label} is not C-contiguous; pass np.ascontiguousarray(param) and keep that array")
     if not _writeable(p):

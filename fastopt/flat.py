@@ -16,7 +16,9 @@ from ._backend import is_device_array
 # data-buffer address -> FlatParams, so an optimizer given views can find their arena.
 _ARENAS: "weakref.WeakValueDictionary[int, FlatParams]" = weakref.WeakValueDictionary()
 
-SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+def _supported_dtypes():
+    from ._validate import FLOAT_DTYPES, low_precision_dtypes
+    return FLOAT_DTYPES + low_precision_dtypes()
 
 
 def _array_module(arrays):
@@ -58,8 +60,8 @@ class FlatParams:
                                 "pass dtype= or build one FlatParams per dtype")
             dtype = dtypes.pop()
         dtype = np.dtype(dtype)
-        if dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"FlatParams: dtype must be float32 or float64, got {dtype}")
+        if dtype not in _supported_dtypes():
+            raise TypeError(f"FlatParams: dtype must be float32, float64, float16 or bfloat16, got {dtype}")
         shapes = [tuple(a.shape) for a in arrays]
         sizes = [int(np.prod(s, dtype=np.int64)) for s in shapes]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
@@ -80,9 +82,10 @@ class FlatParams:
         return [buffer[lo:hi].reshape(shape)
                 for lo, hi, shape in zip(self.offsets[:-1], self.offsets[1:], self.shapes)]
 
-    def new_buffer(self, fill=0.0):
-        """A buffer of the same size and dtype, filled with ``fill`` (used for state slots)."""
-        return self.xp.full(self.data.size, fill, dtype=self.dtype)
+    def new_buffer(self, fill=0.0, dtype=None):
+        """A buffer of the same size (and dtype unless given), filled with ``fill``; used
+        for state slots, which are float32 for 16-bit params."""
+        return self.xp.full(self.data.size, fill, dtype=self.dtype if dtype is None else dtype)
 
     def views_of(self, buffer):
         """Per-tensor views of another buffer with this layout."""

@@ -46,10 +46,12 @@ class SGD(Optimizer):
     supports_sparse = True
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                 nesterov=False, *, maximize=False, backend=None):
+                 nesterov=False, *, maximize=False, backend=None,
+                 **options):
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
                                       weight_decay=weight_decay, nesterov=nesterov,
-                                      maximize=maximize), backend)
+                                      maximize=maximize),
+                         backend, **options)
 
     @classmethod
     def _check_group(cls, group, where):
@@ -108,10 +110,12 @@ class Adagrad(Optimizer):
     _check_sparse_group = classmethod(lambda cls, group, where: _no_weight_decay(group, where))
 
     def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
-                 initial_accumulator_value=0.0, eps=1e-10, *, maximize=False, backend=None):
+                 initial_accumulator_value=0.0, eps=1e-10, *, maximize=False, backend=None,
+                 **options):
         super().__init__(params, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                                       initial_accumulator_value=initial_accumulator_value,
-                                      eps=eps, maximize=maximize), backend)
+                                      eps=eps, maximize=maximize),
+                         backend, **options)
 
     @classmethod
     def _check_group(cls, group, where):
@@ -151,10 +155,11 @@ class RMSprop(Optimizer):
     slot_names = ("square_avg", "momentum_buffer", "grad_avg")
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
-                 centered=False, *, maximize=False, backend=None):
+                 centered=False, *, maximize=False, backend=None,
+                 **options):
         super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
                                       momentum=momentum, centered=centered, maximize=maximize),
-                         backend)
+                         backend, **options)
 
     @classmethod
     def _check_group(cls, group, where):
@@ -195,10 +200,12 @@ class Adam(Optimizer):
     supports_sparse = True   # with torch.optim.SparseAdam's semantics (lazy rows)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 amsgrad=False, *, maximize=False, decoupled_weight_decay=False, backend=None):
+                 amsgrad=False, *, maximize=False, decoupled_weight_decay=False, backend=None,
+                 **options):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       amsgrad=amsgrad, maximize=maximize,
-                                      decoupled_weight_decay=decoupled_weight_decay), backend)
+                                      decoupled_weight_decay=decoupled_weight_decay),
+                         backend, **options)
 
     @classmethod
     def _check_group(cls, group, where):
@@ -256,7 +263,8 @@ class AdamW(Adam):
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False, *, maximize=False, backend=None):
+                 amsgrad=False, *, maximize=False, backend=None,
+                 **options):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=True,
-                         backend=backend)
+                         backend=backend, **options)

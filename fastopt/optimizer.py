@@ -6,6 +6,7 @@ arenas, state dicts) lives here once.
 """
 from __future__ import annotations
 
+import math
 import operator
 from typing import ClassVar
 
@@ -22,7 +23,7 @@ _NOT_HYPERPARAMETERS = ("params",)
 class _Bucket:
     """Tensors of one group and dtype stepped together, with their cached chunk table."""
 
-    __slots__ = ("indices", "params", "grads", "slots", "table", "positions")
+    __slots__ = ("indices", "params", "grads", "slots", "table", "positions", "model")
 
     def __init__(self, indices, params, grads, slots):
         self.indices = np.asarray(indices, dtype=np.int64)
@@ -31,6 +32,7 @@ class _Bucket:
         self.slots = slots
         self.table = None
         self.positions = None
+        self.model = None      # the 16-bit params when ``params`` are their master weights
 
 
 class _Plan:
@@ -60,17 +62,34 @@ class Optimizer:
         (``{"params": [...], "lr": ...}``) as in torch.optim.
       defaults: hyperparameter defaults filled into each group.
       backend: ``"cpu"``, ``"numpy"``, ``"cuda"`` or None (context, env var, then auto).
+
+    Options every optimizer takes (keyword-only):
+      max_grad_norm: clip the global 2-norm of the gradients to this value, fused into
+        the step (torch's ``clip_grad_norm_`` coefficient); the norm is ``last_grad_norm``.
+      master_weights: accept float16/bfloat16 params: keep float32 master weights and
+        state, and write each updated weight back rounded to nearest even.
+      stochastic_rounding: round bfloat16 params stochastically instead (with ``seed``).
     """
 
     element: ClassVar = None            # the element function (kernels.<name>)
     slot_names: ClassVar[tuple] = ()    # the element's three state positions
     has_step_state: ClassVar[bool] = True
 
-    def __init__(self, params, defaults: dict, backend: str | None = None):
+    def __init__(self, params, defaults: dict, backend: str | None = None, *,
+                 max_grad_norm: float | None = None, master_weights: bool = False,
+                 stochastic_rounding: bool = False, seed: int = 0):
         if backend is not None:
             _backend._check_name(backend, "backend")
+        if max_grad_norm is not None:
+            max_grad_norm = _validate.number("max_grad_norm", max_grad_norm, low=0.0, low_open=True)
         self.defaults = dict(defaults)
         self.backend = backend
+        self.max_grad_norm = max_grad_norm
+        # 16-bit params: float32 master weights and state; the params get the rounded copy.
+        self.master_weights = _validate.flag("master_weights", master_weights)
+        self.stochastic_rounding = _validate.flag("stochastic_rounding", stochastic_rounding)
+        self.seed = int(seed)
+        self.last_grad_norm: float | None = None
         self.param_groups: list[dict] = []
         self._state: list[dict | None] = []
         self._param_addresses: list[int] = []
@@ -109,7 +128,7 @@ class Optimizer:
         if not ps:
             raise ValueError(f"{where}['params'] is empty")
         for k, p in enumerate(ps):
-            _validate.param(p, f"{where}['params'][{k}]")
+            _validate.param(p, f"{where}['params'][{k}]", allow_low_precision=self.master_weights)
         unknown = set(group) - set(self.defaults) - set(_NOT_HYPERPARAMETERS)
         if unknown:
             raise TypeError(f"{where} has unknown hyperparameters {sorted(unknown)} for "
@@ -220,8 +239,13 @@ class Optimizer:
                 self._ensure_state(i, plan.params[k], group, slot_names)
             slots = tuple(None if name is None else [self._state[i][name] for i in idx]
                           for name in slot_names)
-            bucket = _Bucket(idx, [plan.params[k] for k in ks], [plan.grads[k] for k in ks], slots)
+            params = [plan.params[k] for k in ks]
+            model = None
+            if _is_low_precision(params[0]):
+                model, params = params, [self._state[i][MASTER] for i in idx]
+            bucket = _Bucket(idx, params, [plan.grads[k] for k in ks], slots)
             bucket.positions = ks
+            bucket.model = model
             buckets.append(bucket)
         plan.buckets = buckets
 
@@ -232,6 +256,7 @@ class Optimizer:
             ks = old.positions
             bucket = _Bucket(old.indices, old.params, [plan.grads[k] for k in ks], old.slots)
             bucket.positions = ks
+            bucket.model = old.model
             if old.table is not None and hasattr(old.table, "with_grads"):
                 bucket.table = old.table.with_grads(bucket.grads, [plan.grad_addresses[k] for k in ks])
             buckets.append(bucket)
@@ -241,29 +266,45 @@ class Optimizer:
         st = self._state[i]
         if st is None:
             st = self._state[i] = {}
-        for name in slot_names:
+        low = _is_low_precision(p)
+        names = ((MASTER,) if low else ()) + tuple(slot_names)
+        for name in names:
             if name is None or name in st:
                 continue
             fill = self._initial_value(group, name)
+            dtype = np.dtype(np.float32) if low else np.dtype(p.dtype)
             flat = arena_of(p)
             if flat is not None:
                 key = (id(flat), name)
                 arena = self._arenas.get(key)
                 if arena is None:
-                    arena = self._arenas[key] = (flat, flat.views_of(flat.new_buffer(fill)))
-                st[name] = arena[1][flat.index_of(p)]
+                    arena = self._arenas[key] = (flat, flat.views_of(flat.new_buffer(fill, dtype)))
+                view = arena[1][flat.index_of(p)]
+                # The arena was filled for the group that created it; groups may differ.
+                view[...] = p if name == MASTER else fill
+                st[name] = view
             else:
                 xp = np if isinstance(p, np.ndarray) else _cupy()
-                st[name] = xp.full(p.shape, fill, dtype=p.dtype)
+                st[name] = p.astype(np.float32) if name == MASTER else xp.full(p.shape, fill, dtype=dtype)
 
-    def step(self, grads=None) -> bool:
-        """One fused optimizer step; returns True when the step was applied.
+    def step(self, grads=None, *, grad_scale: float | None = None) -> bool:
+        """One fused optimizer step; returns True when applied, False when skipped.
 
         Args:
           grads: a list aligned with all params (in group order); None entries skip
-            their param. Omit it when every param is a FlatParams view: the step reads
-            the FlatParams' grads.
+            their param; a :class:`SparseGrad` updates rows of an embedding table. Omit it
+            when every param is a FlatParams view: the step reads the FlatParams' grads.
+          grad_scale: the factor every gradient is multiplied by inside the kernel (for
+            mixed precision, ``1 / loss_scale``). When given, a first pass checks the
+            gradients: if any is NaN or infinite the whole step is skipped (params,
+            state and step counts unchanged) and False is returned.
+
+        With ``max_grad_norm`` set on the optimizer, the same first pass computes the
+        global 2-norm of the (unscaled) gradients and the step multiplies them by torch's
+        clip coefficient ``min(1, max_norm / (norm + 1e-6))``: two passes in all.
         """
+        if grad_scale is not None:
+            grad_scale = _validate.number("grad_scale", grad_scale, low=0.0, low_open=True)
         from_flat = grads is None
         grads, sparse = self._split_sparse(grads)
         per_group = self._group_grads(grads)
@@ -273,6 +314,11 @@ class Optimizer:
             self._check_group(group, f"param_groups[{gi}]")
             plans.append(self._plan_for(gi, per_group[gi], backend_name, from_flat))
         sparse = self._check_sparse(sparse, backend_name)
+        scale = 1.0
+        if grad_scale is not None or self.max_grad_norm is not None:
+            scale = self._grad_multiplier(plans, sparse, backend_name, grad_scale)
+            if scale is None:
+                return False
         # Everything is validated: from here on the step mutates.
         for gi, (plan, how) in enumerate(plans):
             if how == "new":
@@ -280,10 +326,38 @@ class Optimizer:
             elif how == "regrad":
                 self._regrad_buckets(gi, plan)
             self._plans[gi] = plan
-            self._run_group(self.param_groups[gi], plan, backend_name)
+            self._run_group(self.param_groups[gi], plan, backend_name, scale)
         for i, (group, param, sg) in sparse.items():
-            self._run_sparse(i, group, param, sg, backend_name)
+            self._run_sparse(i, group, param, sg, backend_name, scale)
         return True
+
+    # -- the pass before the step: non-finite check and global norm ----------------------
+    def _grad_multiplier(self, plans, sparse, backend_name, grad_scale):
+        """The factor the step multiplies gradients by, or None to skip the step.
+
+        One reduction pass over every gradient (dense and sparse), combined in a fixed
+        order, so the norm has the same bits for any number of threads.
+        """
+        from .kernels import clip
+        dense = [g for plan, _ in plans for g in plan.grads if g is not None]
+        rows = [sg.rows for _, _, sg in sparse.values()]
+        grads = dense + rows
+        if self.max_grad_norm is not None:
+            total = _global_norm(grads, backend_name)
+            finite = math.isfinite(total)
+        else:
+            total = None
+            finite = _all_finite(grads, backend_name)
+        if grad_scale is not None and not finite:
+            return None
+        scale = 1.0 if grad_scale is None else grad_scale
+        if total is None:
+            return scale
+        total *= scale                       # the norm of the unscaled gradients
+        self.last_grad_norm = total
+        # torch computes the coefficient in the gradients' promoted dtype
+        dtype = np.float64 if any(np.dtype(g.dtype) == np.float64 for g in grads) else np.float32
+        return scale * float(clip.clip_coefficient(total, self.max_grad_norm, dtype))
 
     # -- sparse rows --------------------------------------------------------------------
     supports_sparse: ClassVar[bool] = False
@@ -337,18 +411,19 @@ class Optimizer:
         """The rows to update and their gradient rows (default: the rows present)."""
         return sg.indices, sg.rows
 
-    def _run_sparse(self, i, group, param, sg, backend_name):
+    def _run_sparse(self, i, group, param, sg, backend_name, scale=1.0):
         slot_names = self._active_slots(group)
         self._ensure_state(i, param, group, slot_names)
         step = int(self._steps[i]) + 1
         slots = tuple(None if n is None else self._state[i][n] for n in slot_names)
         index, rows = self._sparse_rows(i, param, sg)
         if backend_name == "numpy":
+            rows = rows if scale == 1.0 else rows * rows.dtype.type(scale)
             self._sparse_reference(group, step, param, index, rows, slots)
         else:
             from .kernels import cpu
             cpu.run_rows(self.element, param, index, rows, slots,
-                         self._sparse_scalars(group, step, param.dtype.type))
+                         self._sparse_scalars(group, step, param.dtype.type), scale)
         self._steps[i] += 1
 
     @classmethod
@@ -358,7 +433,7 @@ class Optimizer:
         dense[index] = rows
         cls._reference(group, step, [param], [dense], tuple(None if s is None else [s] for s in slots))
 
-    def _run_group(self, group, plan, backend_name):
+    def _run_group(self, group, plan, backend_name, scale=1.0):
         for bucket in plan.buckets:
             steps = self._steps[bucket.indices]
             if steps.size and steps.min() != steps.max():
@@ -368,20 +443,37 @@ class Optimizer:
                     sub = _Bucket(bucket.indices[sel], [bucket.params[j] for j in sel],
                                   [bucket.grads[j] for j in sel],
                                   tuple(None if s_ is None else [s_[j] for j in sel] for s_ in bucket.slots))
-                    self._run_bucket(group, sub, int(s) + 1, backend_name)
+                    self._run_bucket(group, sub, int(s) + 1, backend_name, scale)
             elif steps.size:
-                self._run_bucket(group, bucket, int(steps[0]) + 1, backend_name)
+                self._run_bucket(group, bucket, int(steps[0]) + 1, backend_name, scale)
             self._steps[bucket.indices] += 1
 
-    def _run_bucket(self, group, bucket, step, backend_name):
+    def _run_bucket(self, group, bucket, step, backend_name, scale=1.0):
+        cast = np.dtype(bucket.params[0].dtype).type
         if backend_name == "numpy":
-            self._reference(group, step, bucket.params, bucket.grads, bucket.slots)
+            grads = bucket.grads
+            if bucket.model is not None:
+                grads = [g.astype(np.float32) for g in grads]
+            if scale != 1.0:
+                grads = [g * cast(scale) for g in grads]
+            self._reference(group, step, bucket.params, grads, bucket.slots)
+            if bucket.model is not None:
+                for w, master in zip(bucket.model, bucket.params):
+                    w[...] = master.astype(w.dtype)          # round to nearest even
             return
         be = _backend.get(backend_name)
+        if bucket.model is not None:
+            if backend_name != "cpu":
+                raise NotImplementedError("master weights for 16-bit params run on the 'cpu' "
+                                          "and 'numpy' backends")
+            if bucket.table is None:
+                bucket.table = be.table(bucket.params, bucket.grads, bucket.slots, model=bucket.model)
+            be.run(self.element, bucket.table, self._scalars(group, step, cast), scale,
+                   seed=_step_seed(self.seed, step), stochastic=self.stochastic_rounding)
+            return
         if bucket.table is None:
             bucket.table = be.table(bucket.params, bucket.grads, bucket.slots)
-        cast = np.dtype(bucket.params[0].dtype).type
-        be.run(self.element, bucket.table, self._scalars(group, step, cast))
+        be.run(self.element, bucket.table, self._scalars(group, step, cast), scale)
 
     def zero_grad(self, grads=None):
         """Zero FlatParams grads (or the given grads) in place."""
@@ -433,6 +525,28 @@ class Optimizer:
             hp = ", ".join(f"{k}={v}" for k, v in g.items() if k != "params")
             lines.append(f"  group {i}: {len(g['params'])} params, {hp}")
         return "\n".join(lines + [")"])
+
+
+MASTER = "master_param"   # state key of the float32 master copy of a 16-bit param
+
+
+def _is_low_precision(p) -> bool:
+    return np.dtype(p.dtype).itemsize == 2
+
+
+def _step_seed(seed: int, step: int) -> int:
+    """Random bits for stochastic rounding: a different stream every step."""
+    return (seed * 0x9E3779B1 + step * 0x85EBCA77) & 0xFFFFFFFF
+
+
+def _global_norm(grads, backend_name) -> float:
+    from .clip import global_norm
+    return global_norm(grads, 2.0, backend=backend_name) if grads else 0.0
+
+
+def _all_finite(grads, backend_name) -> bool:
+    from .clip import all_finite
+    return all_finite(grads, backend=backend_name) if grads else True
 
 
 def _cupy():

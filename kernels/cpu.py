@@ -29,6 +29,8 @@ import numpy as np
 from numba import carray, prange, types
 from numba.extending import intrinsic
 
+from . import lowp
+
 # Elements per chunk: 256 KiB of float32 per array, a few chunks per thread per MB.
 CHUNK = 1 << 16
 
@@ -113,7 +115,7 @@ def _source_tag(fn) -> str:
     return hashlib.sha1(src.encode()).hexdigest()[:10]
 
 
-def _instantiate(template, prefix: str, fn, **constants):
+def _instantiate(template, prefix: str, fn, cache=True, fastmath=False, **constants):
     """Compile ``template`` with ``fn`` inlined as its global ELEMENT and ``constants``
     frozen as globals. The qualname names the on-disk cache entry: one per template,
     function, constants and function source.
@@ -122,9 +124,9 @@ def _instantiate(template, prefix: str, fn, **constants):
     namespace.update(constants)
     namespace["ELEMENT"] = numba.njit(inline="always", cache=True)(fn)
     compiled = pytypes.FunctionType(template.__code__, namespace, template.__name__)
-    tag = "".join(str(int(v)) for k, v in sorted(constants.items()) if isinstance(v, bool))
+    tag = "".join(str(int(v)) for k, v in sorted(constants.items()))
     compiled.__qualname__ = f"{prefix}_{fn.__name__}_{tag}_{_source_tag(fn)}"
-    return numba.njit(parallel=True, cache=True, nogil=True)(compiled)
+    return numba.njit(parallel=True, cache=cache, nogil=True, fastmath=fastmath)(compiled)
 
 
 def _cached(key, make):
@@ -186,24 +188,31 @@ def address(a: np.ndarray) -> int:
 class ChunkTable:
     """Tensor and chunk tables for one step over aligned lists of arrays.
 
-    ``params[i]``, ``grads[i]`` and ``slots[k][i]`` are C-contiguous arrays of one dtype
-    and equal size (validated by the caller). Consecutive tensors that sit back to back
-    in memory for params, grads and every state slot (a FlatParams arena) merge into one
+    ``params[i]``, ``grads[i]`` and ``slots[k][i]`` are C-contiguous arrays of equal size
+    (validated by the caller); params and slots share one dtype. Consecutive tensors
+    that sit back to back in memory in every column (a FlatParams arena) merge into one
     row, so an arena is streamed as one run whatever its number of tensors.
 
-    The addresses of params and state are taken once; :meth:`with_grads` re-targets the
-    table at new gradient arrays for the cost of reading their addresses.
+    With ``model`` (16-bit arrays aligned with ``params``), ``params`` are the float32
+    master weights and the driver also writes each updated weight, rounded, into
+    ``model``; grads then have the model's 16-bit dtype.
+
+    The addresses of params, state and model are taken once; :meth:`with_grads`
+    re-targets the table at new gradient arrays for the cost of reading their addresses.
     """
 
-    __slots__ = ("fixed", "table", "chunks", "like", "has", "n_elements", "refs", "merge")
+    __slots__ = ("fixed", "table", "chunks", "like", "low_kind", "has", "n_elements",
+                 "refs", "merge")
 
-    def __init__(self, params, grads, slots, grad_addresses=None, fixed=None, merge=True):
+    def __init__(self, params, grads, slots, grad_addresses=None, fixed=None, merge=True,
+                 model=None):
         self.has = tuple(s is not None for s in slots)
         dtype = np.dtype(params[0].dtype) if params else np.dtype(np.float32)
         self.like = dtype.type(0)
+        self.low_kind = 0 if model is None else lowp.kind_of(model[0].dtype)
         if fixed is None:
-            # columns: n, p, s0, s1, s2 (absent slots: 0, replaced by the grad address below)
-            fixed = np.zeros((len(params), 5), dtype=np.int64)
+            # columns: n, p, s0, s1, s2[, model] (absent slots: replaced by the grad address)
+            fixed = np.zeros((len(params), 5 if model is None else 6), dtype=np.int64)
             for i, p in enumerate(params):
                 fixed[i, 0] = p.size
                 if p.size:
@@ -211,30 +220,38 @@ class ChunkTable:
                     for k, s in enumerate(slots):
                         if s is not None:
                             fixed[i, 2 + k] = address(s[i])
+                    if model is not None:
+                        fixed[i, 5] = address(model[i])
         self.fixed = fixed
         if grad_addresses is None:
             grad_addresses = [address(g) if g.size else 0 for g in grads]
         g_addr = np.asarray(grad_addresses, dtype=np.int64)
-        full = np.empty((len(params), 6), dtype=np.int64)
+        full = np.empty((len(params), fixed.shape[1] + 1), dtype=np.int64)
         full[:, :2] = fixed[:, :2]
         full[:, 2] = g_addr
         for k in range(3):
             full[:, 3 + k] = fixed[:, 2 + k] if self.has[k] else g_addr
+        full[:, 6:] = fixed[:, 5:]
         full = full[full[:, 0] > 0]
+        # Bytes per element of each address column, for the back-to-back test.
+        grad_size = 2 if model is not None else dtype.itemsize
+        itemsizes = np.array([dtype.itemsize, grad_size]
+                             + [dtype.itemsize if h else grad_size for h in self.has]
+                             + [2] * (full.shape[1] - 6), dtype=np.int64)
         # merge=False keeps one row per non-empty tensor (per-tensor reductions need it).
         self.merge = merge
-        self.table = self._merge_runs(full, dtype.itemsize) if merge else full
+        self.table = self._merge_runs(full, itemsizes) if merge else full
         self.chunks = self._split(self.table[:, 0])
         self.n_elements = int(self.table[:, 0].sum())
         # The table holds raw addresses: keep every array alive while the table lives.
-        self.refs = (params, grads, slots)
+        self.refs = (params, grads, slots, model)
 
     @staticmethod
-    def _merge_runs(rows, itemsize):
+    def _merge_runs(rows, itemsizes):
         """Merge each row into the previous one where every column continues it in memory."""
         if rows.shape[0] < 2:
             return rows
-        ends = rows[:-1, 1:] + rows[:-1, :1] * itemsize
+        ends = rows[:-1, 1:] + rows[:-1, :1] * itemsizes
         continues = np.all(rows[1:, 1:] == ends, axis=1)
         starts = np.flatnonzero(np.concatenate([[True], ~continues]))
         merged = rows[starts].copy()
@@ -252,19 +269,61 @@ class ChunkTable:
 
     def with_grads(self, grads, grad_addresses=None) -> "ChunkTable":
         """The same params and state over new gradient arrays."""
-        params, _, slots = self.refs
-        return ChunkTable(params, grads, slots, grad_addresses, self.fixed, self.merge)
+        params, _, slots, model = self.refs
+        return ChunkTable(params, grads, slots, grad_addresses, self.fixed, self.merge, model)
 
 
-def run(element, table: ChunkTable, scalars, grad_scale=1.0) -> None:
+def _master_template(table, chunks, like, bits, h, grad_scale, seed):
+    # Master weights: p and s* are float32; g and the model copy are 16-bit patterns of
+    # kind KIND (kernels.lowp). Writes the master weight, the state and the rounded copy.
+    for c in prange(chunks.shape[0]):
+        r = chunks[c, 0]
+        lo = chunks[c, 1]
+        hi = chunks[c, 2]
+        n = table[r, 0]
+        p = _view(table[r, 1], n, like)[lo:hi]
+        g = _view(table[r, 2], n, bits)[lo:hi]
+        s0 = _view(table[r, 3], n, like)[lo:hi]
+        s1 = _view(table[r, 4], n, like)[lo:hi]
+        s2 = _view(table[r, 5], n, like)[lo:hi]
+        w = _view(table[r, 6], n, bits)[lo:hi]
+        for i in range(hi - lo):
+            out = ELEMENT(p[i], lowp.widen(g[i], KIND) * grad_scale,  # noqa: F821
+                          s0[i], s1[i], s2[i], h)
+            p[i] = out[0]
+            if HAS0:  # noqa: F821
+                s0[i] = out[1]
+            if HAS1:  # noqa: F821
+                s1[i] = out[2]
+            if HAS2:  # noqa: F821
+                s2[i] = out[3]
+            w[i] = lowp.round_to_bits(out[0], KIND, seed, c * CHUNK + i)  # noqa: F821
+
+
+def run(element, table: ChunkTable, scalars, grad_scale=1.0, seed=0, stochastic=False) -> None:
     """One fused step of ``element`` over every chunk of ``table``.
 
     Each gradient is multiplied by ``grad_scale`` as it is read (1.0 leaves it exact).
+    For master-weight tables of bfloat16, ``stochastic`` rounds the model copy
+    stochastically with random bits derived from ``seed`` and the element's position.
     """
     if table.chunks.shape[0] == 0:
         return
-    driver(element, table.has)(table.table, table.chunks, table.like, scalars,
-                               table.like.dtype.type(grad_scale))
+    scale = table.like.dtype.type(grad_scale)
+    if table.low_kind:
+        kind = table.low_kind
+        if stochastic and kind == lowp.BFLOAT16:
+            kind = lowp.BFLOAT16_STOCHASTIC
+        # Not cached on disk: a cached master-weights kernel crashed when called on new
+        # gradient arrays (reproduced with numba 0.68.1; a fresh compile is correct).
+        # tests/test_master_weights.py guards this in a subprocess.
+        fn = _cached(("master", element, table.has, kind), lambda: _instantiate(
+            _master_template, "master", element, cache=False, HAS0=table.has[0],
+            HAS1=table.has[1], HAS2=table.has[2], KIND=kind))
+        fn(table.table, table.chunks, table.like, np.uint16(0), scalars, scale,
+           np.uint32(seed & 0xFFFFFFFF))
+        return
+    driver(element, table.has)(table.table, table.chunks, table.like, scalars, scale)
 
 
 def _reduce_template(table, chunks, like, h, out):
@@ -297,8 +356,11 @@ def _reduce_template(table, chunks, like, h, out):
 
 def reducer(fn, maximum: bool):
     """The compiled reduction driver for ``fn`` (sum, or max when ``maximum``)."""
+    # reassoc only (NaN and inf keep IEEE behaviour): lets LLVM vectorise the chunk's
+    # sum with several accumulators. Each chunk is still summed by one thread in an
+    # order fixed by the compiled code, so results do not depend on the thread count.
     return _cached(("reduce", fn, maximum), lambda: _instantiate(
-        _reduce_template, "reduce", fn, MAXIMUM=maximum))
+        _reduce_template, "reduce", fn, fastmath={"reassoc"}, MAXIMUM=maximum))
 
 
 def reduce_chunks(fn, table: ChunkTable, scalars, maximum=False, accumulate=np.float64) -> np.ndarray:

@@ -121,3 +121,274 @@ def roof(params, grads, states):
         p += g
         for s in states:
             s[i] += g
+
+
+# ---------------------------------------------------------------------------------------
+# The rest of the family: torch.optim's Adamax, NAdam, RAdam and Adadelta (torch 2.13
+# documentation), optax's Lion, LAMB and LARS (optax documentation and papers), and
+# Keras 3's optimizers (keras.optimizers documentation and update rules).
+
+
+def _lerp_(m, g, weight):
+    """torch.lerp_(m, g, weight) in place, in both of torch's forms: ``m + w (g - m)`` for
+    ``w < 0.5``, else ``g - (g - m)(1 - w)`` (they differ for infinite g: inf vs NaN)."""
+    if weight < 0.5:
+        m += weight * (g - m)
+    else:
+        w = m.dtype.type(weight)
+        m[...] = g - (g - m) * (1 - w)
+
+
+def adamax(params, grads, exp_avgs, exp_infs, *, step, lr=2e-3, beta1=0.9, beta2=0.999,
+           eps=1e-8, weight_decay=0.0, maximize=False):
+    """torch.optim.Adamax: ``u = max(beta2 u, |g| + eps)``, ``p -= lr/(1-beta1^t) m/u``."""
+    clr = lr / (1 - beta1 ** step)
+    for p, g, m, u in zip(params, grads, exp_avgs, exp_infs):
+        d_p = _l2(g, p, weight_decay, maximize)
+        _lerp_(m, d_p, 1 - beta1)
+        u *= beta2
+        np.maximum(u, np.abs(d_p) + eps, out=u)                # NaN on either side propagates
+        p -= clr * (m / u)
+
+
+def nadam_mu(step, beta1, momentum_decay):
+    """NAdam's momentum schedule ``mu_t = beta1 (1 - 0.5 * 0.96^(t psi))``."""
+    return beta1 * (1 - 0.5 * 0.96 ** (step * momentum_decay))
+
+
+def nadam(params, grads, exp_avgs, exp_avg_sqs, *, step, mu_product, lr=2e-3, beta1=0.9,
+          beta2=0.999, eps=1e-8, weight_decay=0.0, momentum_decay=4e-3,
+          decoupled_weight_decay=False, maximize=False):
+    """torch.optim.NAdam; ``mu_product`` is ``mu_1 ... mu_t`` (this step's ``mu_t`` included)."""
+    mu = nadam_mu(step, beta1, momentum_decay)
+    mu_next = nadam_mu(step + 1, beta1, momentum_decay)
+    bc2 = 1 - beta2 ** step
+    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+        if decoupled_weight_decay:
+            p *= 1 - lr * weight_decay
+            d_p = _l2(g, p, 0.0, maximize)
+        else:
+            d_p = _l2(g, p, weight_decay, maximize)
+        _lerp_(m, d_p, 1 - beta1)
+        v *= beta2
+        v += (1 - beta2) * d_p * d_p
+        denom = np.sqrt(v / bc2) + eps
+        p += (-lr * (1 - mu) / (1 - mu_product)) * (d_p / denom)
+        p += (-lr * mu_next / (1 - mu_product * mu_next)) * (m / denom)
+
+
+def radam(params, grads, exp_avgs, exp_avg_sqs, *, step, lr=1e-3, beta1=0.9, beta2=0.999,
+          eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, maximize=False):
+    """torch.optim.RAdam: the rectified step when ``rho_t > 5``, else the un-adapted one."""
+    bc1 = 1 - beta1 ** step
+    bc2 = 1 - beta2 ** step
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t = rho_inf - 2 * step * beta2 ** step / bc2
+    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+        if decoupled_weight_decay:
+            p *= 1 - lr * weight_decay
+            d_p = _l2(g, p, 0.0, maximize)
+        else:
+            d_p = _l2(g, p, weight_decay, maximize)
+        _lerp_(m, d_p, 1 - beta1)
+        v *= beta2
+        v += (1 - beta2) * d_p * d_p
+        m_hat = m / bc1
+        if rho_t > 5:
+            r = np.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+            p -= m_hat * lr * (np.sqrt(bc2) / (np.sqrt(v) + eps)) * r
+        else:
+            p -= m_hat * lr
+
+
+def adadelta(params, grads, square_avgs, acc_deltas, *, lr=1.0, rho=0.9, eps=1e-6,
+             weight_decay=0.0, maximize=False):
+    """torch.optim.Adadelta."""
+    for p, g, sq, acc in zip(params, grads, square_avgs, acc_deltas):
+        d_p = _l2(g, p, weight_decay, maximize)
+        sq *= rho
+        sq += (1 - rho) * d_p * d_p
+        delta = np.sqrt(acc + eps) / np.sqrt(sq + eps) * d_p
+        acc *= rho
+        acc += (1 - rho) * delta * delta
+        p -= lr * delta
+
+
+def lion(params, grads, exp_avgs, *, lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=1e-3,
+         maximize=False):
+    """optax.lion: ``p -= lr (sign((1-b1) g + b1 m) + wd p)``, ``m = (1-b2) g + b2 m``."""
+    for p, g, m in zip(params, grads, exp_avgs):
+        d_p = -g if maximize else g
+        update = np.sign((1 - beta1) * d_p + beta1 * m)
+        if weight_decay != 0:
+            update = update + weight_decay * p
+        p -= lr * update
+        m *= beta2
+        m += (1 - beta2) * d_p
+
+
+def _norm64(a):
+    """The 2-norm accumulated in float64 (fastopt's per-tensor reductions do the same)."""
+    return float(np.sqrt(np.sum(np.square(a, dtype=np.float64))))
+
+
+def trust_ratio(param, update, trust_coefficient=1.0, eps=0.0):
+    """optax.scale_by_trust_ratio's factor for one tensor (1 where a norm is zero)."""
+    p_norm, u_norm = _norm64(param), _norm64(update)
+    if p_norm == 0 or u_norm == 0:
+        return 1.0
+    return trust_coefficient * p_norm / (u_norm + eps)
+
+
+def lamb(params, grads, exp_avgs, exp_avg_sqs, *, step, lr=1e-3, beta1=0.9, beta2=0.999,
+         eps=1e-6, eps_root=0.0, weight_decay=0.0):
+    """optax.lamb: Adam's direction plus ``wd p``, scaled per tensor by ``||p|| / ||u||``."""
+    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+        m *= beta1
+        m += (1 - beta1) * g
+        v *= beta2
+        v += (1 - beta2) * g * g
+        u = (m / (1 - beta1 ** step)) / (np.sqrt(v / (1 - beta2 ** step) + eps_root) + eps)
+        if weight_decay != 0:
+            u = u + weight_decay * p
+        ratio = trust_ratio(p, u)
+        p -= lr * (u * p.dtype.type(ratio))
+
+
+def lars(params, grads, traces, *, lr=1.0, weight_decay=0.0, trust_coefficient=1e-3, eps=0.0,
+         momentum=0.9, nesterov=False):
+    """optax.lars: ``u = g + wd p`` scaled per tensor by ``tc ||p|| / (||u|| + eps)``, times
+    ``-lr``, then optax's trace (momentum) of that step."""
+    for p, g, t in zip(params, grads, traces):
+        u = g + weight_decay * p if weight_decay != 0 else g
+        s = -lr * (u * p.dtype.type(trust_ratio(p, u, trust_coefficient, eps)))
+        t *= momentum
+        t += s
+        p += s + momentum * t if nesterov else t
+
+
+def keras_clip(grads, *, clipnorm=None, clipvalue=None, global_clipnorm=None):
+    """Keras's gradient clipping (at most one option set; None or 0 is off); new arrays."""
+    if clipnorm:
+        out = []
+        for g in grads:
+            norm = _norm64(g)
+            out.append(g * g.dtype.type(clipnorm / max(norm, clipnorm)))
+        return out
+    if global_clipnorm:
+        norm = np.sqrt(sum(_norm64(g) ** 2 for g in grads))
+        with np.errstate(divide="ignore"):
+            scale = global_clipnorm * min(1.0 / norm, 1.0 / global_clipnorm) + (norm - norm)
+        return [g * g.dtype.type(scale) for g in grads]
+    if clipvalue:
+        return [np.clip(g, -clipvalue, clipvalue) for g in grads]
+    return [g.copy() for g in grads]
+
+
+def _keras_decay(p, lr, weight_decay):
+    if weight_decay:
+        p -= p * weight_decay * lr
+
+
+def keras_sgd(params, grads, momentums, *, lr=0.01, momentum=0.0, nesterov=False,
+              weight_decay=None):
+    """keras.optimizers.SGD: ``v = momentum v - lr g``, ``w += v`` (Nesterov:
+    ``w += momentum v - lr g``); weight decay ``w -= w wd lr`` first."""
+    for i, (p, g) in enumerate(zip(params, grads)):
+        _keras_decay(p, lr, weight_decay)
+        if momentum != 0:
+            v = momentums[i]
+            v *= momentum
+            v -= lr * g
+            p += momentum * v - lr * g if nesterov else v
+        else:
+            p -= lr * g
+
+
+def keras_rmsprop(params, grads, velocities, momentums, average_gradients, *, lr=1e-3,
+                  rho=0.9, momentum=0.0, epsilon=1e-7, centered=False, weight_decay=None):
+    """keras.optimizers.RMSprop: eps inside the square root, lr inside the momentum."""
+    for i, (p, g, vel) in enumerate(zip(params, grads, velocities)):
+        _keras_decay(p, lr, weight_decay)
+        vel *= rho
+        vel += (1 - rho) * g * g
+        if centered:
+            avg = average_gradients[i]
+            avg *= rho
+            avg += (1 - rho) * g
+            increment = lr * g / np.sqrt(vel - avg * avg + epsilon)
+        else:
+            increment = lr * g / np.sqrt(vel + epsilon)
+        if momentum > 0:
+            mom = momentums[i]
+            mom *= momentum
+            mom += increment
+            p -= mom
+        else:
+            p -= increment
+
+
+def keras_adagrad(params, grads, accumulators, *, lr=1e-3, epsilon=1e-7, weight_decay=None):
+    """keras.optimizers.Adagrad (accumulators start at initial_accumulator_value, 0.1)."""
+    for p, g, acc in zip(params, grads, accumulators):
+        _keras_decay(p, lr, weight_decay)
+        acc += g * g
+        p -= lr * g / np.sqrt(acc + epsilon)
+
+
+def keras_adam(params, grads, momentums, velocities, velocity_hats=None, *, step, lr=1e-3,
+               beta_1=0.9, beta_2=0.999, epsilon=1e-7, amsgrad=False, weight_decay=None):
+    """keras.optimizers.Adam / AdamW: "epsilon hat" placement,
+    ``w -= m lr sqrt(1-b2^t)/(1-b1^t) / (sqrt(v) + eps)``."""
+    alpha = lr * np.sqrt(1 - beta_2 ** step) / (1 - beta_1 ** step)
+    for i, (p, g, m, v) in enumerate(zip(params, grads, momentums, velocities)):
+        _keras_decay(p, lr, weight_decay)
+        m += (g - m) * (1 - beta_1)
+        v += (g * g - v) * (1 - beta_2)
+        second = v
+        if amsgrad:
+            np.maximum(velocity_hats[i], v, out=velocity_hats[i])
+            second = velocity_hats[i]
+        p -= m * alpha / (np.sqrt(second) + epsilon)
+
+
+def keras_adamax(params, grads, momentums, norms, *, step, lr=1e-3, beta_1=0.9, beta_2=0.999,
+                 epsilon=1e-7, weight_decay=None):
+    """keras.optimizers.Adamax: ``w -= lr m / ((1 - b1^t)(u + eps))``, ``u = max(b2 u, |g|)``."""
+    for p, g, m, u in zip(params, grads, momentums, norms):
+        _keras_decay(p, lr, weight_decay)
+        m += (g - m) * (1 - beta_1)
+        np.maximum(beta_2 * u, np.abs(g), out=u)
+        p -= lr * m / ((1 - beta_1 ** step) * (u + epsilon))
+
+
+def keras_nadam_u(step, beta_1):
+    """Keras Nadam's ``u_t = b1 (1 - 0.5 * 0.96^t)``."""
+    return beta_1 * (1 - 0.5 * 0.96 ** step)
+
+
+def keras_nadam(params, grads, momentums, velocities, *, step, u_product, lr=1e-3, beta_1=0.9,
+                beta_2=0.999, epsilon=1e-7, weight_decay=None):
+    """keras.optimizers.Nadam; ``u_product`` is ``u_1 ... u_t`` (this step's included)."""
+    u_t = keras_nadam_u(step, beta_1)
+    u_next = keras_nadam_u(step + 1, beta_1)
+    for p, g, m, v in zip(params, grads, momentums, velocities):
+        _keras_decay(p, lr, weight_decay)
+        m += (g - m) * (1 - beta_1)
+        v += (g * g - v) * (1 - beta_2)
+        m_hat = u_next * m / (1 - u_product * u_next) + (1 - u_t) * g / (1 - u_product)
+        v_hat = v / (1 - beta_2 ** step)
+        p -= m_hat * lr / (np.sqrt(v_hat) + epsilon)
+
+
+def keras_adadelta(params, grads, accumulated_grads, accumulated_deltas, *, lr=1e-3, rho=0.95,
+                   epsilon=1e-7, weight_decay=None):
+    """keras.optimizers.Adadelta: ``delta = -sqrt(a + eps) g / sqrt(s + eps)``, ``w += lr delta``."""
+    for p, g, s, a in zip(params, grads, accumulated_grads, accumulated_deltas):
+        _keras_decay(p, lr, weight_decay)
+        s *= rho
+        s += (1 - rho) * g * g
+        delta = -(np.sqrt(a + epsilon) * g / np.sqrt(s + epsilon))
+        a *= rho
+        a += (1 - rho) * delta * delta
+        p += lr * delta
