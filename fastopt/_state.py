@@ -9,7 +9,7 @@ from . import _validate
 from .optimizer import MASTER
 
 # Group keys that torch writes and fastopt has no use for; accepted and dropped on load.
-TORCH_ONLY_KEYS = frozenset({"foreach", "fused", "capturable", "differentiable", "initial_lr"})
+TORCH_ONLY_KEYS = frozenset({"foreach", "fused", "capturable", "differentiable"})
 
 
 def _host(a) -> np.ndarray:
@@ -36,7 +36,9 @@ def state_dict(opt) -> dict:
         d["params"] = list(range(start, start + n))
         start += n
         groups.append(d)
-    return {"state": state, "param_groups": groups}
+    # "iterations" (applied steps, the argument of callable lrs) is fastopt's own key;
+    # torch's load_state_dict ignores it.
+    return {"state": state, "param_groups": groups, "iterations": int(opt.iterations)}
 
 
 def _as_step(value, label) -> int:
@@ -66,15 +68,11 @@ def load_state_dict(opt, sd) -> None:
         if len(ids) != len(mine["params"]):
             raise ValueError(f"{where} has {len(ids)} params, the optimizer's group has {len(mine['params'])}")
         missing = set(opt.defaults) - set(saved)
-        unknown = set(saved) - set(opt.defaults) - {"params"} - TORCH_ONLY_KEYS
-        if missing or unknown:
-            detail = []
-            if missing:
-                detail.append(f"lacks {sorted(missing)}")
-            if unknown:
-                detail.append(f"has unknown keys {sorted(unknown)}")
-            raise ValueError(f"{where} {' and '.join(detail)}: it is not a {name} state dict")
-        group = {k: saved[k] for k in opt.defaults}
+        if missing:
+            raise ValueError(f"{where} lacks {sorted(missing)}: it is not a {name} state dict")
+        # Keys beyond the hyperparameters (a scheduler's initial_lr, max_lr, ...) are
+        # carried along, as torch does; torch's implementation switches are dropped.
+        group = {k: v for k, v in saved.items() if k != "params" and k not in TORCH_ONLY_KEYS}
         if "betas" in group:
             group["betas"] = tuple(float(b) for b in group["betas"])
         group["params"] = mine["params"]
@@ -105,6 +103,9 @@ def load_state_dict(opt, sd) -> None:
             _validate.state_array(st[key], p, f"{where}[{key!r}]", f"params[{i}]")
         step = _as_step(st["step"], f"{where}['step']") if "step" in st else (1 if have else 0)
         loaded[i] = (p, {k: st[k] for k in have}, step, new_groups[gi])
+    iterations = sd.get("iterations")
+    if iterations is not None:
+        iterations = _as_step(iterations, "state_dict['iterations']")
     # 3. All checked: mutate.
     for gi, group in enumerate(new_groups):
         opt.param_groups[gi].update({k: v for k, v in group.items() if k != "params"})
@@ -119,6 +120,8 @@ def load_state_dict(opt, sd) -> None:
             src = np.asarray(value) if isinstance(dst, np.ndarray) else value
             dst[...] = _to_like(dst, src)
         opt._steps[i] = step
+    if iterations is not None:
+        opt.iterations = iterations
 
 
 def _to_like(dst, src):

@@ -33,6 +33,14 @@ def number(name, value, *, low=None, high=None, low_open=False, high_open=False,
     return value
 
 
+def learning_rate(value, where=""):
+    """A learning rate: a real number >= 0, or a callable of the step count (a schedule,
+    e.g. fastopt.schedules.ExponentialDecay) evaluated at each step."""
+    if callable(value):
+        return value
+    return number("lr", value, low=0.0, where=where)
+
+
 def flag(name, value, where=""):
     if not isinstance(value, (bool, np.bool_)):
         prefix = f"{where}: " if where else ""

@@ -25,7 +25,7 @@ def _no_weight_decay(group, where):
 
 
 def _lr_wd_eps(group, where, eps=True):
-    v.number("lr", group["lr"], low=0.0, where=where)
+    v.learning_rate(group["lr"], where=where)
     v.number("weight_decay", group["weight_decay"], low=0.0, where=where)
     if eps:
         v.number("eps", group["eps"], low=0.0, where=where)

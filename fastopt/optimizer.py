@@ -90,6 +90,8 @@ class Optimizer:
         self.stochastic_rounding = _validate.flag("stochastic_rounding", stochastic_rounding)
         self.seed = int(seed)
         self.last_grad_norm: float | None = None
+        # Applied steps (Keras's optimizer.iterations): the argument of callable lrs.
+        self.iterations = 0
         self.param_groups: list[dict] = []
         self._state: list[dict | None] = []
         self._param_addresses: list[int] = []
@@ -309,9 +311,10 @@ class Optimizer:
         grads, sparse = self._split_sparse(grads)
         per_group = self._group_grads(grads)
         backend_name = _backend.resolve(self.backend, self.param_groups[0]["params"][0])
-        plans = []
+        plans, groups = [], []
         for gi, group in enumerate(self.param_groups):
             self._check_group(group, f"param_groups[{gi}]")
+            groups.append(self._at_iteration(group, f"param_groups[{gi}]"))
             plans.append(self._plan_for(gi, per_group[gi], backend_name, from_flat))
         sparse = self._check_sparse(sparse, backend_name)
         scale = 1.0
@@ -326,10 +329,21 @@ class Optimizer:
             elif how == "regrad":
                 self._regrad_buckets(gi, plan)
             self._plans[gi] = plan
-            self._run_group(self.param_groups[gi], plan, backend_name, scale)
+            self._run_group(groups[gi], plan, backend_name, scale)
         for i, (group, param, sg) in sparse.items():
-            self._run_sparse(i, group, param, sg, backend_name, scale)
+            gi = self._locate(i)[0]
+            self._run_sparse(i, groups[gi], param, sg, backend_name, scale)
+        self.iterations += 1
         return True
+
+    def _at_iteration(self, group, where):
+        """The group with a callable lr replaced by its value at this step."""
+        lr = group["lr"]
+        if not callable(lr):
+            return group
+        value = _validate.number("lr", lr(self.iterations), low=0.0,
+                                 where=f"{where} (lr schedule at iteration {self.iterations})")
+        return {**group, "lr": value}
 
     # -- the pass before the step: non-finite check and global norm ----------------------
     def _grad_multiplier(self, plans, sparse, backend_name, grad_scale):
