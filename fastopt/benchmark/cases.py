@@ -1,0 +1,270 @@
+"""What the benchmark runs: the optimizer table, the parameter layouts and the sizes.
+
+Adding an optimizer to every benchmark (``fastopt bench``, ``bench/``, ``fastopt warmup``)
+is one row in :data:`OPTIMIZERS`; a row whose fastopt class does not exist (yet) is
+skipped, so the table may name optimizers that are still being written.
+
+Bytes per parameter
+-------------------
+The effective bandwidth of a step counts the bytes a fused step must move per parameter:
+read the param, the grad and each active state slot, write the param and each slot::
+
+    bytes_per_param = itemsize * (2 + n_slots      # reads: p, g, slots
+                                  + 1 + n_slots)   # writes: p, slots
+
+so, in float32 (float64 doubles it):
+
+================================  =======  ============
+optimizer                         slots    B/param fp32
+================================  =======  ============
+SGD, no momentum                  0        12
+SGD momentum / Nesterov           1        20
+Adagrad                           1        20
+RMSprop                           1        20
+RMSprop + momentum or centered    2 / 3    28 / 36
+Adam, AdamW                       2        28
+Adam / AdamW amsgrad              3        36
+================================  =======  ============
+
+The slot count comes from the optimizer itself (``_active_slots`` of its param group), so
+it is right for any row. Optimizers whose step does more than one pass (per-tensor norms:
+LAMB, LARS) declare the arrays their extra pass reads in ``extra_reads`` (LAMB reads p, g
+and both moments once more: +4; LARS reads p and g: +2), and their fraction of the roof
+compares bandwidths (GB/s against the roof's GB/s) rather than times.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerCase:
+    """One benchmarked optimizer configuration.
+
+    Attributes:
+      name: the CLI name (``--optimizers adam,sgd-momentum``).
+      fastopt: the class name in ``fastopt`` (``"Adam"``).
+      kwargs: hyperparameters, for fastopt and torch alike (both use torch's names).
+      torch: the class name in ``torch.optim``, or None when torch has no counterpart.
+      torch_kwargs: torch's hyperparameters when they differ from ``kwargs``.
+      default: part of the default ``fastopt bench`` run.
+      extra_reads: arrays read per parameter beyond p, g and the slots (multi-pass steps).
+      variants: other hyperparameter sets whose kernels ``fastopt warmup`` compiles too
+        (each distinct set of active state slots is one more compiled driver).
+    """
+
+    name: str
+    fastopt: str
+    kwargs: dict = dataclasses.field(default_factory=dict)
+    torch: str | None = None
+    torch_kwargs: dict | None = None
+    default: bool = True
+    extra_reads: int = 0
+    variants: tuple = ()
+
+    def fastopt_class(self):
+        """The fastopt class, or None when this fastopt does not have it."""
+        import fastopt
+        return getattr(fastopt, self.fastopt, None)
+
+    def torch_class(self):
+        """The torch.optim class, or None (no counterpart, or torch not importable)."""
+        if self.torch is None:
+            return None
+        try:
+            import torch.optim
+        except Exception:
+            return None
+        return getattr(torch.optim, self.torch, None)
+
+    @property
+    def torch_hyperparameters(self) -> dict:
+        return dict(self.kwargs if self.torch_kwargs is None else self.torch_kwargs)
+
+    def make(self, params, backend=None, **overrides):
+        """A fastopt optimizer of this case over ``params`` (list or FlatParams)."""
+        cls = self.fastopt_class()
+        if cls is None:
+            raise LookupError(f"fastopt has no optimizer {self.fastopt!r} (case {self.name!r})")
+        return cls(params, backend=backend, **{**self.kwargs, **overrides})
+
+    def active_slots(self, **overrides) -> tuple:
+        """The state keys the step reads and writes (three positions, None = absent)."""
+        cls = self.fastopt_class()
+        group = self.make([np.zeros(1, np.float32)], **overrides).param_groups[0]
+        return tuple(cls._active_slots(group))
+
+    def slot_mask(self) -> tuple:
+        """Which of the element's three state positions are live (the driver's mask)."""
+        return tuple(s is not None for s in self.active_slots())
+
+    def bytes_per_param(self, dtype=np.float32, extra=True) -> int:
+        """Bytes a step moves per parameter (see the module docstring); ``extra=False``
+        leaves out a multi-pass step's extra reads (what the one-pass roof kernel moves)."""
+        n_slots = sum(self.slot_mask())
+        return np.dtype(dtype).itemsize * (3 + 2 * n_slots + (self.extra_reads if extra else 0))
+
+
+def _case(name, fastopt, kwargs=None, torch=None, **extra) -> OptimizerCase:
+    return OptimizerCase(name, fastopt, dict(kwargs or {}), torch, **extra)
+
+
+# The table. Hyperparameters are ordinary training values; flags that change which state
+# slots exist (momentum, centered, amsgrad) get rows of their own because they change
+# the bytes moved. Rows for optimizers fastopt does not have yet are skipped.
+OPTIMIZERS: tuple[OptimizerCase, ...] = (
+    _case("sgd", "SGD", dict(lr=1e-2), "SGD"),
+    _case("sgd-momentum", "SGD", dict(lr=1e-2, momentum=0.9), "SGD"),
+    _case("sgd-nesterov", "SGD", dict(lr=1e-2, momentum=0.9, nesterov=True), "SGD", default=False),
+    _case("adagrad", "Adagrad", dict(lr=1e-2), "Adagrad"),
+    _case("rmsprop", "RMSprop", dict(lr=1e-2), "RMSprop",
+          variants=(dict(momentum=0.9), dict(centered=True), dict(momentum=0.9, centered=True))),
+    _case("rmsprop-centered", "RMSprop", dict(lr=1e-2, momentum=0.9, centered=True), "RMSprop",
+          default=False),
+    _case("adam", "Adam", dict(lr=1e-3), "Adam"),
+    _case("adam-amsgrad", "Adam", dict(lr=1e-3, amsgrad=True), "Adam", default=False),
+    _case("adamw", "AdamW", dict(lr=1e-3, weight_decay=1e-2), "AdamW"),
+    _case("adamax", "Adamax", dict(lr=2e-3), "Adamax"),
+    _case("nadam", "NAdam", dict(lr=2e-3), "NAdam"),
+    _case("radam", "RAdam", dict(lr=1e-3), "RAdam"),
+    _case("adadelta", "Adadelta", dict(lr=1.0), "Adadelta"),
+    _case("lion", "Lion", dict(lr=1e-4)),
+    # LAMB and LARS read their arrays once more for the per-tensor trust ratios.
+    _case("lamb", "LAMB", dict(lr=1e-3), extra_reads=4),
+    _case("lars", "LARS", dict(lr=1e-1), extra_reads=2),
+)
+
+
+def available_optimizers(names=None, include_all=False) -> list[OptimizerCase]:
+    """The table's rows this fastopt can run, by CLI name.
+
+    Args:
+      names: CLI names (a comma-separated string or a list); ``"all"`` means every row;
+        None means the default rows.
+      include_all: with ``names=None``, every available row instead of the default ones.
+    Raises:
+      ValueError: an unknown name, or a known one whose fastopt class does not exist.
+    """
+    by_name = {c.name: c for c in OPTIMIZERS}
+    if isinstance(names, str):
+        names = [n.strip().lower() for n in names.split(",") if n.strip()]
+    if names is None or names == ["all"]:
+        every = names == ["all"] or include_all
+        return [c for c in OPTIMIZERS if (every or c.default) and c.fastopt_class() is not None]
+    out = []
+    for n in names:
+        case = by_name.get(n)
+        if case is None:
+            raise ValueError(f"unknown optimizer {n!r}; choose from {', '.join(by_name)} or 'all'")
+        if case.fastopt_class() is None:
+            raise ValueError(f"optimizer {n!r} needs fastopt.{case.fastopt}, which this fastopt "
+                             "does not have")
+        out.append(case)
+    return out
+
+
+# ---------------------------------------------------------------------------- layouts
+LAYOUTS = ("large", "transformer", "small")
+LAYOUT_TITLES = {
+    "large": "one large tensor",
+    "transformer": "transformer-like",
+    "small": "many small (2000 x 512)",
+}
+SMALL_COUNT, SMALL_SIZE = 2000, 512
+
+
+def _gpt_shapes(d: int, n_layers: int, vocab: int, context: int) -> list[tuple]:
+    """The parameter shapes of a GPT-2-style decoder (tied output embedding)."""
+    shapes: list[tuple] = [(vocab, d), (context, d)]
+    for _ in range(n_layers):
+        shapes += [(d,), (d,),                  # ln_1 weight, bias
+                   (d, 3 * d), (3 * d,),        # attention qkv
+                   (d, d), (d,),                # attention output projection
+                   (d,), (d,),                  # ln_2
+                   (d, 4 * d), (4 * d,),        # mlp up
+                   (4 * d, d), (d,)]            # mlp down
+    shapes += [(d,), (d,)]                      # final layer norm
+    return shapes
+
+
+def transformer_shapes(size: int) -> list[tuple]:
+    """A GPT-like mix of matrices, biases and norm weights totalling about ``size``.
+
+    The width grows with the size (layers = width / 64, as GPT-2), blocks take at most
+    60 % of the total and the token embedding fills the rest: 8M gives d=256, 4 blocks and
+    an 18k vocabulary (52 tensors); 64M gives d=576, 9 blocks and a 48k vocabulary.
+    """
+    size = int(size)
+    best = None
+    for d in [*range(16, 64, 16), *range(64, 8193, 64)]:
+        n_layers = max(1, d // 64)
+        context = min(1024, 4 * d)
+        blocks = n_layers * (12 * d * d + 13 * d) + context * d + 2 * d
+        if blocks > 0.6 * size and best is not None:
+            break
+        best = (d, n_layers, context, blocks)
+    d, n_layers, context, blocks = best
+    vocab = max(1, round((size - blocks) / d))
+    return _gpt_shapes(d, n_layers, vocab, context)
+
+
+def layout_shapes(layout: str, size: int) -> list[tuple]:
+    """Tensor shapes of ``layout``; "large" and "transformer" total about ``size``."""
+    if layout == "large":
+        return [(int(size),)]
+    if layout == "transformer":
+        return transformer_shapes(size)
+    if layout == "small":
+        return [(SMALL_SIZE,)] * SMALL_COUNT
+    raise ValueError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
+
+
+def parse_layouts(text) -> list[str]:
+    names = [n.strip().lower() for n in text.split(",")] if isinstance(text, str) else list(text)
+    aliases = {"one-large": "large", "many-small": "small", "gpt": "transformer"}
+    out = []
+    for n in names:
+        n = aliases.get(n, n)
+        if n == "all":
+            return list(LAYOUTS)
+        if n not in LAYOUTS:
+            raise ValueError(f"unknown layout {n!r}; choose from {', '.join(LAYOUTS)} or 'all'")
+        out.append(n)
+    return out
+
+
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
+
+
+def parse_size(text) -> int:
+    """Parameter count from ``"8M"``, ``"64m"``, ``"500k"``, ``"1.5G"`` or ``"1000000"``
+    (decimal units: 1M = 10^6 parameters)."""
+    if isinstance(text, (int, np.integer)):
+        value = int(text)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmg]?)\s*", str(text).lower())
+        if m is None:
+            raise ValueError(f"size must look like 8M, 500k or 1000000, got {text!r}")
+        value = int(round(float(m.group(1)) * _UNITS[m.group(2)]))
+    if value < 1:
+        raise ValueError(f"size must be at least 1 parameter, got {text!r}")
+    return value
+
+
+def format_count(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.0f}"
+
+
+def case_info(case: OptimizerCase, dtype=np.float32) -> dict[str, Any]:
+    """A row of ``fastopt bench --list``: name, classes, slots and bytes per parameter."""
+    tcls = case.torch
+    return dict(name=case.name, fastopt=case.fastopt, kwargs=case.kwargs, torch=tcls,
+                slots=[s for s in case.active_slots() if s is not None],
+                bytes_per_param=case.bytes_per_param(dtype), default=case.default)

@@ -1,0 +1,137 @@
+"""Cold start and ahead-of-time compilation.
+
+:func:`cold_start` times the first step in a fresh Python process, once with an empty
+Numba cache (the driver is compiled) and once with the cache that run filled (the driver
+is loaded from disk): what a user waits for before the first step of a training run.
+:func:`warmup` compiles every optimizer's drivers ahead of time into Numba's on-disk
+cache (``fastopt warmup``), so later processes only load them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from .cases import OPTIMIZERS, OptimizerCase, available_optimizers
+
+# Runs in the fresh process: import, build, first step, second step; prints JSON.
+_CHILD = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import numpy as np
+import fastopt as fo
+from fastopt.benchmark.cases import available_optimizers
+t1 = time.perf_counter()
+case = available_optimizers(sys.argv[1])[0]
+flat = fo.FlatParams([np.ones(int(sys.argv[3]), dtype=sys.argv[2])])
+flat.grad[...] = 1e-3
+opt = case.make(flat, backend="cpu")
+t2 = time.perf_counter()
+opt.step()
+t3 = time.perf_counter()
+opt.step()
+t4 = time.perf_counter()
+print(json.dumps(dict(import_s=t1 - t0, setup_s=t2 - t1, first_step_s=t3 - t2,
+                      second_step_s=t4 - t3)))
+"""
+
+
+def _child(case: OptimizerCase, dtype: str, n: int, cache_dir: str, timeout: float) -> dict:
+    env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _CHILD, case.name, dtype, str(n)], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"cold-start child for {case.name} failed ({proc.returncode}): "
+                           f"{proc.stderr.strip()[-500:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["process_s"] = wall
+    return out
+
+
+def cold_start(cases, dtype="float32", n=1 << 20, timeout=300.0) -> list[dict]:
+    """First-step times in fresh processes, with an empty and then a warm Numba cache.
+
+    Returns one dict per (case, cache) with ``optimizer``, ``cache`` ("empty" or "warm"),
+    ``import_s`` (import numpy + fastopt), ``first_step_s`` (the first ``step()``:
+    compile or cache load, threading-layer start, state allocation), ``second_step_s``
+    and ``process_s`` (the whole child process, interpreter start included).
+    """
+    rows = []
+    for case in cases:
+        with tempfile.TemporaryDirectory(prefix="fastopt-numba-cache-") as cache_dir:
+            for cache in ("empty", "warm"):
+                row = dict(optimizer=case.name, cache=cache, dtype=str(np.dtype(dtype)), n_params=n)
+                try:
+                    row.update(_child(case, str(np.dtype(dtype)), n, cache_dir, timeout))
+                except (RuntimeError, subprocess.TimeoutExpired, ValueError) as exc:
+                    row["error"] = str(exc)
+                rows.append(row)
+    return rows
+
+
+def warmup_cases(names=None) -> list[tuple[OptimizerCase, dict]]:
+    """(case, hyperparameter overrides) pairs covering every distinct compiled driver."""
+    cases = available_optimizers(names) if names else available_optimizers("all")
+    out, seen = [], set()
+    for case in cases:
+        for overrides in ({}, *case.variants):
+            # One driver per (element, slot mask): Adam and AdamW share theirs.
+            key = (case.fastopt_class().element,
+                   tuple(s is not None for s in case.active_slots(**overrides)))
+            if key not in seen:
+                seen.add(key)
+                out.append((case, dict(overrides)))
+    return out
+
+
+def warmup(names=None, dtypes=("float32", "float64"), roof=True, progress=None) -> list[dict]:
+    """Compile (or load) every optimizer's CPU drivers into Numba's on-disk cache.
+
+    Args:
+      names: optimizer CLI names (default: every available row of the table).
+      dtypes: storage dtypes to compile for.
+      roof: also compile the roof kernels the benchmark uses.
+      progress: optional callable ``progress(description)`` called before each compile.
+    Returns:
+      One dict per driver: ``optimizer``, ``overrides``, ``dtype``, ``slots``, ``seconds``,
+      ``how`` ("compiled", "cache" or "process").
+    """
+    from fastopt.kernels import cpu
+    from fastopt.kernels import roof as roof_kernels
+
+    from .runner import _cache_probe
+    rows = []
+    done_roofs = set()
+    for case, overrides in warmup_cases(names):
+        mask = tuple(s is not None for s in case.active_slots(**overrides))
+        for dtype in dtypes:
+            if progress is not None:
+                progress(f"{case.name} {overrides or ''} {dtype}".replace("  ", " "))
+            probe = _cache_probe()
+            a = np.ones(8, dtype=dtype)
+            t0 = time.perf_counter()
+            case.make([a], backend="cpu", **overrides).step([np.full(8, 1e-3, dtype=dtype)])
+            rows.append(dict(optimizer=case.name, overrides=overrides, dtype=dtype,
+                             slots=[s for s in case.active_slots(**overrides) if s],
+                             seconds=time.perf_counter() - t0, how=probe()))
+            if roof and (mask, dtype) not in done_roofs:
+                done_roofs.add((mask, dtype))
+                probe = _cache_probe()
+                slots = tuple([np.zeros(8, dtype)] if m else None for m in mask)
+                table = cpu.ChunkTable([np.ones(8, dtype)], [np.ones(8, dtype)], slots)
+                t0 = time.perf_counter()
+                cpu.run(roof_kernels.roof_element, table, roof_kernels.roof_scalars(np.dtype(dtype).type))
+                rows.append(dict(optimizer="roof", overrides={}, dtype=dtype,
+                                 slots=[f"s{k}" for k, live in enumerate(mask) if live],
+                                 seconds=time.perf_counter() - t0, how=probe()))
+    return rows
+
+
+__all__ = ["cold_start", "warmup", "warmup_cases", "OPTIMIZERS"]

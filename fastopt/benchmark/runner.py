@@ -1,0 +1,371 @@
+"""Timing: build each benchmark target, warm it up, time its steps, measure its memory.
+
+A *target* is one row of the results: an optimizer case on a layout through one
+implementation (the roof kernel, fastopt in FlatParams or list mode, the NumPy
+reference, torch, or their CUDA counterparts in :mod:`.gpu`). Every target is warmed up
+outside the timed region (the first call, which compiles or loads the Numba driver, is
+timed on its own as ``first_call_s``), then timed as the median of ``repeats`` samples;
+a sample runs enough steps to last ``min_sample_s`` so that sub-millisecond steps are
+not dominated by the clock.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import time
+import tracemalloc
+from typing import Callable
+
+import numpy as np
+
+from .cases import OptimizerCase, layout_shapes
+
+
+@dataclasses.dataclass
+class Result:
+    """One timed row. Derived columns (roof fraction, speed-ups) are set by :func:`compare`."""
+
+    optimizer: str
+    layout: str
+    backend: str            # roof, fastopt, numpy, torch, roof-cuda, fastopt-cuda, torch-cuda, copy-cuda
+    mode: str               # flat, list, fused, foreach, "" (roof, copy)
+    device: str             # cpu or cuda
+    dtype: str
+    n_params: int
+    n_tensors: int
+    bytes_per_param: int
+    times_s: list = dataclasses.field(default_factory=list)
+    steps_per_sample: int = 1
+    first_call_s: float | None = None
+    compiled: str | None = None        # fastopt cpu: "compiled", "cache" (loaded from disk) or "process"
+    peak_alloc_bytes: int | None = None  # tracemalloc peak during one step (NumPy/Python heap)
+    peak_rss_bytes: int | None = None    # process peak-RSS increase during one step
+    roof_fraction: float | None = None
+    speedup_vs_numpy: float | None = None
+    speedup_vs_torch: float | None = None
+    error: str | None = None
+    wall_s: float | None = None          # the row's group: setup, warm-up, memory, timing
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend} {self.mode}".strip()
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and bool(self.times_s)
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.times_s) if self.times_s else math.nan
+
+    @property
+    def spread(self) -> float:
+        """Half the interquartile range over the median (0.05 = +-5 %)."""
+        if len(self.times_s) < 2:
+            return 0.0
+        q = np.percentile(self.times_s, [25, 75])
+        return float((q[1] - q[0]) / 2 / self.median_s)
+
+    @property
+    def params_per_s(self) -> float:
+        return self.n_params / self.median_s
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.n_params * self.bytes_per_param / self.median_s / 1e9
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        if self.ok:
+            d.update(ms_median=self.median_s * 1e3, ms_min=min(self.times_s) * 1e3,
+                     ms_p25=float(np.percentile(self.times_s, 25)) * 1e3,
+                     ms_p75=float(np.percentile(self.times_s, 75)) * 1e3,
+                     spread=self.spread, params_per_s=self.params_per_s, gb_per_s=self.gb_per_s)
+        d["repeats"] = len(self.times_s)
+        return d
+
+
+@dataclasses.dataclass
+class Target:
+    """A ready-to-time step: ``step()`` runs one step, ``sync()`` waits for the device."""
+
+    step: Callable[[], object]
+    sync: Callable[[], object] | None = None
+    mode: str = ""
+    keep: object = None                  # arrays/optimizers that must outlive the timing
+    numba_cpu: bool = False              # runs fastopt's Numba CPU drivers: report compile/cache
+
+
+class LayoutData:
+    """The initial parameters and gradients of one layout, shared by every target."""
+
+    def __init__(self, layout: str, size: int, dtype, seed: int = 0):
+        self.layout = layout
+        self.dtype = np.dtype(dtype)
+        self.shapes = layout_shapes(layout, size)
+        sizes = [math.prod(s) for s in self.shapes]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        n = int(self.offsets[-1])
+        rng = np.random.default_rng(seed)
+        self.params = rng.standard_normal(n, dtype=np.float32).astype(self.dtype, copy=False)
+        self.grads = rng.standard_normal(n, dtype=np.float32).astype(self.dtype, copy=False)
+        self.grads *= 1e-2
+
+    @property
+    def n_params(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def n_tensors(self) -> int:
+        return len(self.shapes)
+
+    def views(self, buf) -> list:
+        return [buf[lo:hi].reshape(s) for lo, hi, s in zip(self.offsets[:-1], self.offsets[1:], self.shapes)]
+
+    def copies(self, buf) -> list:
+        """Separate arrays (list mode): one allocation per tensor."""
+        return [v.copy() for v in self.views(buf)]
+
+
+# ------------------------------------------------------------------------ cpu targets
+def fastopt_target(case: OptimizerCase, data: LayoutData, mode: str, backend="cpu") -> Target:
+    """fastopt through a FlatParams (``mode="flat"``) or over separate arrays (``"list"``)."""
+    import fastopt as fo
+    if mode == "flat":
+        flat = fo.FlatParams(data.views(data.params))
+        flat.grad[...] = data.grads
+        opt = case.make(flat, backend=backend)
+        step, keep = opt.step, (flat, opt)
+    elif mode == "list":
+        params, grads = data.copies(data.params), data.copies(data.grads)
+        opt = case.make(params, backend=backend)
+        step, keep = (lambda: opt.step(grads)), (params, grads, opt)
+    else:
+        raise ValueError(f"mode must be 'flat' or 'list', got {mode!r}")
+    return Target(step, mode=mode, keep=keep, numba_cpu=backend == "cpu")
+
+
+def numpy_target(case: OptimizerCase, data: LayoutData) -> Target:
+    """The independent NumPy reference (fastopt's ``"numpy"`` backend), list mode."""
+    params, grads = data.copies(data.params), data.copies(data.grads)
+    opt = case.make(params, backend="numpy")
+    return Target(lambda: opt.step(grads), mode="ref", keep=(params, grads, opt))
+
+
+def torch_target(case: OptimizerCase, data: LayoutData, device="cpu") -> Target | None:
+    """torch.optim with ``fused=True`` where torch supports it on the device, else foreach."""
+    cls = case.torch_class()
+    if cls is None:
+        return None
+    import torch
+    params = []
+    for p, g in zip(data.views(data.params), data.views(data.grads)):
+        t = torch.nn.Parameter(torch.from_numpy(p.copy()).to(device))
+        t.grad = torch.from_numpy(g.copy()).to(device)
+        params.append(t)
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    errors = []
+    for impl in ("fused", "foreach"):
+        try:
+            opt = cls(params, **case.torch_hyperparameters, **{impl: True})
+            opt.step()      # unsupported fused paths raise here, not in the constructor
+        except (TypeError, RuntimeError, ValueError) as exc:
+            errors.append(f"{impl}: {exc}")
+            continue
+        return Target(opt.step, sync=sync, mode=impl, keep=(params, opt))
+    raise RuntimeError("; ".join(errors))
+
+
+def _compiled_counts() -> tuple[int, int]:
+    """(on-disk cache hits, compilations) summed over every fastopt CPU driver so far."""
+    import sys as _sys
+    registries = []
+    for name, attr in (("fastopt.kernels.cpu", "_DRIVERS"), ("fastopt.kernels.per_tensor", "_COMPILED")):
+        module = _sys.modules.get(name)
+        if module is not None:
+            registries.append(getattr(module, attr, {}))
+    hits = misses = 0
+    for registry in registries:
+        for fn in list(registry.values()):
+            stats = getattr(fn, "stats", None)
+            if stats is not None:
+                hits += sum(stats.cache_hits.values())
+                misses += sum(stats.cache_misses.values())
+    return hits, misses
+
+
+def _cache_probe():
+    """A function saying how the calls made since this call got their drivers:
+    'compiled' (something was compiled), 'cache' (loaded from Numba's on-disk cache) or
+    'process' (everything was already compiled in this process)."""
+    hits0, misses0 = _compiled_counts()
+
+    def probe():
+        hits, misses = _compiled_counts()
+        if misses > misses0:
+            return "compiled"
+        return "cache" if hits > hits0 else "process"
+    return probe
+
+
+# --------------------------------------------------------------------------- timing
+def _sample(target: Target, k: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(k):
+        target.step()
+    if target.sync is not None:
+        target.sync()
+    return (time.perf_counter() - t0) / k
+
+
+def time_interleaved(targets, repeats: int, min_sample_s=2e-3, max_time_s=None) -> list:
+    """Per-step times of ``repeats`` samples of each target, taken round-robin.
+
+    Interleaving makes the ratios between targets (the fraction of the roof) robust to
+    a machine whose speed drifts during the run. A first one-step sample sizes each
+    target's samples (and counts when one step is long enough on its own). Stops early
+    after ``max_time_s`` once every target has three samples. Returns ``[(times, k)]``.
+    """
+    start = time.perf_counter()
+    first = [_sample(t, 1) for t in targets]
+    ks = [max(1, min(1000, int(min_sample_s / max(e, 1e-7)))) for e in first]
+    outs = [[e] if k == 1 else [] for e, k in zip(first, ks)]
+    repeats = max(1, repeats)
+    while any(len(o) < repeats for o in outs):
+        if (max_time_s is not None and min(map(len, outs)) >= 3
+                and time.perf_counter() - start > max_time_s):
+            break
+        for t, k, o in zip(targets, ks, outs):
+            if len(o) < repeats:
+                o.append(_sample(t, k))
+    return list(zip(outs, ks))
+
+
+def time_steps(step, repeats: int, sync=None, min_sample_s=2e-3, max_time_s=None):
+    """Per-step times of ``repeats`` samples of ``step`` (seconds), and steps per sample."""
+    return time_interleaved([Target(step, sync)], repeats, min_sample_s, max_time_s)[0]
+
+
+def _peak_rss_reset() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux ``clear_refs`` 5); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def step_memory(step, sync=None) -> tuple[int, int | None]:
+    """(tracemalloc peak, peak-RSS increase) in bytes over one call of ``step``.
+
+    tracemalloc sees NumPy's data allocations and Python objects; the RSS figure catches
+    everything else (torch's allocator, native code). Without Linux's peak-RSS reset it
+    falls back to the RSS difference after the step (psutil).
+    """
+    import psutil
+    proc = psutil.Process()
+    tracemalloc.start()
+    try:
+        rss0 = proc.memory_info().rss
+        resettable = _peak_rss_reset()
+        tracemalloc.reset_peak()
+        step()
+        if sync is not None:
+            sync()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    hwm = _status_kib("VmHWM") if resettable else None
+    after = hwm * 1024 if hwm is not None else proc.memory_info().rss
+    return int(peak), max(0, int(after - rss0))
+
+
+def warm_up(result: Result, target: Target, memory=True) -> None:
+    """The first call (timed alone: compile or cache load, state allocation) and a
+    second one (caches, pages; its memory is measured)."""
+    probe = _cache_probe() if target.numba_cpu else None
+    t0 = time.perf_counter()
+    target.step()
+    if target.sync is not None:
+        target.sync()
+    result.first_call_s = time.perf_counter() - t0
+    if probe is not None:
+        result.compiled = probe()
+    if memory:
+        result.peak_alloc_bytes, result.peak_rss_bytes = step_memory(target.step, target.sync)
+    else:
+        target.step()
+        if target.sync is not None:
+            target.sync()
+
+
+def time_together(pairs, repeats: int, *, min_sample_s=2e-3, max_time_s=None) -> None:
+    """Time warmed-up (result, target) pairs interleaved and fill the results' times.
+
+    ``max_time_s`` is per target (the group may sample for ``len(pairs)`` times as long).
+    """
+    budget = None if max_time_s is None else max_time_s * len(pairs)
+    timings = time_interleaved([t for _, t in pairs], repeats, min_sample_s, budget)
+    for (result, target), (times, k) in zip(pairs, timings):
+        result.times_s, result.steps_per_sample = times, k
+        result.mode = target.mode or result.mode
+
+
+def measure_together(pairs, repeats: int, *, memory=True, min_sample_s=2e-3, max_time_s=None):
+    """Warm up every (result, target) pair, then time them interleaved; fills the results."""
+    for result, target in pairs:
+        warm_up(result, target, memory)
+    time_together(pairs, repeats, min_sample_s=min_sample_s, max_time_s=max_time_s)
+    return [r for r, _ in pairs]
+
+
+def measure(result: Result, target: Target, repeats: int, *, memory=True,
+            min_sample_s=2e-3, max_time_s=None) -> Result:
+    """Warm ``target`` up, time it and fill ``result`` in."""
+    return measure_together([(result, target)], repeats, memory=memory,
+                            min_sample_s=min_sample_s, max_time_s=max_time_s)[0]
+
+
+# ------------------------------------------------------------------------ comparison
+_ROOF_OF = {"cpu": ("roof",), "cuda": ("roof-cuda", "copy-cuda")}
+
+
+def compare(results: list[Result]) -> list[Result]:
+    """Set each row's fraction of the roof and its speed-ups over NumPy and torch.
+
+    The fraction of the roof compares bandwidths (achieved GB/s over the roof's GB/s),
+    which is the time ratio for one-pass steps. Rows are compared within (optimizer,
+    layout, dtype): the roof of the row's device
+    (the roof kernel; on CUDA the device-to-device copy where the CUDA roof is missing),
+    the NumPy reference and torch on the same device.
+    """
+    groups: dict = {}
+    for r in results:
+        if r.ok:
+            groups.setdefault((r.optimizer, r.layout, r.dtype), []).append(r)
+    for rows in groups.values():
+        by = {(r.backend, r.device): r for r in rows}
+        numpy_row = by.get(("numpy", "cpu"))
+        for r in rows:
+            roof = next((by[(b, r.device)] for b in _ROOF_OF[r.device] if (b, r.device) in by), None)
+            torch_row = by.get(("torch-cuda" if r.device == "cuda" else "torch", r.device))
+            if roof is not None and r.backend != "copy-cuda":
+                r.roof_fraction = r.gb_per_s / roof.gb_per_s
+            if numpy_row is not None:
+                r.speedup_vs_numpy = numpy_row.median_s / r.median_s
+            if torch_row is not None:
+                r.speedup_vs_torch = torch_row.median_s / r.median_s
+    return results

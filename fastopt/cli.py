@@ -1,0 +1,231 @@
+"""The ``fastopt`` command line: ``bench`` (the main job), ``info``, ``warmup``, ``demo``.
+
+    fastopt bench                      # quick default run (< 2 min on 2 cores), prints a table
+    fastopt bench --size 64M --optimizers adam,adamw,sgd-momentum,adagrad --json out.json --plot out.png
+    fastopt bench --list               # the optimizer table with bytes per parameter
+    fastopt info                       # versions, CPU, threading layer, backends, GPU
+    fastopt warmup                     # compile every driver into Numba's on-disk cache
+    fastopt demo ...                   # fastopt.demo.main(args), when that module exists
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip().lower() for t in text.split(",") if t.strip()]
+
+
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, but not the uninformative None/False ones."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastopt", description="fastopt: fused, compiled optimizer "
+                                "steps. Run 'fastopt bench' to see how fast on this machine.")
+    sub = p.add_subparsers(dest="command", metavar="{bench,info,warmup,demo}")
+
+    b = sub.add_parser("bench", help="throughput against the NumPy reference, torch and the roof",
+                       description="Time every optimizer step on three layouts against the roof "
+                       "kernel, the NumPy reference and torch; print a table. The default run "
+                       "finishes in under 2 minutes on 2 cores, first-time compilation included.",
+                       formatter_class=_Defaults)
+    b.add_argument("--optimizers", default=None,
+                   help="comma-separated optimizer names, or 'all'; when omitted, the table's "
+                        "default rows (see --list)")
+    b.add_argument("--list", action="store_true", help="print the optimizer table and exit")
+    b.add_argument("--layouts", default="large,transformer,small",
+                   help="comma-separated: large (one tensor), transformer (GPT-like mix), "
+                        "small (2000 x 512)")
+    b.add_argument("--size", default="8M",
+                   help="parameters of the large and transformer layouts (8M, 64M, 500k: decimal)")
+    b.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    b.add_argument("--backends", default="roof,fastopt,numpy,torch,cuda",
+                   help="comma-separated subset of roof,fastopt,numpy,torch,cuda "
+                        "(unavailable ones are skipped with a note)")
+    b.add_argument("--modes", default="flat,list", help="fastopt modes: flat (FlatParams), list")
+    b.add_argument("--repeats", type=int, default=15, help="timed samples per row")
+    b.add_argument("--numpy-repeats", type=int, default=3, help="timed samples of the NumPy reference")
+    b.add_argument("--max-time", type=float, default=1.0,
+                   help="seconds of sampling per row before stopping early (at least 3 samples)")
+    b.add_argument("--cold-start", default="adam",
+                   help="optimizers to time in fresh processes with an empty and a warm Numba "
+                        "cache: names, 'all' or 'none'")
+    b.add_argument("--threads", type=int, default=None, help="Numba and torch threads (when omitted: all cores)")
+    b.add_argument("--no-memory", action="store_true", help="skip the per-step memory measurement")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--json", metavar="PATH", help="write the machine-readable record here")
+    b.add_argument("--plot", metavar="PATH", help="write a PNG chart (GB/s against the roof) here")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    i = sub.add_parser("info", help="versions, CPU, threading layer, backends, GPU")
+    i.add_argument("--json", action="store_true", help="print the information as JSON")
+
+    w = sub.add_parser("warmup", help="compile every optimizer's drivers into the on-disk cache",
+                       description="Compile (or load) the CPU drivers of every optimizer, for "
+                       "each set of state slots it can use, into Numba's on-disk cache, so "
+                       "later processes start stepping without compiling.")
+    w.add_argument("--optimizers", default=None, help="comma-separated names (default: all)")
+    w.add_argument("--dtypes", default="float32,float64", help="comma-separated storage dtypes")
+    w.add_argument("--no-roof", action="store_true", help="skip the benchmark's roof kernels")
+    w.add_argument("--quiet", action="store_true", help="print only the summary line")
+
+    sub.add_parser("demo", help="run fastopt.demo (arguments are passed on)", add_help=False)
+    return p
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "demo":
+        return _demo(argv[1:])
+    parser = _parser()
+    args = parser.parse_args(argv)
+    args.argv = ["fastopt", *argv]
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return {"bench": _bench, "info": _info, "warmup": _warmup}[args.command](args)
+    except ValueError as exc:
+        print(f"fastopt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+# ----------------------------------------------------------------------------- bench
+def _bench(args) -> int:
+    from .benchmark.cases import available_optimizers, case_info
+
+    if args.list:
+        rows = [case_info(c, args.dtype) for c in available_optimizers("all")]
+        width = max(len(r["name"]) for r in rows)
+        print(f"{'optimizer'.ljust(width)}  default  B/param ({args.dtype})  torch.optim  state slots / "
+              "hyperparameters")
+        for r in rows:
+            kw = ", ".join(f"{k}={v}" for k, v in r["kwargs"].items())
+            print(f"{r['name'].ljust(width)}  {'yes' if r['default'] else 'no ':7}  "
+                  f"{r['bytes_per_param']:>17}  {str(r['torch'] or '-'):11}  "
+                  f"{', '.join(r['slots']) or '-'}; {kw}")
+        return 0
+    from .benchmark.suite import BenchConfig, run_bench
+
+    optimizers = available_optimizers(args.optimizers) if args.optimizers else None
+    cold = []
+    if args.cold_start.strip().lower() not in ("none", ""):
+        try:
+            cold = available_optimizers(args.cold_start)
+        except ValueError:
+            if args.cold_start != "adam":     # the default may name an absent optimizer
+                raise
+    config = BenchConfig(optimizers=optimizers, layouts=args.layouts, size=args.size,
+                         dtype=args.dtype, backends=tuple(_csv(args.backends)),
+                         modes=tuple(_csv(args.modes)), repeats=args.repeats,
+                         numpy_repeats=args.numpy_repeats, max_time_s=args.max_time,
+                         memory=not args.no_memory, cold_start=cold, threads=args.threads,
+                         seed=args.seed)
+    if args.plot:                               # fail before the run, not after it
+        importlib.import_module("matplotlib")
+    run = run_bench(config, progress=not args.quiet)
+    from .benchmark.report import format_run, write_json
+    print(format_run(run))
+    if args.json:
+        write_json(run, args.json, args.argv)
+        print(f"wrote {args.json}")
+    if args.plot:
+        from .benchmark.plot import write_plot
+        write_plot(run, args.plot)
+        print(f"wrote {args.plot}")
+    return 1 if any(r.error for r in run.results) and not any(r.ok for r in run.results) else 0
+
+
+# ------------------------------------------------------------------------------ info
+def _info(args) -> int:
+    from .benchmark.cases import available_optimizers
+    from .benchmark.machine import backend_status, machine_info, start_threading_layer
+
+    start_threading_layer()
+    info = machine_info(import_torch=False)
+    info["backends"] = backend_status()
+    info["optimizers"] = {c.name: c.bytes_per_param() for c in available_optimizers("all")}
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    v = info["versions"]
+    lines = [
+        f"fastopt {v['fastopt']}  (python {info['python']}, {info['platform']})",
+        "versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if k != "fastopt" and val),
+        f"cpu: {info['cpu_model']}; {info['usable_cores']} usable cores "
+        f"({info['logical_cores']} logical, {info['physical_cores']} physical); "
+        f"{info['memory_gb']} GiB memory",
+        f"cpu features: {info['cpu']['llvm_cpu']}: {' '.join(info['cpu']['features']) or '-'}",
+        f"numba: {info['numba_threads']} threads, threading layer {info['threading_layer']}, "
+        f"cache dir {info['numba_cache_dir'] or 'next to the kernels (__pycache__)'}",
+        "backends:",
+        *(f"  {name:6} {status}" for name, status in info["backends"].items()),
+        f"gpu: {info['gpu'] or 'none (' + str(info['gpu_status']) + ')'}",
+        "optimizers (bytes/param, float32): "
+        + ", ".join(f"{n} {b}" for n, b in info["optimizers"].items()),
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+# ---------------------------------------------------------------------------- warmup
+def _warmup(args) -> int:
+    from tqdm import tqdm
+
+    from .benchmark.coldstart import warmup, warmup_cases
+
+    dtypes = tuple(_csv(args.dtypes))
+    for d in dtypes:
+        if d not in ("float32", "float64"):
+            raise ValueError(f"dtypes must be float32 or float64, got {d!r}")
+    n = len(warmup_cases(args.optimizers)) * len(dtypes)
+    bar = tqdm(total=n, desc="fastopt warmup", unit="driver", file=sys.stderr,
+               disable=args.quiet, leave=False)
+    t0 = time.perf_counter()
+
+    def progress(desc):
+        bar.set_postfix_str(desc)
+        bar.update()
+
+    try:
+        rows = warmup(args.optimizers, dtypes, roof=not args.no_roof, progress=progress)
+    finally:
+        bar.close()
+    total = time.perf_counter() - t0
+    if not args.quiet:
+        for r in rows:
+            extra = ", ".join(f"{k}={v}" for k, v in r["overrides"].items())
+            print(f"{r['optimizer']:16} {r['dtype']:8} slots [{', '.join(r['slots'])}]"
+                  f"{' (' + extra + ')' if extra else ''}: {r['how']} in {r['seconds']:.2f} s")
+    compiled = sum(r["how"] == "compiled" for r in rows)
+    print(f"fastopt warmup: {len(rows)} drivers ready ({compiled} compiled, "
+          f"{sum(r['how'] == 'cache' for r in rows)} loaded from the cache) in {total:.1f} s")
+    return 0
+
+
+# ------------------------------------------------------------------------------ demo
+def _demo(argv) -> int:
+    try:
+        demo = importlib.import_module("fastopt.demo")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("fastopt.demo",):
+            raise                            # the demo exists but needs something missing
+        print("fastopt demo: this installation of fastopt has no demo (module fastopt.demo "
+              "not found)", file=sys.stderr)
+        return 2
+    result = demo.main(argv)
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

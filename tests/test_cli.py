@@ -1,0 +1,318 @@
+"""The ``fastopt`` command line and the benchmark package, at tiny sizes (a few seconds)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from fastopt import cli
+from fastopt.benchmark import cases, runner
+from fastopt.benchmark.coldstart import cold_start
+
+RESULT_FIELDS = {
+    "optimizer", "layout", "backend", "mode", "device", "dtype", "n_params", "n_tensors",
+    "bytes_per_param", "times_s", "repeats", "ms_median", "ms_min", "ms_p25", "ms_p75", "spread",
+    "params_per_s", "gb_per_s", "roof_fraction", "speedup_vs_numpy", "speedup_vs_torch",
+    "first_call_s", "compiled", "peak_alloc_bytes", "peak_rss_bytes", "wall_s", "error",
+}
+
+
+def _have(module):
+    try:
+        __import__(module)
+        return True
+    except Exception:
+        return False
+
+
+# ------------------------------------------------------------------------------ cases
+def test_bytes_per_param_follow_the_active_slots():
+    by = {c.name: c for c in cases.available_optimizers("all")}
+    expected = {"sgd": 12, "sgd-momentum": 20, "sgd-nesterov": 20, "adagrad": 20, "rmsprop": 20,
+                "rmsprop-centered": 36, "adam": 28, "adamw": 28, "adam-amsgrad": 36}
+    for name, nbytes in expected.items():
+        assert by[name].bytes_per_param(np.float32) == nbytes, name
+        assert by[name].bytes_per_param(np.float64) == 2 * nbytes, name
+    assert by["adam"].slot_mask() == (True, True, False)
+    assert by["sgd"].slot_mask() == (False, False, False)
+
+
+def test_every_row_names_a_known_torch_class_or_none():
+    torch = pytest.importorskip("torch")
+    for case in cases.OPTIMIZERS:
+        if case.torch is not None:
+            assert hasattr(torch.optim, case.torch), case.name
+
+
+def test_default_and_unknown_optimizer_names():
+    names = [c.name for c in cases.available_optimizers()]
+    assert {"sgd", "sgd-momentum", "adagrad", "rmsprop", "adam", "adamw"} <= set(names)
+    with pytest.raises(ValueError, match="unknown optimizer 'nosuch'"):
+        cases.available_optimizers("adam,nosuch")
+
+
+@pytest.mark.parametrize("text,value", [("8M", 8_000_000), ("64m", 64_000_000), ("500k", 500_000),
+                                        ("1.5G", 1_500_000_000), ("1000", 1000), (123, 123)])
+def test_parse_size(text, value):
+    assert cases.parse_size(text) == value
+
+
+@pytest.mark.parametrize("bad", ["", "abc", "8X", "0", "-5"])
+def test_parse_size_rejects(bad):
+    with pytest.raises(ValueError):
+        cases.parse_size(bad)
+
+
+@pytest.mark.parametrize("size", [10_000, 1_000_000, 8_000_000, 64_000_000])
+def test_transformer_layout_is_a_realistic_mix_of_the_requested_size(size):
+    shapes = cases.transformer_shapes(size)
+    total = sum(int(np.prod(s)) for s in shapes)
+    assert abs(total - size) <= 0.01 * size
+    ndims = {len(s) for s in shapes}
+    assert ndims == {1, 2}                       # matrices plus biases / norm weights
+    d = shapes[0][1]
+    assert (d, 3 * d) in shapes and (4 * d, d) in shapes and (d,) in shapes
+    assert len(shapes) >= 14
+
+
+def test_layouts():
+    assert cases.layout_shapes("large", 1234) == [(1234,)]
+    small = cases.layout_shapes("small", 1)
+    assert len(small) == 2000 and set(small) == {(512,)}
+    assert cases.parse_layouts("one-large,many-small") == ["large", "small"]
+    with pytest.raises(ValueError, match="unknown layout"):
+        cases.parse_layouts("huge")
+
+
+# --------------------------------------------------------------------------- timing
+def test_time_steps_counts_samples_and_stops_early():
+    calls = []
+    times, k = runner.time_steps(lambda: calls.append(1), repeats=5, min_sample_s=1e-4)
+    assert len(times) == 5 and k >= 1 and all(t > 0 for t in times)
+    assert len(calls) >= 5 * k
+    import time
+    times, k = runner.time_steps(lambda: time.sleep(0.02), repeats=100, max_time_s=0.1)
+    assert k == 1 and 3 <= len(times) < 10
+
+
+def test_compare_sets_roof_fraction_and_speedups():
+    def row(backend, ms, mode=""):
+        r = runner.Result("adam", "large", backend, mode, "cpu", "float32", 1000, 1, 28)
+        r.times_s = [ms / 1e3] * 3
+        return r
+    rows = [row("roof", 10), row("fastopt", 12.5, "flat"), row("torch", 25, "fused"), row("numpy", 100)]
+    runner.compare(rows)
+    roof, fast, torch, ref = rows
+    assert roof.roof_fraction == pytest.approx(1.0)
+    assert fast.roof_fraction == pytest.approx(0.8)
+    assert fast.speedup_vs_torch == pytest.approx(2.0)
+    assert fast.speedup_vs_numpy == pytest.approx(8.0)
+    assert ref.speedup_vs_numpy == pytest.approx(1.0)
+    assert fast.gb_per_s == pytest.approx(1000 * 28 / 0.0125 / 1e9)
+
+
+# ------------------------------------------------------------------------------ bench
+def test_bench_json_has_the_documented_fields(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    backends = "roof,fastopt,numpy" + (",torch" if _have("torch") else "")
+    rc = cli.main(["bench", "--size", "200k", "--optimizers", "sgd,adam", "--layouts",
+                   "large,transformer", "--backends", backends, "--repeats", "3",
+                   "--numpy-repeats", "1", "--cold-start", "none", "--quiet", "--json", str(path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "== one large tensor: 200k params in 1 tensor ==" in out
+    assert "transformer-like" in out and "fastopt flat" in out and "numpy ref" in out
+    record = json.loads(path.read_text())
+    assert record["schema"] == "fastopt-bench/1"
+    m = record["machine"]
+    for key in ("cpu_model", "logical_cores", "threading_layer", "numba_threads", "versions", "gpu"):
+        assert key in m
+    assert m["versions"]["numba"] and m["versions"]["numpy"]
+    assert record["config"]["size"] == 200_000 and record["config"]["optimizers"] == ["sgd", "adam"]
+    assert record["layouts"]["large"] == {"n_params": 200_000, "n_tensors": 1}
+    results = record["results"]
+    per_case = 4 + _have("torch")              # roof, flat, list, numpy (+ torch)
+    assert len(results) == 2 * 2 * per_case
+    for r in results:
+        assert RESULT_FIELDS <= set(r), RESULT_FIELDS - set(r)
+        assert r["error"] is None
+        assert r["ms_median"] > 0 and r["gb_per_s"] > 0
+        assert r["bytes_per_param"] == {"sgd": 12, "adam": 28}[r["optimizer"]]
+        assert r["gb_per_s"] == pytest.approx(r["n_params"] * r["bytes_per_param"] / r["ms_median"] / 1e6)
+        assert r["speedup_vs_numpy"] > 0 and r["roof_fraction"] > 0
+        if _have("torch"):
+            assert r["speedup_vs_torch"] > 0
+        itemsize_n = 4 * r["n_params"]
+        if r["backend"] == "fastopt":
+            # The step allocates nothing proportional to the parameter count.
+            assert r["peak_alloc_bytes"] < itemsize_n / 8, r
+        if r["backend"] == "numpy" and r["optimizer"] == "adam":
+            assert r["peak_alloc_bytes"] >= itemsize_n / 2      # the reference's temporaries
+    roofs = [r for r in results if r["backend"] == "roof"]
+    assert all(r["roof_fraction"] == pytest.approx(1.0) for r in roofs)
+    modes = {(r["backend"], r["mode"]) for r in results}
+    assert {("fastopt", "flat"), ("fastopt", "list"), ("numpy", "ref")} <= modes
+
+
+def test_a_failing_row_is_reported_and_the_others_still_run(monkeypatch):
+    from fastopt.benchmark import suite
+    real = suite.fastopt_target
+
+    def flaky(case, data, mode, backend="cpu"):
+        target = real(case, data, mode, backend)
+        if mode == "list":
+            def boom():
+                raise RuntimeError("injected failure")
+            target.step = boom
+        return target
+
+    monkeypatch.setattr(suite, "fastopt_target", flaky)
+    config = suite.BenchConfig(optimizers=cases.available_optimizers("sgd"), layouts="large",
+                               size=10_000, backends=("roof", "fastopt"), repeats=2, memory=False)
+    run = suite.run_bench(config, progress=False)
+    by = {r.label: r for r in run.results}
+    assert set(by) == {"roof", "fastopt flat", "fastopt list"}
+    assert by["fastopt list"].error == "RuntimeError: injected failure"
+    assert by["roof"].ok and by["fastopt flat"].ok and by["fastopt flat"].roof_fraction > 0
+    assert any("injected failure" in n for n in run.notes)
+
+
+def test_bench_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "bench.png"
+    rc = cli.main(["bench", "--size", "50k", "--optimizers", "sgd", "--layouts", "large",
+                   "--backends", "roof,fastopt", "--repeats", "2", "--cold-start", "none",
+                   "--no-memory", "--quiet", "--plot", str(path)])
+    assert rc == 0
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_bench_list(capsys):
+    assert cli.main(["bench", "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    row = {line.split()[0]: line.split() for line in lines[1:]}
+    assert row["sgd"][2] == "12" and row["adam"][2] == "28" and row["adam-amsgrad"][2] == "36"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["bench", "--optimizers", "nosuch"], "unknown optimizer"),
+    (["bench", "--size", "lots"], "size must look like"),
+    (["bench", "--backends", "gpu9"], "unknown backends"),
+    (["bench", "--layouts", "huge"], "unknown layout"),
+])
+def test_bench_bad_flags(argv, message, capsys):
+    assert cli.main(argv + ["--quiet", "--cold-start", "none"]) == 2
+    assert message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- info
+def test_info_text_and_json(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("fastopt ")
+    for needle in ("numba:", "threading layer", "backends:", "cpu ", "numpy ", "cuda ", "gpu:",
+                   "cpu features:"):
+        assert needle in out, needle
+    assert cli.main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["backends"]["cpu"].startswith("available")
+    assert info["optimizers"]["adam"] == 28
+    assert info["logical_cores"] >= 1
+
+
+# ----------------------------------------------------------------------------- warmup
+def _fastopt(args, env):
+    code = "import sys; from fastopt.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_warmup_fills_the_cache_and_the_next_process_loads_it(tmp_path):
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    args = ["warmup", "--optimizers", "sgd", "--dtypes", "float32", "--no-roof"]
+    first = _fastopt(args, env)
+    assert first.returncode == 0, first.stderr
+    assert "sgd" in first.stdout and "compiled" in first.stdout
+    assert list(tmp_path.rglob("*.nbi")), "warmup wrote nothing to NUMBA_CACHE_DIR"
+    second = _fastopt(args, env)
+    assert second.returncode == 0, second.stderr
+    assert ": cache in" in second.stdout and "(0 compiled, 1 loaded from the cache)" in second.stdout
+
+
+def test_cold_start_warm_cache_is_faster_than_empty():
+    rows = cold_start(cases.available_optimizers("sgd"), n=1000)
+    assert [r["cache"] for r in rows] == ["empty", "warm"]
+    empty, warm = rows
+    assert "error" not in empty and "error" not in warm
+    for r in rows:
+        assert r["import_s"] > 0 and r["second_step_s"] < r["first_step_s"]
+    assert warm["first_step_s"] < empty["first_step_s"]
+
+
+# ------------------------------------------------------------------------------- demo
+def test_demo_missing_is_a_clear_error(monkeypatch, capsys):
+    real = cli.importlib.import_module
+
+    def fake(name, *a, **k):
+        if name == "fastopt.demo":
+            raise ModuleNotFoundError("No module named 'fastopt.demo'", name="fastopt.demo")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(cli.importlib, "import_module", fake)
+    assert cli.main(["demo", "--steps", "3"]) == 2
+    assert "no demo" in capsys.readouterr().err
+
+
+def test_demo_passes_its_arguments(monkeypatch):
+    seen = []
+    module = types.ModuleType("fastopt.demo")
+    module.main = lambda argv: seen.append(list(argv)) or 0
+    monkeypatch.setitem(sys.modules, "fastopt.demo", module)
+    assert cli.main(["demo", "--steps", "3", "-h"]) == 0
+    assert seen == [["--steps", "3", "-h"]]
+
+
+def test_no_command_prints_help(capsys):
+    assert cli.main([]) == 0
+    assert "bench" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------- cuda plumbing
+_SIM_CHECK = r"""
+import numpy as np
+from fastopt.benchmark import cases, gpu, runner
+from fastopt.benchmark.roof import copy_cuda_target, roof_cuda_target
+assert gpu.gpu_available()[0] is False          # the simulator is never timed
+case = cases.available_optimizers("adam")[0]
+data = runner.LayoutData("transformer", 300, np.float32)
+for mode in ("flat", "list"):
+    dev = gpu.fastopt_cuda_target(case, data, mode)
+    host = runner.fastopt_target(case, data, mode)
+    for _ in range(2):
+        dev.step(); dev.sync(); host.step()
+    flat = lambda t: t.keep[0].data if mode == "flat" else np.concatenate([a.ravel() for a in t.keep[0]])
+    assert not np.array_equal(flat(dev), data.params), mode
+    np.testing.assert_allclose(flat(dev), flat(host), rtol=1e-6, atol=1e-7)
+roof = roof_cuda_target(case, data)
+roof.step(); roof.sync()
+assert np.allclose(roof.keep[2][0][0], data.grads)      # s0 += g
+copy = copy_cuda_target(case, data)
+copy.step()
+assert copy.keep[1].nbytes == case.bytes_per_param() * data.n_params // 2 and copy.keep[1].all()
+print("ok")
+"""
+
+
+def test_cuda_rows_build_and_step_under_the_simulator():
+    """The CUDA targets' plumbing (device FlatParams and lists, the roof through the CUDA
+    driver, the copy) under Numba's CUDA simulator; timings need a real GPU."""
+    pytest.importorskip("numba.cuda")
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    proc = subprocess.run([sys.executable, "-c", _SIM_CHECK], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
