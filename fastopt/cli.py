@@ -66,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--json", metavar="PATH", help="write the machine-readable record here")
     b.add_argument("--plot", metavar="PATH", help="write a PNG chart (GB/s against the roof) here")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.add_argument("--no-clip", action="store_true",
+                   help="skip the fused-clipping comparison (Adam + global-norm clipping)")
 
     i = sub.add_parser("info", help="versions, CPU, threading layer, backends, GPU")
     i.add_argument("--json", action="store_true", help="print the information as JSON")
@@ -136,6 +138,11 @@ def _bench(args) -> int:
     run = run_bench(config, progress=not args.quiet)
     from .benchmark.report import format_run, write_json
     print(format_run(run))
+    if not args.no_clip and args.dtype == "float32":
+        from .benchmark.clipping import format_clip_rows, run_clip_comparison
+        clip_rows = run_clip_comparison(config.size, args.dtype)
+        print(format_clip_rows(clip_rows, config.size))
+        run.extra["clipping"] = clip_rows
     if args.json:
         write_json(run, args.json, args.argv)
         print(f"wrote {args.json}")

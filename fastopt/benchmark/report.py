@@ -167,6 +167,7 @@ def to_json(run, argv=None) -> dict:
         results=[r.to_dict() for r in run.results],
         cold_start=run.cold_start,
         notes=run.notes,
+        **run.extra,
     )
 
 

@@ -83,6 +83,7 @@ class BenchRun:
     notes: list
     total_s: float
     layout_info: dict
+    extra: dict = dataclasses.field(default_factory=dict)   # further sections (clipping)
 
 
 def _torch_status(wanted: bool, notes: list) -> bool:
