@@ -20,6 +20,13 @@ mkdir -p "$SITE/fastopt"
 for f in "$REPO"/fastopt/*; do ln -s "$f" "$SITE/fastopt/"; done
 ln -s "$REPO/kernels" "$SITE/fastopt/kernels"
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+# Some numba-cuda releases call np.row_stack, which NumPy 2.5 removed (seen on the
+# lent H100 image): alias it for this run only.
+cat > "$SITE/sitecustomize.py" <<'PYEOF'
+import numpy
+if not hasattr(numpy, "row_stack"):
+    numpy.row_stack = numpy.vstack
+PYEOF
 export NUMBA_CACHE_DIR=${NUMBA_CACHE_DIR:-$SITE/numba-cache}   # never write into the checkout
 cd "$SITE"
 
