@@ -14,6 +14,8 @@ from .clip import (NonFiniteNormError, all_finite, clip_grad_norm, clip_grad_val
                    clip_grads_with_norm, global_norm)
 from .ema import EMA
 from .lr_finder import LRRangeResult, lr_range_test
+from . import keras
+from .family import LAMB, LARS, Adadelta, Adamax, Lion, NAdam, RAdam
 from .flat import FlatParams
 from .optim import SGD, Adagrad, Adam, AdamW, RMSprop
 from .optimizer import Optimizer
@@ -22,7 +24,8 @@ from .sparse import SparseGrad
 __version__ = "0.1.0"
 
 __all__ = [
-    "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Optimizer", "FlatParams", "functional",
+    "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Adadelta", "Lion",
+    "LAMB", "LARS", "Optimizer", "FlatParams", "functional", "keras",
     "SparseGrad", "clip_grad_norm", "clip_grad_value", "clip_grads_with_norm", "global_norm",
     "all_finite", "NonFiniteNormError", "GradScaler", "EMA", "lr_range_test", "LRRangeResult",
     "init", "backend", "BackendUnavailableError", "save", "load", "CheckpointError", "__version__",

@@ -10,7 +10,7 @@ import numpy as np
 from . import _backend, _validate
 from .optim import SGD, Adagrad, Adam, RMSprop
 
-__all__ = ["sgd", "adagrad", "rmsprop", "adam", "adamw"]
+__all__ = ["sgd", "adagrad", "rmsprop", "adam", "adamw", "adamax", "nadam", "radam", "adadelta", "lion"]
 
 
 def _step(cls, name, group, step, params, grads, slots, backend):
@@ -106,3 +106,51 @@ def adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step=1,
     adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step=step, lr=lr, beta1=beta1,
          beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
          decoupled_weight_decay=True, backend=backend)
+
+
+# -- the rest of the family (fastopt.family) ----------------------------------------------
+def adamax(params, grads, exp_avgs, exp_infs, *, step=1, lr=2e-3, beta1=0.9, beta2=0.999,
+           eps=1e-8, weight_decay=0.0, maximize=False, backend=None):
+    """Adamax step in place."""
+    from .family import Adamax
+    group = dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay, maximize=maximize)
+    _step(Adamax, "adamax", group, step, params, grads, (exp_avgs, exp_infs), backend)
+
+
+def nadam(params, grads, exp_avgs, exp_avg_sqs, *, step=1, lr=2e-3, beta1=0.9, beta2=0.999,
+          eps=1e-8, weight_decay=0.0, momentum_decay=4e-3, decoupled_weight_decay=False,
+          maximize=False, mu_product=None, backend=None):
+    """NAdam step in place. ``mu_product`` is the product of the momentum schedule up to and
+    including this step (torch's state); by default it is computed for a constant beta1."""
+    from .family import _MU_PRODUCT, NAdam
+    group = dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay,
+                 momentum_decay=momentum_decay, decoupled_weight_decay=decoupled_weight_decay,
+                 maximize=maximize)
+    if mu_product is not None:
+        group[_MU_PRODUCT] = _validate.number("mu_product", mu_product, where="nadam")
+    _step(NAdam, "nadam", group, step, params, grads, (exp_avgs, exp_avg_sqs), backend)
+
+
+def radam(params, grads, exp_avgs, exp_avg_sqs, *, step=1, lr=1e-3, beta1=0.9, beta2=0.999,
+          eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, maximize=False, backend=None):
+    """RAdam step in place (rectified when torch's rho_t > 5)."""
+    from .family import RAdam
+    group = dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay,
+                 decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
+    _step(RAdam, "radam", group, step, params, grads, (exp_avgs, exp_avg_sqs), backend)
+
+
+def adadelta(params, grads, square_avgs, acc_deltas, *, step=1, lr=1.0, rho=0.9, eps=1e-6,
+             weight_decay=0.0, maximize=False, backend=None):
+    """Adadelta step in place."""
+    from .family import Adadelta
+    group = dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize)
+    _step(Adadelta, "adadelta", group, step, params, grads, (square_avgs, acc_deltas), backend)
+
+
+def lion(params, grads, exp_avgs, *, step=1, lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=1e-3,
+         maximize=False, backend=None):
+    """Lion step in place (optax's equations)."""
+    from .family import Lion
+    group = dict(lr=lr, betas=(beta1, beta2), weight_decay=weight_decay, maximize=maximize)
+    _step(Lion, "lion", group, step, params, grads, (exp_avgs,), backend)

@@ -311,6 +311,8 @@ class Optimizer:
         grads, sparse = self._split_sparse(grads)
         per_group = self._group_grads(grads)
         backend_name = _backend.resolve(self.backend, self.param_groups[0]["params"][0])
+        if backend_name != "numpy":
+            _backend.get(backend_name)     # an unavailable backend raises before state exists
         plans, groups = [], []
         for gi, group in enumerate(self.param_groups):
             self._check_group(group, f"param_groups[{gi}]")

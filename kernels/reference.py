@@ -9,6 +9,8 @@ float32 arrays in float32 (NumPy 2 promotion rules).
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -88,7 +90,7 @@ def adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step, lr
             second = max_exp_avg_sqs[i]
         else:
             second = v
-        denom = np.sqrt(second) / np.sqrt(bc2) + eps
+        denom = np.sqrt(second) / math.sqrt(bc2) + eps
         p -= (lr / bc1) * (m / denom)
 
 
@@ -111,7 +113,7 @@ def sparse_adam(param, indices, rows, exp_avg, exp_avg_sq, *, step, lr=1e-3, bet
     v = v + (1 - beta2) * (g * g - v)
     exp_avg[indices] = m
     exp_avg_sq[indices] = v
-    step_size = lr * np.sqrt(1 - beta2 ** step) / (1 - beta1 ** step)
+    step_size = lr * math.sqrt(1 - beta2 ** step) / (1 - beta1 ** step)
     param[indices] -= step_size * (m / (np.sqrt(v) + eps))
 
 
@@ -196,7 +198,7 @@ def radam(params, grads, exp_avgs, exp_avg_sqs, *, step, lr=1e-3, beta1=0.9, bet
         m_hat = m / bc1
         if rho_t > 5:
             r = np.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
-            p -= m_hat * lr * (np.sqrt(bc2) / (np.sqrt(v) + eps)) * r
+            p -= m_hat * lr * (math.sqrt(bc2) / (np.sqrt(v) + eps)) * r
         else:
             p -= m_hat * lr
 

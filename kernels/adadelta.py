@@ -1,0 +1,51 @@
+"""Adadelta: per-element step sizes from running averages of squared gradients and steps.
+
+References:
+  Zeiler, "ADADELTA: An Adaptive Learning Rate Method", arXiv:1212.5701 (2012).
+  Equations and their order as torch.optim.Adadelta (torch 2.13, single-tensor path):
+  ``s = rho s + (1 - rho) g^2``, ``delta = sqrt(a + eps) / sqrt(s + eps) * g``,
+  ``a = rho a + (1 - rho) delta^2``, ``p -= lr * delta``.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+SLOTS = ("square_avg", "acc_delta", None)
+
+
+class AdadeltaScalars(NamedTuple):
+    lr: float
+    rho: float
+    one_minus_rho: float
+    eps: float
+    weight_decay: float
+    l2: bool
+    maximize: bool
+
+
+def adadelta_element(p, g, square_avg, acc_delta, unused, h):
+    """One Adadelta update of one element; returns (p, square_avg, acc_delta, -)."""
+    if h.maximize:
+        g = -g
+    if h.l2:
+        g = g + h.weight_decay * p
+    square_avg = square_avg * h.rho + h.one_minus_rho * (g * g)
+    # torch: sqrt(a + eps) / sqrt(s + eps) * g. One square root of the quotient is the same
+    # number up to rounding and saves a square root per element (GPU-bound otherwise).
+    delta = math.sqrt((acc_delta + h.eps) / (square_avg + h.eps)) * g
+    acc_delta = acc_delta * h.rho + h.one_minus_rho * (delta * delta)
+    p = p - h.lr * delta
+    return p, square_avg, acc_delta, unused
+
+
+def adadelta_scalars(lr, rho, eps, weight_decay, maximize, cast):
+    return AdadeltaScalars(
+        lr=cast(lr),
+        rho=cast(rho),
+        one_minus_rho=cast(1.0 - rho),
+        eps=cast(eps),
+        weight_decay=cast(weight_decay),
+        l2=bool(weight_decay != 0),
+        maximize=bool(maximize),
+    )

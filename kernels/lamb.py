@@ -1,0 +1,95 @@
+"""LAMB: Adam's direction scaled per tensor by the trust ratio ||p|| / ||update||.
+
+References:
+  You et al., "Large Batch Optimization for Deep Learning: Training BERT in 76
+  minutes", ICLR 2020.
+  Equations as optax.lamb (``chain(scale_by_adam(b1, b2, eps, eps_root),
+  add_decayed_weights(wd), scale_by_trust_ratio(), scale(-lr))``):
+  ``m = (1 - b1) g + b1 m``, ``v = (1 - b2) g^2 + b2 v``,
+  ``u = (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t) + eps_root) + eps) + wd p``,
+  ``ratio = ||p|| / ||u||`` per tensor (1 where either norm is 0, as optax),
+  ``p -= lr * ratio * u``. fastopt's names: ``lr`` = optax's ``learning_rate``,
+  ``betas = (b1, b2)``; states ``exp_avg``, ``exp_avg_sq`` are optax's ``mu``, ``nu``.
+
+Two passes (:mod:`fastopt.kernels.per_tensor`): :func:`lamb_norms` reduces ``||p||^2``
+and ``||u||^2`` per tensor without writing anything, then :func:`lamb_element` recomputes
+the moments (same operations, same rounding), writes them and applies the ratio, which
+the per-tensor driver passes in the third state position.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+SLOTS = ("exp_avg", "exp_avg_sq", None)
+
+
+class LambScalars(NamedTuple):
+    lr: float
+    beta1: float
+    beta2: float
+    one_minus_beta1: float
+    one_minus_beta2: float
+    bias_correction1: float    # 1 - b1^t
+    bias_correction2: float    # 1 - b2^t
+    eps: float
+    eps_root: float
+    weight_decay: float
+    grad_scale: float          # the step's gradient multiplier (norm pass only)
+    decay: bool
+
+
+def lamb_norms(p, g, m, v, unused, h):
+    """(p^2, u^2) of one element: the step's direction, nothing written."""
+    g = g * h.grad_scale
+    m = h.one_minus_beta1 * g + h.beta1 * m
+    v = h.one_minus_beta2 * (g * g) + h.beta2 * v
+    u = (m / h.bias_correction1) / (math.sqrt(v / h.bias_correction2 + h.eps_root) + h.eps)
+    if h.decay:
+        u = u + h.weight_decay * p
+    return p * p, u * u
+
+
+def lamb_element(p, g, m, v, ratio, h):
+    """One LAMB update of one element; ``ratio`` is its tensor's trust ratio (read-only).
+
+    Returns (p, exp_avg, exp_avg_sq, ratio).
+    """
+    m = h.one_minus_beta1 * g + h.beta1 * m
+    v = h.one_minus_beta2 * (g * g) + h.beta2 * v
+    u = (m / h.bias_correction1) / (math.sqrt(v / h.bias_correction2 + h.eps_root) + h.eps)
+    if h.decay:
+        u = u + h.weight_decay * p
+    p = p - h.lr * (u * ratio)
+    return p, m, v, ratio
+
+
+def lamb_scalars(step, lr, beta1, beta2, eps, eps_root, weight_decay, cast):
+    return LambScalars(
+        lr=cast(lr),
+        beta1=cast(beta1),
+        beta2=cast(beta2),
+        one_minus_beta1=cast(1.0 - beta1),
+        one_minus_beta2=cast(1.0 - beta2),
+        bias_correction1=cast(1.0 - beta1 ** step),
+        bias_correction2=cast(1.0 - beta2 ** step),
+        eps=cast(eps),
+        eps_root=cast(eps_root),
+        weight_decay=cast(weight_decay),
+        grad_scale=cast(1.0),
+        decay=bool(weight_decay != 0),
+    )
+
+
+def trust_ratios(param_sq, update_sq, trust_coefficient=1.0, eps=0.0):
+    """optax's scale_by_trust_ratio per tensor, from the squared norms (float64).
+
+    ``trust_coefficient * ||p|| / (||u|| + eps)``, and 1 where ``||p||`` or ``||u||`` is 0.
+    """
+    param_norm = np.sqrt(np.asarray(param_sq, dtype=np.float64))
+    update_norm = np.sqrt(np.asarray(update_sq, dtype=np.float64))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = trust_coefficient * param_norm / (update_norm + eps)
+    return np.where((param_norm == 0) | (update_norm == 0), 1.0, ratio)

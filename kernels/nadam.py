@@ -1,0 +1,92 @@
+"""NAdam: Adam with Nesterov momentum and a momentum schedule.
+
+References:
+  Dozat, "Incorporating Nesterov Momentum into Adam", ICLR 2016 workshop.
+  Equations and their order as torch.optim.NAdam (torch 2.13, single-tensor path):
+  ``mu_t = beta1 * (1 - 0.5 * 0.96^(t * momentum_decay))``, ``mu_product *= mu_t``,
+  ``denom = sqrt(v / (1 - beta2^t)) + eps``,
+  ``p += -lr (1 - mu_t) / (1 - mu_product) * g / denom``,
+  ``p += -lr mu_{t+1} / (1 - mu_product mu_{t+1}) * m / denom``.
+
+``mu_product`` is one number per parameter tensor (the product of ``mu_s`` over its
+steps); it lives on the host, rounded to float32 after every multiplication exactly as
+torch's float32 ``mu_product`` tensor is (:func:`next_mu_product`).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+SLOTS = ("exp_avg", "exp_avg_sq", None)
+
+
+class NAdamScalars(NamedTuple):
+    beta2: float
+    one_minus_beta1: float
+    lerp_back: float          # 1 - (1 - beta1) in storage precision (torch's lerp, weight >= 0.5)
+    one_minus_beta2: float
+    bias_correction2: float   # 1 - beta2^t
+    eps: float
+    grad_coef: float          # -lr (1 - mu_t) / (1 - mu_product_t)
+    avg_coef: float           # -lr mu_{t+1} / (1 - mu_product_t mu_{t+1})
+    weight_decay: float
+    decay_factor: float       # 1 - lr * weight_decay (decoupled), 1 otherwise
+    l2: bool
+    decoupled: bool
+    lerp_from_end: bool       # torch's lerp takes its second form when the weight >= 0.5
+    maximize: bool
+
+
+def nadam_element(p, g, m, v, unused, h):
+    """One NAdam update of one element; returns (p, exp_avg, exp_avg_sq, -)."""
+    if h.maximize:
+        g = -g
+    if h.decoupled:
+        p = p * h.decay_factor
+    elif h.l2:
+        g = g + h.weight_decay * p
+    if h.lerp_from_end:                  # torch.lerp(m, g, w), both of its forms
+        m = g - (g - m) * h.lerp_back
+    else:
+        m = m + h.one_minus_beta1 * (g - m)
+    v = h.beta2 * v + h.one_minus_beta2 * (g * g)
+    denom = math.sqrt(v / h.bias_correction2) + h.eps
+    p = p + h.grad_coef * (g / denom)
+    p = p + h.avg_coef * (m / denom)
+    return p, m, v, unused
+
+
+def momentum_cache(step, beta1, momentum_decay):
+    """``mu_t`` of the momentum schedule (float64)."""
+    return beta1 * (1.0 - 0.5 * 0.96 ** (step * momentum_decay))
+
+
+def next_mu_product(mu_product, step, beta1, momentum_decay):
+    """``mu_product * mu_t`` rounded as torch's float32 tensor does (``mu_t`` cast first)."""
+    return np.float32(np.float32(mu_product) * np.float32(momentum_cache(step, beta1, momentum_decay)))
+
+
+def nadam_scalars(step, mu_product, lr, beta1, beta2, eps, weight_decay, momentum_decay,
+                  decoupled_weight_decay, maximize, cast):
+    """Host scalars for step ``step`` (1-based); ``mu_product`` already includes ``mu_t``."""
+    mu = momentum_cache(step, beta1, momentum_decay)
+    mu_next = momentum_cache(step + 1, beta1, momentum_decay)
+    mu_product = float(mu_product)
+    return NAdamScalars(
+        beta2=cast(beta2),
+        one_minus_beta1=cast(1.0 - beta1),
+        lerp_back=cast(1.0 - float(cast(1.0 - beta1))),
+        one_minus_beta2=cast(1.0 - beta2),
+        bias_correction2=cast(1.0 - beta2 ** step),
+        eps=cast(eps),
+        grad_coef=cast(-lr * (1.0 - mu) / (1.0 - mu_product)),
+        avg_coef=cast(-lr * mu_next / (1.0 - mu_product * mu_next)),
+        weight_decay=cast(weight_decay),
+        decay_factor=cast(1.0 - lr * weight_decay if decoupled_weight_decay else 1.0),
+        l2=bool(weight_decay != 0 and not decoupled_weight_decay),
+        decoupled=bool(decoupled_weight_decay and weight_decay != 0),
+        lerp_from_end=bool(1.0 - beta1 >= 0.5),
+        maximize=bool(maximize),
+    )

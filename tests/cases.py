@@ -1,0 +1,455 @@
+"""The table of optimizers under test, and the comparison helpers every test file shares.
+
+One :class:`Case` per optimizer: its fastopt class, its torch.optim class (by name, so
+this module imports without torch), its functional form, and a grid of hyperparameters
+in which every flag and every optional term is on in some row and off in another.
+Adding an optimizer to the suite is adding one row to :data:`CASES`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+import fastopt as fo
+from fastopt import family as _family
+
+# Relative tolerances of the parity tests, per storage dtype.
+RTOL = {np.dtype(np.float32): 1e-6, np.dtype(np.float64): 1e-12}
+DTYPES = (np.float32, np.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One optimizer under test.
+
+    Attributes:
+      name: short id (``"adam"``), also the functional function's name.
+      fo_cls: the fastopt class.
+      torch_name: the ``torch.optim`` class name.
+      grid: hyperparameter overrides; every flag is on in some row and off in another.
+      full: the row with the most terms active (used by the costlier tests).
+      base: hyperparameters every row starts from (a learning rate that moves params).
+    """
+
+    name: str
+    fo_cls: type
+    torch_name: str
+    grid: tuple
+    full: dict
+    base: dict
+
+    def hp(self, row: dict | None = None) -> dict:
+        return {**self.base, **(self.full if row is None else row)}
+
+    @property
+    def functional(self) -> Callable:
+        return getattr(fo.functional, self.name)
+
+    @property
+    def slot_names(self) -> tuple:
+        return tuple(self.fo_cls.slot_names)
+
+    def torch_cls(self):
+        import torch
+        return getattr(torch.optim, self.torch_name)
+
+    def functional_kwargs(self, hp: dict) -> dict:
+        """Class hyperparameters -> the functional form's keywords."""
+        kw = dict(hp)
+        if "betas" in kw:
+            kw["beta1"], kw["beta2"] = kw.pop("betas")
+        kw.pop("initial_accumulator_value", None)   # the caller initialises state_sums
+        if self.name == "adamw":
+            kw.pop("decoupled_weight_decay", None)
+        return kw
+
+    def initial_state(self, hp: dict, name: str) -> float:
+        return float(hp.get("initial_accumulator_value", 0.0)) if name == "sum" else 0.0
+
+
+def _case(name, fo_cls, torch_name, base, rows, full):
+    rows = tuple(rows)
+    assert full in rows
+    return Case(name, fo_cls, torch_name, rows, full, base)
+
+
+CASES = (
+    _case("sgd", fo.SGD, "SGD", dict(lr=0.01), [
+        {},
+        dict(weight_decay=0.01, maximize=True),
+        dict(momentum=0.9),
+        dict(momentum=0.9, dampening=0.1, weight_decay=0.01, maximize=True),
+        dict(momentum=0.9, nesterov=True, maximize=True),
+        dict(momentum=0.9, nesterov=True, weight_decay=0.01),
+    ], full=dict(momentum=0.9, dampening=0.1, weight_decay=0.01, maximize=True)),
+    _case("adagrad", fo.Adagrad, "Adagrad", dict(lr=0.05), [
+        {},
+        dict(lr_decay=0.01),
+        dict(initial_accumulator_value=0.1, weight_decay=0.01),
+        dict(lr_decay=0.01, initial_accumulator_value=0.1, weight_decay=0.01, eps=1e-6,
+             maximize=True),
+    ], full=dict(lr_decay=0.01, initial_accumulator_value=0.1, weight_decay=0.01, eps=1e-6,
+                 maximize=True)),
+    _case("rmsprop", fo.RMSprop, "RMSprop", dict(lr=1e-3), [
+        {},
+        dict(centered=True),
+        dict(momentum=0.5),
+        dict(alpha=0.9, eps=1e-6, weight_decay=0.01),
+        dict(centered=True, momentum=0.5, weight_decay=0.01, maximize=True),
+    ], full=dict(centered=True, momentum=0.5, weight_decay=0.01, maximize=True)),
+    _case("adam", fo.Adam, "Adam", dict(lr=0.01), [
+        {},
+        dict(amsgrad=True),
+        dict(weight_decay=0.1, maximize=True),
+        dict(weight_decay=0.1, decoupled_weight_decay=True, amsgrad=True),
+        dict(betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1, amsgrad=True, maximize=True),
+    ], full=dict(betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1, amsgrad=True, maximize=True)),
+    _case("adamw", fo.AdamW, "AdamW", dict(lr=0.01), [
+        {},
+        dict(weight_decay=0.0, amsgrad=True),
+        dict(weight_decay=0.1, amsgrad=True, maximize=True),
+    ], full=dict(weight_decay=0.1, amsgrad=True, maximize=True)),
+    # The rest of the torch-named family (fastopt.family; no functional forms yet).
+    _case("adamax", _family.Adamax, "Adamax", dict(lr=0.01), [
+        {},
+        dict(weight_decay=0.1, maximize=True),
+        dict(betas=(0.5, 0.9), eps=1e-3, weight_decay=0.1, maximize=True),
+    ], full=dict(betas=(0.5, 0.9), eps=1e-3, weight_decay=0.1, maximize=True)),
+    _case("nadam", _family.NAdam, "NAdam", dict(lr=0.01), [
+        {},
+        dict(weight_decay=0.1, momentum_decay=0.1),
+        dict(betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1, decoupled_weight_decay=True,
+             maximize=True),
+    ], full=dict(betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1, decoupled_weight_decay=True,
+                 maximize=True)),
+    _case("radam", _family.RAdam, "RAdam", dict(lr=0.01), [
+        {},
+        dict(weight_decay=0.1, maximize=True),
+        dict(betas=(0.9, 0.9), eps=1e-6, weight_decay=0.1, decoupled_weight_decay=True,
+             maximize=True),
+    ], full=dict(betas=(0.9, 0.9), eps=1e-6, weight_decay=0.1, decoupled_weight_decay=True,
+                 maximize=True)),
+    _case("adadelta", _family.Adadelta, "Adadelta", dict(lr=0.5), [
+        {},
+        dict(rho=0.5, eps=1e-4, weight_decay=0.1, maximize=True),
+    ], full=dict(rho=0.5, eps=1e-4, weight_decay=0.1, maximize=True)),
+)
+
+BY_NAME = {c.name: c for c in CASES}
+
+
+def row_id(row: dict) -> str:
+    """A readable pytest id for a hyperparameter row: ``momentum=0.9,nesterov``."""
+    if not row:
+        return "defaults"
+    parts = []
+    for k, v in row.items():
+        if v is True:
+            parts.append(k)
+        elif isinstance(v, tuple):
+            parts.append(f"{k}=" + "/".join(map(str, v)))
+        else:
+            parts.append(f"{k}={v}")
+    return ",".join(parts)
+
+
+def grid_params():
+    """(case, row) pairs of every grid row, with ids like ``adam-amsgrad``."""
+    import pytest
+    return [pytest.param(c, row, id=f"{c.name}-{row_id(row)}") for c in CASES for row in c.grid]
+
+
+def case_params():
+    import pytest
+    return [pytest.param(c, id=c.name) for c in CASES]
+
+
+# -- comparisons ------------------------------------------------------------------------
+def rel_err(a, b, scale=0.0) -> float:
+    """||a - b|| / max(||b||, sqrt(n) * scale, tiny): one number per tensor of n elements.
+
+    Element-wise relative error is meaningless here: parameters and state cross zero
+    during training, and at an element near zero a difference of one rounding step is
+    an arbitrarily large *relative* error although both results are equally right.
+    Normalising by the tensor's norm measures the error against the magnitude of the
+    values the optimizer works with. For a tensor of one or a few elements the norm is
+    the element itself, so the norm is floored at ``sqrt(n) * scale``, where ``scale``
+    is the RMS of the whole run's tensors (see :func:`assert_close`): rounding errors
+    scale with the values a computation passes through, not with where an element
+    happens to end up. (Measured: torch computes ``add(alpha=)`` and ``addcdiv`` with
+    fused multiply-adds; after 200 float32 SGD steps 123 of 2000 one-element tensors
+    differ from torch by more than 1e-6 element-wise, up to 2.5e-4 at an element near
+    zero, while the norm-relative error over all of them is 1.3e-7 and fastopt equals
+    the reference bit for bit.)
+    The floor forgives nothing above rounding level: a wrong or skipped update of even
+    one element is an error of the order of the update, far above 1e-6 of the scale.
+    ``tiny`` keeps an all-zero (or empty) tensor at 0.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    floor = max(np.sqrt(b.size) * scale, np.finfo(np.float64).tiny)
+    return float(np.linalg.norm((a - b).ravel()) / max(np.linalg.norm(b.ravel()), floor))
+
+
+def rms(arrays) -> float:
+    """Root mean square of all finite elements of ``arrays`` (0 when there are none)."""
+    flat = np.concatenate([np.asarray(x, dtype=np.float64).ravel() for x in arrays] + [np.zeros(0)])
+    flat = flat[np.isfinite(flat)]
+    return float(np.sqrt(np.mean(flat * flat))) if flat.size else 0.0
+
+
+def assert_close(actual, expected, dtype, what, scale=None):
+    """Every tensor of ``actual`` within RTOL of ``expected`` (norm-relative, see rel_err).
+
+    ``scale`` defaults to the RMS of all of ``expected``: the run's magnitude.
+    """
+    tol = RTOL[np.dtype(dtype)]
+    assert len(actual) == len(expected), what
+    if scale is None:
+        scale = rms(expected)
+    for i, (a, b) in enumerate(zip(actual, expected)):
+        assert np.dtype(np.asarray(a).dtype) == np.dtype(dtype), f"{what}[{i}] dtype {np.asarray(a).dtype}"
+        err = rel_err(a, b, scale)
+        assert err <= tol, f"{what}[{i}] (shape {np.shape(a)}): relative error {err:.3g} > {tol:g}"
+
+
+def assert_same_nonfinite(actual, expected, what):
+    """NaN masks equal, infinities at the same places with the same signs."""
+    for i, (a, b) in enumerate(zip(actual, expected)):
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.array_equal(np.isnan(a), np.isnan(b)), f"{what}[{i}]: NaN masks differ"
+        assert np.array_equal(np.isposinf(a), np.isposinf(b)), f"{what}[{i}]: +inf masks differ"
+        assert np.array_equal(np.isneginf(a), np.isneginf(b)), f"{what}[{i}]: -inf masks differ"
+
+
+def assert_close_nonfinite(actual, expected, dtype, what):
+    """Non-finite masks identical; the finite elements within RTOL (norm-relative)."""
+    assert_same_nonfinite(actual, expected, what)
+    fin = [np.isfinite(np.asarray(b)) for b in expected]
+    assert_close([np.asarray(a)[m] for a, m in zip(actual, fin)],
+                 [np.asarray(b)[m] for b, m in zip(expected, fin)], dtype, what + " (finite part)",
+                 scale=rms(expected))
+
+
+# -- torch conversion -------------------------------------------------------------------
+def sd_to_numpy(sd):
+    """A torch state dict with every tensor turned into a NumPy array (copies)."""
+    import torch
+
+    def conv(x):
+        if isinstance(x, torch.Tensor):
+            return x.detach().clone().numpy()
+        if isinstance(x, dict):
+            return {k: conv(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [conv(v) for v in x]
+        if isinstance(x, tuple):
+            return tuple(conv(v) for v in x)
+        return x
+    return conv(sd)
+
+
+def sd_to_torch(sd):
+    """A fastopt state dict with every array turned into a tensor (``step`` as torch keeps it)."""
+    import torch
+
+    def conv(x):
+        if isinstance(x, np.ndarray):
+            return torch.from_numpy(np.array(x))
+        if isinstance(x, dict):
+            return {k: conv(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [conv(v) for v in x]
+        return x
+    out = conv(sd)
+    for st in out["state"].values():
+        if "step" in st:
+            st["step"] = torch.tensor(float(st["step"]), dtype=torch.float32)
+    return out
+
+
+def torch_params(arrays):
+    """torch tensors sharing memory with copies of ``arrays`` (read them back via .numpy())."""
+    import torch
+    return [torch.from_numpy(np.array(a, copy=True)) for a in arrays]
+
+
+def torch_step(opt, params, grads):
+    """One torch.optim step with ``grads`` (None leaves that param's grad unset)."""
+    import torch
+    for p, g in zip(params, grads):
+        p.grad = None if g is None else torch.from_numpy(g)
+    opt.step()
+
+
+
+# -- one training run through several implementations ---------------------------------
+class Grads:
+    """Random gradients for tensors of ``shapes``: one flat vector per step and its views.
+
+    Args:
+      fresh: new gradient arrays every step (exercises re-validation and table
+        re-targeting); otherwise one buffer refilled in place, the same array objects
+        each step, as a training loop with persistent grad buffers has.
+      pool: draw each step as a randomly offset, randomly scaled window of one long
+        random vector: random per element and per step, at the cost of a slice (for
+        large totals, where drawing fresh normals every step would dominate the run).
+    """
+
+    def __init__(self, shapes, dtype, seed, *, fresh=True, pool=False):
+        self.shapes = [tuple(s) for s in shapes]
+        self.sizes = [int(np.prod(s, dtype=np.int64)) for s in self.shapes]
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+        self.total = int(self.offsets[-1])
+        self.dtype = np.dtype(dtype)
+        self.rng = np.random.default_rng(seed)
+        self.fresh = fresh
+        self.pool = (self.rng.standard_normal(self.total + 8191).astype(self.dtype)
+                     if pool else None)
+        self.buffer = None if fresh else np.empty(self.total, self.dtype)
+        self.views = None if fresh else self._views(self.buffer)
+
+    def _views(self, flat):
+        return [flat[lo:hi].reshape(s) for lo, hi, s in
+                zip(self.offsets[:-1], self.offsets[1:], self.shapes)]
+
+    def _draw(self, out):
+        if self.pool is not None:
+            o = int(self.rng.integers(0, 8192))
+            np.multiply(self.pool[o:o + self.total], self.dtype.type(self.rng.uniform(0.5, 2.0)), out=out)
+        else:
+            out[...] = self.rng.standard_normal(self.total, dtype=self.dtype)
+
+    def next(self):
+        """(flat gradient, per-tensor views of it)."""
+        if self.fresh:
+            flat = np.empty(self.total, self.dtype)
+            self._draw(flat)
+            return flat, self._views(flat)
+        self._draw(self.buffer)
+        return self.buffer, self.views
+
+
+def init_params(shapes, dtype, seed):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(s).astype(dtype) for s in shapes]
+
+
+class Impl:
+    """One implementation of a training run: its live params (NumPy views) and optimizer."""
+
+    def __init__(self, name, params, opt, *, flat=None, torch_params=None):
+        self.name = name
+        self.params = params
+        self.opt = opt
+        self.flat = flat
+        self.tparams = torch_params
+
+    def step(self, flat_grad, grads):
+        if self.tparams is not None:
+            torch_step(self.opt, self.tparams, grads)
+        elif self.flat is not None and all(g is not None for g in grads):
+            self.flat.grad[...] = flat_grad      # FlatParams mode: step() reads flat.grads
+            assert self.opt.step() is True
+        else:
+            assert self.opt.step(grads) is True
+
+    def set_lr(self, factor):
+        for g in self.opt.param_groups:
+            g["lr"] = g["lr"] * factor
+
+    def _torch_states(self):
+        # torch.optim.Adagrad creates state (step 0) at construction; fastopt creates
+        # state lazily at a param's first step, as every other torch optimizer does.
+        # A step-0 state is "no state yet" in both.
+        out = []
+        for t in self.tparams:
+            st = self.opt.state.get(t, {})
+            out.append({} if "step" in st and float(st["step"]) == 0 else st)
+        return out
+
+    def state(self, name):
+        """Per-param state arrays for ``name`` (None where a param has none)."""
+        if self.tparams is not None:
+            return [st[name].numpy() if name in st else None for st in self._torch_states()]
+        st = self.opt.state
+        return [st[i][name] if i in st and name in st[i] else None for i in range(len(self.params))]
+
+    def steps(self):
+        """Per-param step counts (None where a param has no state)."""
+        if self.tparams is not None:
+            return [int(st["step"]) if "step" in st else None for st in self._torch_states()]
+        st = self.opt.state
+        return [int(st[i]["step"]) if i in st and "step" in st[i] else None
+                for i in range(len(self.params))]
+
+
+def _grouped(params, groups):
+    return [{"params": params[sl], **hp} for sl, hp in groups]
+
+
+def make_impls(case, init, hp=None, *, groups=None, with_torch=True, flat_grads=True):
+    """numpy-reference, cpu list, cpu FlatParams (and torch) runs from the same ``init``.
+
+    Either ``hp`` (one group) or ``groups`` = [(slice, hp), ...] (contiguous groups).
+    """
+    def build(params, backend):
+        if groups is None:
+            return case.fo_cls(params, backend=backend, **hp)
+        return case.fo_cls(_grouped(list(params.params) if isinstance(params, fo.FlatParams)
+                                    else params, groups), backend=backend)
+
+    ref = [a.copy() for a in init]
+    lst = [a.copy() for a in init]
+    flat = fo.FlatParams(init)
+    impls = [Impl("numpy", ref, build(ref, "numpy")),
+             Impl("cpu-list", lst, build(lst, "cpu")),
+             Impl("cpu-flat", flat.params, build(flat, "cpu"), flat=flat)]
+    if with_torch:
+        tp = torch_params(init)
+        cls = case.torch_cls()
+        topt = cls(tp, **hp) if groups is None else cls(_grouped(tp, groups))
+        impls.append(Impl("torch", [t.numpy() for t in tp], topt, torch_params=tp))
+    return impls
+
+
+def compare_impls(impls, dtype, when, slots=(), nonfinite=False):
+    """cpu-list == cpu-flat exactly; both within RTOL of the reference and of torch.
+
+    The reference is also compared with torch, so a wrong reference cannot hide.
+    """
+    by = {i.name: i for i in impls}
+    check = assert_close_nonfinite if nonfinite else assert_close
+
+    def arrays(impl, what):
+        if what == "params":
+            return impl.params
+        return impl.state(what)
+
+    for what in ("params",) + tuple(slots):
+        lst, flat = arrays(by["cpu-list"], what), arrays(by["cpu-flat"], what)
+        for k, (a, b) in enumerate(zip(lst, flat)):
+            assert (a is None) == (b is None), f"{when}: {what}[{k}] present in one mode only"
+            if a is not None:
+                assert np.array_equal(a, b, equal_nan=True), \
+                    f"{when}: {what}[{k}] differs between list and FlatParams mode"
+        for oracle in ("numpy", "torch"):
+            if oracle not in by:
+                continue
+            exp = arrays(by[oracle], what)
+            present = [k for k, e in enumerate(exp) if e is not None]
+            assert present == [k for k, a in enumerate(lst) if a is not None], \
+                f"{when}: {what} exists for params {present} in {oracle} but not in fastopt"
+            check([lst[k] for k in present], [exp[k] for k in present], dtype,
+                  f"{when}: cpu vs {oracle}: {what}")
+        if "torch" in by:
+            exp, ref = arrays(by["torch"], what), arrays(by["numpy"], what)
+            present = [k for k, e in enumerate(exp) if e is not None]
+            check([ref[k] for k in present], [exp[k] for k in present], dtype,
+                  f"{when}: reference vs torch: {what}")
+    steps = [i.steps() for i in impls]
+    assert all(s == steps[0] for s in steps), f"{when}: step counts differ: " + \
+        ", ".join(f"{i.name}={s}" for i, s in zip(impls, steps))

@@ -1,0 +1,168 @@
+"""The functional API: in-place steps over caller-owned state, equal to the classes.
+
+``fo.functional.<name>`` on the CPU must equal the class on the CPU bit for bit (same
+element, same scalars) and the class on the reference; its ``backend="numpy"`` form
+must equal the class's reference bit for bit; CPU and reference agree within RTOL.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import fastopt as fo
+
+from cases import CASES, DTYPES, BY_NAME, Grads, assert_close, init_params, row_id
+
+SHAPES = [(0,), (1,), (3, 5), (70,)]
+N_STEPS = 20
+
+
+def _functional_grid():
+    return [pytest.param(c, row, id=f"{c.name}-{row_id(row)}") for c in CASES
+            if hasattr(fo.functional, c.name) for row in c.grid]
+
+
+class FunctionalRun:
+    """Params and caller-owned state for ``fo.functional.<name>``."""
+
+    def __init__(self, case, hp, init, backend):
+        self.case, self.backend = case, backend
+        self.kw = case.functional_kwargs(hp)
+        self.params = [a.copy() for a in init]
+        self.slots = {name: [np.full(a.shape, case.initial_state(hp, name), a.dtype) for a in init]
+                      for name in case.slot_names}
+        self.step_count = 0
+
+    def step(self, grads):
+        self.step_count += 1
+        out = self.case.functional(self.params, grads, *self.slots.values(), step=self.step_count,
+                                   backend=self.backend, **self.kw)
+        assert out is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("case,row", _functional_grid())
+def test_functional_equals_class_and_reference(case, row, dtype):
+    hp = case.hp(row)
+    init = init_params(SHAPES, dtype, 1)
+    f_cpu = FunctionalRun(case, hp, init, "cpu")
+    f_ref = FunctionalRun(case, hp, init, "numpy")
+    ids_before = [id(p) for p in f_cpu.params]
+    c_cpu_params = [a.copy() for a in init]
+    c_cpu = case.fo_cls(c_cpu_params, backend="cpu", **hp)
+    c_ref_params = [a.copy() for a in init]
+    c_ref = case.fo_cls(c_ref_params, backend="numpy", **hp)
+    src = Grads(SHAPES, dtype, 2)
+    for _ in range(N_STEPS):
+        g = src.next()[1]
+        f_cpu.step(g)
+        f_ref.step(g)
+        c_cpu.step(g)
+        c_ref.step(g)
+    assert [id(p) for p in f_cpu.params] == ids_before
+    c_cpu_state, c_ref_state = c_cpu.state, c_ref.state
+    for k in range(len(SHAPES)):
+        assert f_cpu.params[k].tobytes() == c_cpu_params[k].tobytes(), f"params[{k}]: functional vs class"
+        assert f_ref.params[k].tobytes() == c_ref_params[k].tobytes(), f"params[{k}]: numpy functional vs class"
+        for name, arrays in f_cpu.slots.items():
+            if name in c_cpu_state.get(k, {}):
+                assert arrays[k].tobytes() == c_cpu_state[k][name].tobytes(), f"{name}[{k}]"
+                assert f_ref.slots[name][k].tobytes() == c_ref_state[k][name].tobytes(), f"{name}[{k}]"
+    assert_close(f_cpu.params, f_ref.params, dtype, "functional cpu vs reference")
+    for name in f_cpu.slots:
+        if name in c_cpu_state.get(0, {}):
+            assert_close(f_cpu.slots[name], f_ref.slots[name], dtype, f"functional {name}")
+    assert not np.array_equal(f_cpu.params[2], init[2])
+
+
+@pytest.mark.parametrize("name", ["sgd", "adagrad", "rmsprop", "adam", "adamw"])
+def test_functional_mixed_dtypes_in_one_call(name):
+    """float32 and float64 tensors in one call: one pass per dtype, each as if alone."""
+    case = BY_NAME[name]
+    hp = case.hp()
+    shapes = [(4,), (3,), (2, 2)]
+    dtypes = [np.float32, np.float64, np.float32]
+    rng = np.random.default_rng(3)
+    init = [rng.standard_normal(s).astype(d) for s, d in zip(shapes, dtypes)]
+    together = FunctionalRun(case, hp, init, "cpu")
+    alone = [FunctionalRun(case, hp, [a], "cpu") for a in init]
+    for _ in range(5):
+        g = [rng.standard_normal(s).astype(d) for s, d in zip(shapes, dtypes)]
+        together.step(g)
+        for run, gk in zip(alone, g):
+            run.step([gk])
+    for k, run in enumerate(alone):
+        assert together.params[k].dtype == init[k].dtype
+        assert together.params[k].tobytes() == run.params[0].tobytes()
+
+
+def _adam_args(dtype=np.float32):
+    p = [np.ones(3, dtype), np.ones((2, 2), dtype)]
+    g = [np.full(3, 0.5, dtype), np.full((2, 2), 0.5, dtype)]
+    m = [np.zeros(3, dtype), np.zeros((2, 2), dtype)]
+    v = [np.zeros(3, dtype), np.zeros((2, 2), dtype)]
+    return p, g, m, v
+
+
+BAD_CALLS = {
+    "step_zero": (lambda p, g, m, v: fo.functional.adam(p, g, m, v, step=0), ValueError, "step"),
+    "step_bool": (lambda p, g, m, v: fo.functional.adam(p, g, m, v, step=True), ValueError, "step"),
+    "step_float": (lambda p, g, m, v: fo.functional.adam(p, g, m, v, step=1.5), ValueError, "step"),
+    "empty_params": (lambda p, g, m, v: fo.functional.adam([], [], [], []), ValueError, "empty"),
+    "grads_count": (lambda p, g, m, v: fo.functional.adam(p, g[:1], m, v), ValueError, "grads"),
+    "grad_shape": (lambda p, g, m, v: fo.functional.adam(p, [g[0], np.zeros(4, np.float32)], m, v),
+                   ValueError, r"grads\[1\]"),
+    "grad_is_param": (lambda p, g, m, v: fo.functional.adam(p, [g[0], p[1]], m, v), ValueError,
+                      r"grads\[1\] is params\[1\]"),
+    "missing_state": (lambda p, g, m, v: fo.functional.adam(p, g, m, None), ValueError, "exp_avg_sq"),
+    "missing_amsgrad_state": (lambda p, g, m, v: fo.functional.adam(p, g, m, v, amsgrad=True), ValueError,
+                              "max_exp_avg_sq"),
+    "state_count": (lambda p, g, m, v: fo.functional.adam(p, g, m[:1], v), ValueError, "exp_avg"),
+    "state_shape": (lambda p, g, m, v: fo.functional.adam(p, g, [m[0], np.zeros(4, np.float32)], v),
+                    ValueError, r"exp_avg\[1\]"),
+    "state_dtype": (lambda p, g, m, v: fo.functional.adam(p, g, [m[0], m[1].astype(np.float64)], v),
+                    ValueError, r"exp_avg\[1\]"),
+    "state_is_param": (lambda p, g, m, v: fo.functional.adam(p, g, [m[0], p[1]], v), ValueError,
+                       "same array"),
+    "state_twice": (lambda p, g, m, v: fo.functional.adam(p, g, m, m), ValueError, "same array"),
+    "state_read_only": (lambda p, g, m, v: fo.functional.adam(
+        p, g, m, [v[0], (lambda a: (a.setflags(write=False), a)[1])(v[1])]), ValueError, "read-only"),
+    "lr": (lambda p, g, m, v: fo.functional.adam(p, g, m, v, lr=-1.0), ValueError, "lr"),
+    "beta1": (lambda p, g, m, v: fo.functional.adam(p, g, m, v, beta1=1.0), ValueError, "betas"),
+    "eps_nan": (lambda p, g, m, v: fo.functional.adam(p, g, m, v, eps=math.nan), ValueError, "eps"),
+    "sgd_nesterov": (lambda p, g, m, v: fo.functional.sgd(p, g, m, nesterov=True), ValueError, "nesterov"),
+    "sgd_missing_buffers": (lambda p, g, m, v: fo.functional.sgd(p, g, None, momentum=0.9), ValueError,
+                            "momentum_buffer"),
+    "rmsprop_alpha": (lambda p, g, m, v: fo.functional.rmsprop(p, g, m, alpha=2.0), ValueError, "alpha"),
+    "adagrad_lr_decay": (lambda p, g, m, v: fo.functional.adagrad(p, g, m, lr_decay=-1.0), ValueError,
+                         "lr_decay"),
+}
+
+
+@pytest.mark.parametrize("what", list(BAD_CALLS))
+def test_functional_bad_input_changes_nothing(what):
+    p, g, m, v = _adam_args()
+    before = [a.tobytes() for a in p + m + v]
+    call, exc, pattern = BAD_CALLS[what]
+    with pytest.raises(exc, match=pattern):
+        call(p, g, m, v)
+    assert [a.tobytes() for a in p + m + v] == before
+
+
+def test_functional_sgd_without_momentum_needs_no_buffers():
+    p = [np.ones(3, np.float32)]
+    fo.functional.sgd(p, [np.ones(3, np.float32)], lr=0.5)
+    assert np.array_equal(p[0], np.full(3, 0.5, np.float32))
+
+
+def test_functional_sgd_step_one_initialises_the_buffer():
+    """step=1 makes the momentum buffer the gradient (whatever it held), as torch does."""
+    p = [np.zeros(3)]
+    buf = [np.full(3, 100.0)]
+    fo.functional.sgd(p, [np.ones(3)], buf, step=1, lr=0.1, momentum=0.9, dampening=0.5)
+    assert np.array_equal(buf[0], np.ones(3))
+    fo.functional.sgd(p, [np.ones(3)], buf, step=2, lr=0.1, momentum=0.9, dampening=0.5)
+    assert np.allclose(buf[0], 0.9 + 0.5, rtol=1e-15)
+    assert np.allclose(p[0], -0.1 - 0.1 * 1.4, rtol=1e-15)
