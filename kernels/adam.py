@@ -17,6 +17,7 @@ class AdamScalars(NamedTuple):
     step_size: float            # lr / (1 - beta1^t)
     beta2: float
     one_minus_beta1: float
+    lerp_back: float            # 1 - (1 - beta1) in storage precision (torch's lerp, weight >= 0.5)
     one_minus_beta2: float
     bias_correction2_sqrt: float  # sqrt(1 - beta2^t)
     eps: float
@@ -26,6 +27,7 @@ class AdamScalars(NamedTuple):
     decoupled: bool
     amsgrad: bool
     maximize: bool
+    lerp_from_end: bool         # torch's lerp takes its second form when the weight >= 0.5
 
 
 def adam_element(p, g, m, v, v_max, h):
@@ -36,7 +38,10 @@ def adam_element(p, g, m, v, v_max, h):
         p = p * h.decay_factor
     elif h.l2:
         g = g + h.weight_decay * p
-    m = m + h.one_minus_beta1 * (g - m)          # torch's lerp(m, g, 1 - beta1)
+    if h.lerp_from_end:                           # torch.lerp(m, g, 1 - beta1), both forms:
+        m = g - (g - m) * h.lerp_back             # they differ for infinite gradients
+    else:
+        m = m + h.one_minus_beta1 * (g - m)
     v = h.beta2 * v + h.one_minus_beta2 * (g * g)
     if h.amsgrad:
         v_max = v_max if v_max >= v else v        # NaN in v propagates, as torch.maximum
@@ -57,6 +62,7 @@ def adam_scalars(step, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
         step_size=cast(lr / bias_correction1),
         beta2=cast(beta2),
         one_minus_beta1=cast(1.0 - beta1),
+        lerp_back=cast(cast(1.0) - cast(1.0 - beta1)),
         one_minus_beta2=cast(1.0 - beta2),
         bias_correction2_sqrt=cast(math.sqrt(bias_correction2)),
         eps=cast(eps),
@@ -66,4 +72,5 @@ def adam_scalars(step, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
         decoupled=bool(decoupled_weight_decay and weight_decay != 0),
         amsgrad=bool(amsgrad),
         maximize=bool(maximize),
+        lerp_from_end=bool(1.0 - beta1 >= 0.5),
     )
