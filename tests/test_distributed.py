@@ -1,0 +1,189 @@
+"""fastopt.torch on torch's distributed engine: DistributedDataParallel and
+ZeroRedundancyOptimizer (optimizer state sharded across ranks), gloo, two processes on
+this machine over loopback only.
+
+Both ranks train on their half of each batch; DDP averages the gradients, so the run is
+the single-process run on the whole batch, and must end with the same parameters. The
+workers are this file run as a script (``python test_distributed.py RANK OUT_DIR``),
+started by one module-scoped fixture with a hard timeout.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+STEPS, RELOAD_AT, BATCH, LR = 30, 20, 16, 1e-2
+SCENARIOS = ("ddp", "ddp_flat", "zero", "zero_flat", "zero_bucket_view")
+TIMEOUT_S = 90
+
+
+def make_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(),
+                         nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 1))
+
+
+def batch(step):
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(BATCH, 8, generator=g)
+    return x, x.sum(1, keepdim=True).sin()
+
+
+def train_steps(model, opt, steps, start=0, shard=None, set_to_none=True):
+    for s in range(start, start + steps):
+        x, y = batch(s)
+        if shard is not None:
+            rank, world = shard
+            x, y = x[rank::world], y[rank::world]
+        opt.zero_grad(set_to_none=set_to_none)
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+def single_process(flat=False):
+    """The reference: one process, the whole batch, fastopt.torch.Adam."""
+    import fastopt.torch as ft
+    model = make_model()
+    opt = ft.Adam(model.parameters(), lr=LR, flat=flat)
+    train_steps(model, opt, STEPS)
+    return [p.detach().numpy().copy() for p in model.parameters()], opt.state_dict()
+
+
+# -- the worker ---------------------------------------------------------------------------------
+def _worker(rank: int, out_dir: str) -> None:
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import fastopt.torch as ft
+
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    out = {}
+
+    def make_opt(scenario, params):
+        if scenario == "ddp":
+            return ft.Adam(params, lr=LR)
+        if scenario == "ddp_flat":
+            return ft.Adam(params, lr=LR, flat=True)
+        return ZeroRedundancyOptimizer(params, optimizer_class=ft.Adam, lr=LR,
+                                       parameters_as_bucket_view=scenario == "zero_bucket_view",
+                                       **({"flat": True} if scenario == "zero_flat" else {}))
+
+    for scenario in SCENARIOS:
+        model = make_model()
+        ddp = DDP(model)
+        opt = make_opt(scenario, ddp.parameters())
+        if scenario.startswith("zero"):
+            assert isinstance(opt.optim, ft.Adam)
+            out[f"{scenario}/local_params"] = np.array(sum(len(g["params"]) for g in opt.optim.param_groups))
+        # ZeroRedundancyOptimizer.zero_grad is torch's: it would set the flat grads to
+        # None (a flat=True violation), so zero them in place.
+        set_to_none = scenario != "zero_flat"
+        train_steps(ddp, opt, RELOAD_AT, shard=(rank, 2), set_to_none=set_to_none)
+        if scenario.startswith("zero"):
+            # Gather the sharded state on rank 0, then resume from it in a fresh optimizer:
+            # ZeroRedundancyOptimizer.load_state_dict writes the local optimizer's state.
+            opt.consolidate_state_dict(to=0)
+            box = [opt.state_dict() if rank == 0 else None]
+            dist.broadcast_object_list(box, src=0)
+            sd = box[0]
+            for i, st in sd["state"].items():
+                for k, v in st.items():
+                    out[f"{scenario}/state/{i}/{k}"] = v.numpy()
+            opt = make_opt(scenario, ddp.parameters())
+            opt.load_state_dict(sd)
+        train_steps(ddp, opt, STEPS - RELOAD_AT, start=RELOAD_AT, shard=(rank, 2), set_to_none=set_to_none)
+        for i, p in enumerate(model.parameters()):
+            out[f"{scenario}/param/{i}"] = p.detach().numpy().copy()
+    np.savez(os.path.join(out_dir, f"rank{rank}.npz"), **out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# -- the tests ----------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+               GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1",
+               PYTHONUNBUFFERED="1")
+    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(out)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(2)]
+    deadline = time.monotonic() + TIMEOUT_S
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for r, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {r} failed:\n{log[-4000:]}"
+    return [dict(np.load(out / f"rank{r}.npz")) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return single_process()
+
+
+def _assert_close(a, b, tol=1e-5, what=""):
+    err = np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+    assert err <= tol, f"{what}: relative error {err:.3g} > {tol}"
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_two_ranks_end_with_the_single_process_params(ranks, reference, scenario):
+    ref_params, _ = reference
+    init = [p.detach().numpy() for p in make_model().parameters()]
+    for i, ref in enumerate(ref_params):
+        assert not np.allclose(ref, init[i])                                   # it trained
+        for r in range(2):
+            _assert_close(ranks[r][f"{scenario}/param/{i}"], ref, what=f"{scenario} rank {r} param {i}")
+        np.testing.assert_array_equal(ranks[0][f"{scenario}/param/{i}"], ranks[1][f"{scenario}/param/{i}"])
+
+
+@pytest.mark.parametrize("scenario", [s for s in SCENARIOS if s.startswith("zero")])
+def test_zero_shards_state_and_consolidates_it(ranks, scenario):
+    n_params = len(list(make_model().parameters()))
+    local = [int(ranks[r][f"{scenario}/local_params"]) for r in range(2)]
+    assert sum(local) == n_params and min(local) > 0          # each rank steps only its shard
+    # The consolidated state after RELOAD_AT steps equals the single-process optimizer's.
+    import fastopt.torch as ft
+    model = make_model()
+    opt = ft.Adam(model.parameters(), lr=LR)
+    train_steps(model, opt, RELOAD_AT)
+    sd = opt.state_dict()
+    for i in range(n_params):
+        assert float(ranks[0][f"{scenario}/state/{i}/step"]) == RELOAD_AT
+        for k in ("exp_avg", "exp_avg_sq"):
+            _assert_close(ranks[0][f"{scenario}/state/{i}/{k}"], sd["state"][i][k].numpy(), tol=1e-4,
+                          what=f"{scenario} state {i} {k}")
+
+
+if __name__ == "__main__":
+    _worker(int(sys.argv[1]), sys.argv[2])

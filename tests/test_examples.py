@@ -1,0 +1,66 @@
+"""The examples run (small settings), write their PNGs and show what they claim."""
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("matplotlib")
+from fastopt import demo  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png(path, min_bytes=20_000):
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[:8] == PNG_MAGIC and len(data) >= min_bytes, f"{path} is not a plotted PNG"
+
+
+def test_trajectories_momentum_and_adaptive_beat_gradient_descent(tmp_path, capsys):
+    r = demo.load_example("trajectories").main(["--out", str(tmp_path)])
+    assert_png(tmp_path / "trajectories.png")
+    assert "wrote" in capsys.readouterr().out
+    problems = [k for k in r if k != "png"]
+    assert len(problems) == 2
+    for title in problems:
+        final, initial = r[title]["final"], r[title]["initial"]
+        assert all(f < initial for f in final.values()), title
+        gd = final["gradient descent"]
+        momentum = next(v for k, v in final.items() if k.startswith("momentum"))
+        assert momentum < gd / 10, f"{title}: momentum {momentum} vs GD {gd}"
+        assert final["Adam"] < gd / 100, f"{title}: Adam {final['Adam']} vs GD {gd}"
+
+
+def test_numpy_mlp_trains_with_every_optimizer(tmp_path):
+    r = demo.load_example("numpy_mlp").run(str(tmp_path), steps=150, hidden=16)
+    assert_png(tmp_path / "numpy_mlp.png")
+    assert set(r["final_loss"]) == {"SGD", "momentum", "Nesterov", "Adagrad", "RMSprop", "Adam"}
+    for name, loss in r["final_loss"].items():
+        assert loss < 0.8 * r["first_loss"][name], name
+    assert r["final_loss"]["Adam"] < r["final_loss"]["SGD"]
+
+
+def test_torch_digits_fastopt_flat_follows_torch_adam(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
+    r = demo.load_example("torch_digits").run(str(tmp_path), epochs=2, hidden=32, layers=2, lr=5e-3)
+    assert_png(tmp_path / "torch_digits.png")
+    for name, loss in r["final_loss"].items():
+        assert loss < 0.5 * r["first_loss"], name
+    assert r["max_loss_gap"] < 1e-4                     # the same loss curve
+    assert min(r["accuracy"].values()) > 0.8
+    assert set(r["step_ms"]) == {"torch.optim.Adam", "torch.optim.Adam(fused=True)",
+                                 "fastopt.torch.Adam(flat=True)"}
+
+
+def test_demo_quick_writes_pngs_and_skips_what_is_missing(tmp_path, capsys, monkeypatch):
+    assert demo.main(["--quick", "--out", str(tmp_path), "--only", "trajectories",
+                      "--only", "numpy_mlp"]) == 0
+    out = capsys.readouterr().out
+    assert "[trajectories]" in out and "[numpy_mlp]" in out and "done in" in out
+    assert_png(tmp_path / "trajectories.png")
+    assert_png(tmp_path / "numpy_mlp.png")
+    monkeypatch.setitem(demo.NEEDS, "torch_digits", ("a_module_that_is_not_installed",))
+    assert demo.main(["--quick", "--out", str(tmp_path), "--only", "torch_digits"]) == 0
+    assert "skipped: needs a_module_that_is_not_installed" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="unknown example"):
+        demo.load_example("nope")
