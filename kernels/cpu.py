@@ -77,15 +77,20 @@ def _view(address, n, like):
 _view = numba.njit(inline="always", cache=True)(_view)
 
 
-def _driver_template(table, chunks, like, h, grad_scale):
-    # ELEMENT, HAS0, HAS1, HAS2 are compile-time constants injected by _instantiate.
-    # grad_scale multiplies every gradient on the fly (unscaling, fused clipping); the
-    # driver is compiled for float32 math when like is float32.
+def _driver_template(table, chunks, like, h, grad_scale, row_values):
+    # ELEMENT, HAS0..2 and ROW_MODE are compile-time constants injected by _instantiate.
+    # grad_scale multiplies every gradient on the fly (unscaling, fused clipping).
+    # ROW_MODE 1: row r's gradients are also multiplied by row_values[r] (a per-tensor
+    # clip factor); ROW_MODE 2: row_values[r] is the element's third state argument,
+    # read-only (a per-tensor trust ratio). ROW_MODE 0: row_values is None, unused.
     for c in prange(chunks.shape[0]):
         r = chunks[c, 0]
         lo = chunks[c, 1]
         hi = chunks[c, 2]
         n = table[r, 0]
+        scale = grad_scale
+        if ROW_MODE == 1:  # noqa: F821
+            scale = grad_scale * row_values[r]
         # Slice first, then loop from 0: LLVM vectorises this form.
         p = _view(table[r, 1], n, like)[lo:hi]
         g = _view(table[r, 2], n, like)[lo:hi]
@@ -93,7 +98,11 @@ def _driver_template(table, chunks, like, h, grad_scale):
         s1 = _view(table[r, 4], n, like)[lo:hi]
         s2 = _view(table[r, 5], n, like)[lo:hi]
         for i in range(hi - lo):
-            out = ELEMENT(p[i], g[i] * grad_scale, s0[i], s1[i], s2[i], h)  # noqa: F821
+            if ROW_MODE == 2:  # noqa: F821
+                third = row_values[r]
+            else:
+                third = s2[i]
+            out = ELEMENT(p[i], g[i] * scale, s0[i], s1[i], third, h)  # noqa: F821
             p[i] = out[0]
             if HAS0:  # noqa: F821
                 s0[i] = out[1]
@@ -136,10 +145,14 @@ def _cached(key, make):
     return fn
 
 
-def driver(element, has: tuple[bool, bool, bool]):
+ROW_MODES = {None: 0, "grad": 1, "slot2": 2}
+
+
+def driver(element, has: tuple[bool, bool, bool], row_mode: int = 0):
     """The compiled chunk-table driver for ``element`` with state slots ``has``."""
-    return _cached(("step", element, has), lambda: _instantiate(
-        _driver_template, "step", element, HAS0=has[0], HAS1=has[1], HAS2=has[2]))
+    return _cached(("step", element, has, row_mode), lambda: _instantiate(
+        _driver_template, "step", element, HAS0=has[0], HAS1=has[1], HAS2=has[2],
+        ROW_MODE=row_mode))
 
 
 def _rows_template(p, g, s0, s1, s2, index, h, grad_scale):
@@ -300,16 +313,28 @@ def _master_template(table, chunks, like, bits, h, grad_scale, seed):
             w[i] = lowp.round_to_bits(out[0], KIND, seed, c * CHUNK + i)  # noqa: F821
 
 
-def run(element, table: ChunkTable, scalars, grad_scale=1.0, seed=0, stochastic=False) -> None:
+def run(element, table: ChunkTable, scalars, grad_scale=1.0, seed=0, stochastic=False,
+        row_values=None, row_mode=None) -> None:
     """One fused step of ``element`` over every chunk of ``table``.
 
     Each gradient is multiplied by ``grad_scale`` as it is read (1.0 leaves it exact).
     For master-weight tables of bfloat16, ``stochastic`` rounds the model copy
     stochastically with random bits derived from ``seed`` and the element's position.
+    ``row_values`` (one per row of a ``merge=False`` table) with ``row_mode`` "grad"
+    scales each row's gradients; with "slot2" it is the element's third state argument
+    (read-only; that slot must be absent): see kernels/per_tensor.py.
     """
     if table.chunks.shape[0] == 0:
         return
     scale = table.like.dtype.type(grad_scale)
+    mode = ROW_MODES[row_mode]
+    if mode:
+        if table.low_kind:
+            raise NotImplementedError("per-row values with master weights")
+        has = (table.has[0], table.has[1], False) if mode == 2 else table.has
+        driver(element, has, mode)(table.table, table.chunks, table.like, scalars, scale,
+                                   row_values)
+        return
     if table.low_kind:
         kind = table.low_kind
         if stochastic and kind == lowp.BFLOAT16:
@@ -323,7 +348,7 @@ def run(element, table: ChunkTable, scalars, grad_scale=1.0, seed=0, stochastic=
         fn(table.table, table.chunks, table.like, np.uint16(0), scalars, scale,
            np.uint32(seed & 0xFFFFFFFF))
         return
-    driver(element, table.has)(table.table, table.chunks, table.like, scalars, scale)
+    driver(element, table.has)(table.table, table.chunks, table.like, scalars, scale, None)
 
 
 def _reduce_template(table, chunks, like, h, out):
