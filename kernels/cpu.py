@@ -198,6 +198,19 @@ def address(a: np.ndarray) -> int:
     return a.__array_interface__["data"][0]
 
 
+def merge_runs(rows, itemsizes):
+    """Merge each row ``(n, addr, addr, ...)`` into the previous one where every address
+    column continues it in memory (``itemsizes``: bytes per element of each column)."""
+    if rows.shape[0] < 2:
+        return rows
+    ends = rows[:-1, 1:] + rows[:-1, :1] * itemsizes
+    continues = np.all(rows[1:, 1:] == ends, axis=1)
+    starts = np.flatnonzero(np.concatenate([[True], ~continues]))
+    merged = rows[starts].copy()
+    merged[:, 0] = np.add.reduceat(rows[:, 0], starts)
+    return merged
+
+
 class ChunkTable:
     """Tensor and chunk tables for one step over aligned lists of arrays.
 
@@ -253,23 +266,11 @@ class ChunkTable:
                              + [2] * (full.shape[1] - 6), dtype=np.int64)
         # merge=False keeps one row per non-empty tensor (per-tensor reductions need it).
         self.merge = merge
-        self.table = self._merge_runs(full, itemsizes) if merge else full
+        self.table = merge_runs(full, itemsizes) if merge else full
         self.chunks = self._split(self.table[:, 0])
         self.n_elements = int(self.table[:, 0].sum())
         # The table holds raw addresses: keep every array alive while the table lives.
         self.refs = (params, grads, slots, model)
-
-    @staticmethod
-    def _merge_runs(rows, itemsizes):
-        """Merge each row into the previous one where every column continues it in memory."""
-        if rows.shape[0] < 2:
-            return rows
-        ends = rows[:-1, 1:] + rows[:-1, :1] * itemsizes
-        continues = np.all(rows[1:, 1:] == ends, axis=1)
-        starts = np.flatnonzero(np.concatenate([[True], ~continues]))
-        merged = rows[starts].copy()
-        merged[:, 0] = np.add.reduceat(rows[:, 0], starts)
-        return merged
 
     @staticmethod
     def _split(sizes):

@@ -42,6 +42,8 @@ import numpy as np
 from numba import config as _numba_config
 from numba import cuda
 
+from .cpu import merge_runs
+
 SIMULATOR = bool(getattr(_numba_config, "ENABLE_CUDASIM", False)) or os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 
 # Launch geometry. Chunks: at least CHUNK_MIN elements (a block's threads stride over
@@ -319,18 +321,6 @@ def current_stream(kind: str, sample=None):
 
 
 # -- the table ------------------------------------------------------------------------------
-def _merge_runs(rows, itemsize):
-    """Merge each row into the previous one where every column continues it in memory."""
-    if rows.shape[0] < 2:
-        return rows
-    ends = rows[:-1, 1:] + rows[:-1, :1] * itemsize
-    continues = np.all(rows[1:, 1:] == ends, axis=1)
-    starts = np.flatnonzero(np.concatenate([[True], ~continues]))
-    merged = rows[starts].copy()
-    merged[:, 0] = np.add.reduceat(rows[:, 0], starts)
-    return merged
-
-
 def chunk_size(total: int) -> int:
     """Elements per chunk for a step of ``total`` elements."""
     want = max(1, -(-total // TARGET_CHUNKS))
@@ -349,7 +339,7 @@ class _Layout:
     def __init__(self, rows, dtype, merge):
         self.partials = None                 # the reduction's per-chunk output, made once
         itemsize = dtype.itemsize
-        rows = _merge_runs(rows, itemsize) if merge else rows
+        rows = merge_runs(rows, itemsize) if merge else rows
         self.rows = rows
         sizes = rows[:, 0]
         self.n_elements = int(sizes.sum())
