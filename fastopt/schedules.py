@@ -8,11 +8,10 @@ that an optimizer accepts as its ``lr``.
 """
 from ._schedules_keras import (CosineDecay, ExponentialDecay, InverseTimeDecay,
                                LearningRateSchedule, PiecewiseConstantDecay)
-from ._schedules_torch import (ChainedScheduler, ConstantLR, CosineAnnealingLR,
-                               CosineAnnealingWarmRestarts, CyclicLR, ExponentialLR,
-                               LambdaLR, LinearLR, LRScheduler, MultiplicativeLR,
-                               MultiStepLR, OneCycleLR, PolynomialLR, ReduceLROnPlateau,
-                               SequentialLR, StepLR)
+from ._schedules_cyclic import (ChainedScheduler, CosineAnnealingWarmRestarts, CyclicLR,
+                                OneCycleLR, ReduceLROnPlateau, SequentialLR)
+from ._schedules_torch import (ConstantLR, CosineAnnealingLR, ExponentialLR, LambdaLR, LinearLR,
+                               LRScheduler, MultiplicativeLR, MultiStepLR, PolynomialLR, StepLR)
 
 __all__ = [
     # torch.optim.lr_scheduler
