@@ -4,7 +4,7 @@ LAMB and LARS.
 Each class maps a param group to its element function's state slots and host scalars,
 and to its NumPy reference; the base class does the rest. NAdam keeps torch's per-tensor
 ``mu_product`` on the host; LAMB and LARS run two passes per step (per-tensor norms,
-then the update scaled by each tensor's trust ratio) on the CPU driver.
+then the update scaled by each tensor's trust ratio) on the CPU or CUDA driver.
 """
 from __future__ import annotations
 
@@ -353,8 +353,9 @@ class Lion(Optimizer):
 class _TrustRatio(Optimizer):
     """Two passes per step: per-tensor norms, then the update scaled by each tensor's ratio.
 
-    The CPU backend runs both on one ``merge=False`` chunk table (one row per tensor);
-    the "numpy" backend runs the reference. The CUDA driver has no per-tensor values yet.
+    The "cpu" and "cuda" backends run both on one ``merge=False`` table (one row per
+    tensor; kernels/per_tensor.py): one reduction and one step per dtype group. The
+    "numpy" backend runs the reference.
     """
 
     norms = None   # the reducer element (p, g, s0, s1, s2, h) -> (p^2, u^2)
@@ -365,14 +366,6 @@ class _TrustRatio(Optimizer):
                                       "(16-bit params) yet: its per-tensor pass has no 16-bit driver")
         super().__init__(params, defaults, backend, **options)
 
-    def step(self, grads=None, **kw) -> bool:
-        name = _backend.resolve(self.backend, self.param_groups[0]["params"][0])
-        if name not in ("cpu", "numpy"):
-            raise NotImplementedError(
-                f"{type(self).__name__} runs on the 'cpu' and 'numpy' backends; its per-tensor "
-                f"trust ratio needs per-tensor values in the {name!r} driver")
-        return super().step(grads, **kw)
-
     def _trust_ratios(self, group, sums):
         raise NotImplementedError
 
@@ -380,15 +373,17 @@ class _TrustRatio(Optimizer):
         if backend_name == "numpy":
             self._reference(group, step, bucket.params, _scaled(bucket.grads, scale), bucket.slots)
             return
-        from .kernels import cpu, per_tensor
+        from .kernels import per_tensor
+        be = _backend.get(backend_name)
         if bucket.table is None:
-            bucket.table = cpu.ChunkTable(bucket.params, bucket.grads, bucket.slots, merge=False)
+            bucket.table = per_tensor.table(bucket.params, bucket.grads, bucket.slots, be)
         cast = np.dtype(bucket.params[0].dtype).type
         # The reducer reads raw gradients: it applies the step's gradient scale itself.
         scalars = self._scalars(group, step, cast)._replace(grad_scale=cast(scale))
-        sums = per_tensor.row_sums(type(self).norms, bucket.table, scalars)
+        sums = per_tensor.row_sums(type(self).norms, bucket.table, scalars, be)
         ratios = self._trust_ratios(group, sums)
-        per_tensor.run(self.element, bucket.table, scalars, ratios, mode="slot2", grad_scale=scale)
+        per_tensor.run(self.element, bucket.table, scalars, ratios, mode="slot2", grad_scale=scale,
+                       backend=be)
 
 
 class LAMB(_TrustRatio):

@@ -193,14 +193,6 @@ class _Engine(Optimizer):
         self._reference(group, step, [param], [dense], tuple(None if s is None else [s] for s in slots))
 
     # -- the step ---------------------------------------------------------------------------
-    def step(self, grads=None, **kw) -> bool:
-        name = _backend.resolve(self.backend, self.param_groups[0]["params"][0])
-        group = self.param_groups[0]
-        if name not in ("cpu", "numpy") and group["clipnorm"]:
-            raise NotImplementedError("clipnorm runs on the 'cpu' and 'numpy' backends; the "
-                                      f"{name!r} driver has no per-tensor values")
-        return super().step(grads, **kw)
-
     def _run_group(self, group, plan, backend_name, scale=1.0):
         buckets = [b for b in plan.buckets if len(b.indices)]
         if backend_name == "numpy":
@@ -226,7 +218,7 @@ class _Engine(Optimizer):
         per_tensor_clip = bool(group["clipnorm"])
         for b in buckets:
             if b.table is None:
-                b.table = (cpu.ChunkTable(b.params, b.grads, b.slots, merge=False) if per_tensor_clip
+                b.table = (per_tensor.table(b.params, b.grads, b.slots, be) if per_tensor_clip
                            else be.table(b.params, b.grads, b.slots))
         squares = _k.SquareScalars
         if group["global_clipnorm"]:
@@ -243,12 +235,13 @@ class _Engine(Optimizer):
         for b in buckets:
             scalars = self._scalars(group, None, np.dtype(b.params[0].dtype).type)
             if per_tensor_clip:
-                sums = per_tensor.row_sums(_k.grad_square, b.table, squares(scalars.lr * 0))
+                sums = per_tensor.row_sums(_k.grad_square, b.table, squares(scalars.lr * 0), be)
                 norms = np.sqrt(sums[:, 0]) * scale
                 clip = float(group["clipnorm"])
                 with np.errstate(invalid="ignore"):
                     factors = clip / np.maximum(norms, clip)
-                per_tensor.run(self.element, b.table, scalars, factors, mode="grad", grad_scale=scale)
+                per_tensor.run(self.element, b.table, scalars, factors, mode="grad", grad_scale=scale,
+                               backend=be)
             else:
                 be.run(self.element, b.table, scalars, scale)
 

@@ -9,9 +9,9 @@ device the rows become one *chunk table* and five *span arrays*:
   column ``k`` (params, grads, s0, s1, s2) and long enough to reach its highest tensor's
   end. It is pointer arithmetic written as array indexing: the kernel only touches the
   elements of the tensors named in the table, never the memory between them.
-- ``chunks[c] = (count, p, g, s0, s1, s2)``: chunk ``c`` is ``count`` consecutive elements
-  starting at those element offsets into the spans (at most a few thousand, sized so a
-  step has enough chunks to fill the device).
+- ``chunks[c] = (count, p, g, s0, s1, s2, row)``: chunk ``c`` is ``count`` consecutive
+  elements starting at those element offsets into the spans (at most a few thousand,
+  sized so a step has enough chunks to fill the device), all in row ``row``.
 
 The kernel is a grid-stride loop over chunks (one block per chunk at a time, its threads
 striding over the chunk's elements, so loads coalesce; with ``PAIR`` each thread takes
@@ -19,7 +19,11 @@ two elements per iteration, all their loads issued first), with the optimizer's 
 function compiled by ``cuda.jit(device=True)`` and inlined per (element, slot mask), the
 same function the CPU driver inlines. Host scalars (a NamedTuple) and ``grad_scale`` are
 kernel arguments, and the launch goes to the arrays' library's current stream (CuPy's
-or torch's); nothing is synchronised or allocated per step. A table is built (and its
+or torch's); nothing is synchronised or allocated per step. Per-tensor steps (LAMB,
+LARS, Keras clipnorm; kernels/per_tensor.py) also pass a device array of one value per
+row of a ``merge=False`` table, a gradient multiplier or a read-only third state
+argument as the CPU driver's ``row_values``; their norm pass copies per-chunk partials
+to the host (the one synchronisation such a step needs). A table is built (and its
 chunk table uploaded, synchronously) once per set of arrays; layouts are cached by
 address, so recurring arrays (the functional API, gradient buffers that come back at
 the same addresses) reuse the device table.
@@ -67,12 +71,16 @@ TABLE_CACHE = 32            # tables cached by address (functional API calls)
 
 
 # -- kernels -----------------------------------------------------------------------------
-def _step_template(p_span, g_span, s0_span, s1_span, s2_span, chunks, h, grad_scale):
-    # ELEMENT, HAS0..2 and PAIR are compile-time constants injected by _instantiate.
+def _step_template(p_span, g_span, s0_span, s1_span, s2_span, chunks, h, grad_scale, row_values):
+    # ELEMENT, HAS0..2, PAIR and ROW_MODE are compile-time constants injected by _instantiate.
     # PAIR: each thread takes elements i and i + blockDim per iteration, all ten loads
     # issued before any math (twice the bytes in flight per thread). Without PAIR the
     # second lane is the first one again: its loads merge and its math is dead code.
     # while loops, not range(): range computes a 64-bit trip count (a division).
+    # ROW_MODE (as the CPU driver): 0, row_values is () and never read; 1, the chunk's
+    # row's row_values entry also multiplies its gradients (a per-tensor clip factor);
+    # 2, that entry is the element's third state argument, read-only (a trust ratio).
+    # The row is column 6 of the chunk table, read once per chunk in modes 1 and 2 only.
     nt = cuda.blockDim.x
     stride = nt * 2 if PAIR else nt  # noqa: F821
     c = cuda.blockIdx.x
@@ -83,6 +91,12 @@ def _step_template(p_span, g_span, s0_span, s1_span, s2_span, chunks, h, grad_sc
         ao = chunks[c, 3]
         bo = chunks[c, 4]
         co = chunks[c, 5]
+        scale = grad_scale
+        third = grad_scale          # ROW_MODE 2's read-only third state argument
+        if ROW_MODE == 1:  # noqa: F821
+            scale = grad_scale * row_values[chunks[c, 6]]
+        if ROW_MODE == 2:  # noqa: F821
+            third = row_values[chunks[c, 6]]
         i = cuda.threadIdx.x
         while i < n:
             j = i + nt
@@ -104,8 +118,11 @@ def _step_template(p_span, g_span, s0_span, s1_span, s2_span, chunks, h, grad_sc
             b1 = s1_span[jb] if HAS1 else f  # noqa: F821
             a2 = s2_span[ic] if HAS2 else g  # noqa: F821
             b2 = s2_span[jc] if HAS2 else f  # noqa: F821
-            out = ELEMENT(p, g * grad_scale, a0, a1, a2, h)  # noqa: F821
-            other = ELEMENT(q, f * grad_scale, b0, b1, b2, h)  # noqa: F821
+            if ROW_MODE == 2:  # noqa: F821
+                a2 = third
+                b2 = third
+            out = ELEMENT(p, g * scale, a0, a1, a2, h)  # noqa: F821
+            other = ELEMENT(q, f * scale, b0, b1, b2, h)  # noqa: F821
             p_span[ip] = out[0]
             if HAS0:  # noqa: F821
                 s0_span[ia] = out[1]
@@ -205,15 +222,22 @@ def _instantiate(template, name, constants):
     return cuda.jit(**options)(fn)
 
 
-def step_kernel(element, has: tuple[bool, bool, bool]):
-    """The step kernel for ``element`` with state slots ``has`` (compiled lazily per dtype)."""
-    key = ("step", element, has, PAIR)
+ROW_MODES = {None: 0, "grad": 1, "slot2": 2}     # as kernels/cpu.py
+
+
+def step_kernel(element, has: tuple[bool, bool, bool], row_mode: int = 0):
+    """The step kernel for ``element`` with state slots ``has`` and per-row mode ``row_mode``
+    (0, 1 or 2: see ``_step_template``), compiled lazily per dtype."""
+    key = ("step", element, has, PAIR, row_mode)
     kernel = _KERNELS.get(key)
     if kernel is None:
         mask = "".join("1" if x else "0" for x in has) + ("p" if PAIR else "")
+        if row_mode:
+            mask += f"r{row_mode}"
         kernel = _KERNELS[key] = _instantiate(
             _step_template, f"cuda_step_{element.__name__}_{mask}_{_source_tag(element)}",
-            dict(ELEMENT=_device_function(element), HAS0=has[0], HAS1=has[1], HAS2=has[2], PAIR=PAIR))
+            dict(ELEMENT=_device_function(element), HAS0=has[0], HAS1=has[1], HAS2=has[2], PAIR=PAIR,
+                 ROW_MODE=row_mode))
     return kernel
 
 
@@ -334,10 +358,11 @@ class _Layout:
     no array (the spans own nothing), so layouts are cached by address.
     """
 
-    __slots__ = ("rows", "chunks", "args", "n_elements", "n_chunks", "partials")
+    __slots__ = ("rows", "chunks", "args", "n_elements", "n_chunks", "partials", "row_values")
 
-    def __init__(self, rows, dtype, merge):
+    def __init__(self, rows, dtype, merge, stream=0):
         self.partials = None                 # the reduction's per-chunk output, made once
+        self.row_values = None               # per-row values of per-tensor steps, made once
         itemsize = dtype.itemsize
         rows = merge_runs(rows, itemsize) if merge else rows
         self.rows = rows
@@ -361,7 +386,7 @@ class _Layout:
             if key not in made:
                 made[key] = _span(key[0], (key[1] - key[0]) // itemsize, dtype)
             spans.append(made[key])
-        # Chunks: (row, lo, hi) on the host; (count, offsets + lo) on the device.
+        # Chunks: (row, lo, hi) on the host; (count, offsets + lo, row) on the device.
         size = chunk_size(self.n_elements)
         counts = -(-sizes // size)
         row_of = np.repeat(np.arange(sizes.size, dtype=np.int64), counts)
@@ -369,11 +394,14 @@ class _Layout:
         lo = (np.arange(row_of.size, dtype=np.int64) - first) * size
         hi = np.minimum(lo + size, sizes[row_of])
         self.chunks = np.ascontiguousarray(np.stack([row_of, lo, hi], axis=1))
-        device = np.empty((row_of.size, 6), dtype=np.int64)
+        device = np.empty((row_of.size, 7), dtype=np.int64)
         device[:, 0] = hi - lo
-        device[:, 1:] = offsets[row_of] + lo[:, None]
+        device[:, 1:6] = offsets[row_of] + lo[:, None]
+        device[:, 6] = row_of
         self.n_chunks = int(row_of.size)
-        self.args = tuple(spans) + (cuda.to_device(device),)
+        # Uploaded on the stream the step will launch on, so the launch is ordered after
+        # the copy even on a non-blocking stream (the legacy default stream is not).
+        self.args = tuple(spans) + (cuda.to_device(device, stream=stream),)
 
 
 class CudaTable:
@@ -451,7 +479,8 @@ class _TableCache:
         if layout is not None:
             self.layouts.move_to_end(key)
         else:
-            layout = self.layouts[key] = _Layout(full, dtype, merge)
+            stream = current_stream(kind, sample) if kind != "host" else 0
+            layout = self.layouts[key] = _Layout(full, dtype, merge, stream)
             while len(self.layouts) > self.size:
                 self.layouts.popitem(last=False)
         return CudaTable(layout, has, dtype, kind, sample, refs, fixed, merge)
@@ -491,17 +520,59 @@ class CudaBackend:
         sample = params[0] if params else None
         return _BACKEND_TABLES(fixed, g_addr, dtype, has, kind, sample, merge, (params, grads, slots))
 
-    def run(self, element, table: CudaTable, scalars, grad_scale=1.0, **options) -> None:
-        """One fused step of ``element`` over ``table``: one launch, asynchronous."""
+    def run(self, element, table: CudaTable, scalars, grad_scale=1.0, row_values=None,
+            row_mode=None, **options) -> None:
+        """One fused step of ``element`` over ``table``: one launch, asynchronous.
+
+        ``row_values`` (a device array of the table's dtype, one value per row of a
+        ``merge=False`` table, e.g. from :meth:`row_array`) with ``row_mode`` "grad"
+        scales each row's gradients; with "slot2" it is the element's third state
+        argument (read-only; that slot must be absent), as ``kernels.cpu.run``.
+        """
         if options:
             raise NotImplementedError(f"the 'cuda' backend takes no options {sorted(options)}")
+        mode = ROW_MODES[row_mode]
         if not table.n_chunks:
             return
-        kernel = step_kernel(element, table.has)
+        has = table.has
+        if mode:
+            self._check_row_values(table, row_values)
+            if mode == 2:
+                has = (has[0], has[1], False)
+        else:
+            row_values = ()                  # no kernel argument, nothing loaded
+        kernel = step_kernel(element, has, mode)
         stream = current_stream(table.kind, table.sample)
         launch = _launcher(kernel, min(table.n_chunks, MAX_GRID), BLOCK, stream)
-        launch(*table.args, scalars, table.cast(grad_scale))
+        launch(*table.args, scalars, table.cast(grad_scale), row_values)
         self.launches += 1
+
+    @staticmethod
+    def _check_row_values(table, row_values):
+        if table.merge:
+            raise ValueError("per-tensor values need a table built with merge=False")
+        n_rows = table.table.shape[0]
+        shape = getattr(row_values, "shape", None)
+        if shape != (n_rows,) or np.dtype(getattr(row_values, "dtype", None)) != table.dtype:
+            raise ValueError(f"row_values must be a device array of {n_rows} {table.dtype} values "
+                             f"(one per row), got {type(row_values).__name__} of shape {shape}")
+
+    def row_array(self, table: CudaTable, values):
+        """``values`` (host, one per row of ``table``) in the table's device array of row
+        values, allocated on first use and refilled on the launch stream afterwards."""
+        layout = table.layout
+        host_values = np.ascontiguousarray(values, dtype=table.dtype)
+        if host_values.shape != (layout.rows.shape[0],):
+            raise ValueError(f"values must have one entry per row ({layout.rows.shape[0]}), "
+                             f"got {host_values.shape}")
+        if layout.row_values is None:
+            layout.row_values = cuda.device_array(host_values.shape, dtype=table.dtype)
+        stream = current_stream(table.kind, table.sample)
+        # On the launch stream: ordered after the reduction (which the caller waited for)
+        # and before the step that reads the values. From pageable host memory the copy
+        # returns once host_values is staged, so the host array may go at once.
+        layout.row_values.copy_to_device(host_values, stream=stream)
+        return layout.row_values
 
     def reduce_chunks(self, fn, table: CudaTable, scalars, maximum=False) -> np.ndarray:
         """Per-chunk partials ``(n_chunks, 2)`` float64 of reducer ``fn``, copied to the host

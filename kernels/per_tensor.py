@@ -1,18 +1,23 @@
-"""Per-tensor scalars for the CPU driver: steps that need one number per tensor.
+"""Per-tensor scalars: steps that need one number per tensor, on any driver.
 
 LAMB and LARS scale each tensor's update by its trust ratio; Keras's ``clipnorm``
-scales each tensor's gradient by its own clip factor. Both are two passes over a
-:class:`~fastopt.kernels.cpu.ChunkTable` built with ``merge=False`` (one row per
-non-empty tensor):
+scales each tensor's gradient by its own clip factor. Both are two passes over a table
+built with ``merge=False`` (one row per non-empty tensor; :func:`table`):
 
-1. :func:`row_sums`: ``cpu.reduce_chunks`` of a reducer ``fn(p, g, s0, s1, s2, h) ->
-   (a, b)``, combined per row in a fixed order (deterministic whatever the threads).
-2. :func:`run`: the step, one ``prange`` over chunks like ``cpu.run``, where row ``r``
-   gets ``values[r]`` either as a gradient multiplier (``mode="grad"``) or as the
-   element's third state argument (``mode="slot2"``: read-only, never written; the
-   element's third state position must be unused by its optimizer).
+1. :func:`row_sums`: the driver's ``reduce_chunks`` of a reducer ``fn(p, g, s0, s1, s2,
+   h) -> (a, b)`` (per-chunk float64 partials, on the host), combined per row in a fixed
+   order (deterministic whatever the threads or blocks).
+2. :func:`run`: the driver's step, where row ``r`` gets ``values[r]`` either as a
+   gradient multiplier (``mode="grad"``) or as the element's third state argument
+   (``mode="slot2"``: read-only, never written; the element's third state position must
+   be unused by its optimizer).
 
-Both passes are ``kernels/cpu.py``'s drivers; this module adds the per-row bookkeeping.
+Both passes are the drivers' own (``kernels/cpu.py``, ``kernels/cuda.py``: their
+``ROW_MODE``); this module adds the per-row bookkeeping. ``backend`` is the backend
+object (``fastopt._backend.get(name)``); None, or the CPU backend, means the CPU driver.
+On CUDA a step is one reduction launch, one small copy of the partials to the host (the
+norms are needed there), one copy of the row values back into a device array allocated
+once per table, and one step launch.
 """
 from __future__ import annotations
 
@@ -23,27 +28,50 @@ from . import cpu
 MODES = ("grad", "slot2")
 
 
+def _is_cpu(backend) -> bool:
+    return backend is None or getattr(backend, "name", None) == "cpu"
+
+
+def table(params, grads, slots, backend=None):
+    """The ``merge=False`` table (one row per non-empty tensor) of ``backend``'s driver."""
+    if _is_cpu(backend):
+        return cpu.ChunkTable(params, grads, slots, merge=False)
+    return backend.table(params, grads, slots, merge=False)
+
+
 def row_starts(table) -> np.ndarray:
     """Index of each row's first chunk (rows are non-empty and chunks are in row order)."""
     rows = table.chunks[:, 0]
     return np.flatnonzero(np.concatenate([[True], rows[1:] != rows[:-1]]))
 
 
-def row_sums(fn, table, scalars) -> np.ndarray:
+def row_sums(fn, table, scalars, backend=None) -> np.ndarray:
     """``(n_rows, 2)`` float64 sums of ``fn``'s two outputs per row of ``table``."""
     if table.chunks.shape[0] == 0:
         return np.zeros((0, 2))
-    partials = cpu.reduce_chunks(fn, table, scalars)
+    if _is_cpu(backend):
+        partials = cpu.reduce_chunks(fn, table, scalars)
+    else:
+        partials = backend.reduce_chunks(fn, table, scalars)
     return np.add.reduceat(partials, row_starts(table), axis=0)
 
 
-def run(element, table, scalars, values, mode="grad", grad_scale=1.0) -> None:
-    """One fused step of ``element`` over ``table`` with per-row ``values`` (see module doc)."""
+def run(element, table, scalars, values, mode="grad", grad_scale=1.0, backend=None) -> None:
+    """One fused step of ``element`` over ``table`` with per-row ``values`` (host, one per
+    row; see the module doc)."""
     if table.chunks.shape[0] == 0:
         return
     if table.merge:
-        raise ValueError("per-tensor values need a ChunkTable built with merge=False")
-    values = np.ascontiguousarray(values, dtype=table.like.dtype)
-    if values.shape != (table.table.shape[0],):
-        raise ValueError(f"values must have one entry per row ({table.table.shape[0]}), got {values.shape}")
-    cpu.run(element, table, scalars, grad_scale, row_values=values, row_mode=mode)
+        raise ValueError("per-tensor values need a table built with merge=False")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    n_rows = table.table.shape[0]
+    if _is_cpu(backend):
+        values = np.ascontiguousarray(values, dtype=table.like.dtype)
+        if values.shape != (n_rows,):
+            raise ValueError(f"values must have one entry per row ({n_rows}), got {values.shape}")
+        cpu.run(element, table, scalars, grad_scale, row_values=values, row_mode=mode)
+        return
+    # The device's array of row values (allocated once per table, refilled here).
+    backend.run(element, table, scalars, grad_scale, row_values=backend.row_array(table, values),
+                row_mode=mode)

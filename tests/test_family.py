@@ -10,6 +10,7 @@ tensor (``cases.rel_err``).
 from __future__ import annotations
 
 import math
+import os
 import zlib
 
 import numpy as np
@@ -291,11 +292,15 @@ def test_max_grad_norm_is_fused_like_the_reference(name):
     assert_close(a, b, np.float32, "clipped cpu vs reference")
 
 
-def test_lamb_and_lars_refuse_backends_without_per_tensor_values():
+@pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") == "1", reason="the simulator is a device")
+def test_lamb_and_lars_on_cuda_without_a_device_raise_before_any_change():
+    # With a device (or the simulator) they run: tests/test_family_cudasim.py.
     for cls in (LAMB, LARS):
-        opt = cls([np.zeros(3)], backend="cuda")
-        with pytest.raises(NotImplementedError, match="per-tensor"):
+        p = np.zeros(3)
+        opt = cls([p], backend="cuda")
+        with pytest.raises(fo.BackendUnavailableError):
             opt.step([np.ones(3)])
+        assert np.all(p == 0) and opt.state == {}
 
 
 def test_per_tensor_driver_rejects_merged_tables():
