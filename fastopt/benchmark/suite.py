@@ -1,12 +1,12 @@
 """The benchmark run behind ``fastopt bench``: plan the rows, time them, compare them.
 
-For each layout, for each optimizer, in one process: the roof kernel and fastopt in
-FlatParams and list mode are built side by side and timed interleaved (sample by sample,
-so the fraction of the roof survives a machine whose speed drifts); then torch (fused
-where it supports it, else foreach) and the NumPy reference (fewer repeats: it is slow)
-alone; then the CUDA rows when a GPU is present. Each group builds its own arrays from
-the layout's shared initial values and frees them before the next: peak memory is about
-three copies of one optimizer's arrays (roof, FlatParams, list) plus the initial values.
+For each layout, for each optimizer, in one process: the roof kernel, fastopt in
+FlatParams and list mode and torch (fused where it supports it, else foreach) are built
+side by side and timed interleaved (sample by sample, so the fraction of the roof and the
+ratio to torch survive a machine whose speed drifts); then the NumPy reference alone
+(fewer repeats: it is slow); then the CUDA rows when a GPU is present. Each group builds
+its own arrays from the layout's shared initial values and frees them before the next:
+peak memory is about four copies of one optimizer's arrays plus the initial values.
 """
 from __future__ import annotations
 
@@ -107,9 +107,11 @@ def _plan(config: BenchConfig, torch_ok: bool, gpu_ok: bool, torch_cuda: bool) -
             together = [("roof", "")] if "roof" in b else []
             if "fastopt" in b:
                 together += [("fastopt", m) for m in config.modes]
-            groups.append((layout, case, together))
+            # torch in the same interleaved group: the vs-torch ratios, like the fraction
+            # of the roof, then survive a shared machine whose speed drifts.
             if torch_ok and case.torch_class() is not None:
-                groups.append((layout, case, [("torch", "")]))
+                together += [("torch", "")]
+            groups.append((layout, case, together))
             if "numpy" in b:
                 groups.append((layout, case, [("numpy", "")]))
             if gpu_ok:
