@@ -95,6 +95,11 @@ class Target:
     mode: str = ""
     keep: object = None                  # arrays/optimizers that must outlive the timing
     numba_cpu: bool = False              # runs fastopt's Numba CPU drivers: report compile/cache
+    # Untimed pause after each sample: torch's OpenMP workers spin-wait for about 15 ms
+    # after its ops and would take the cores from the next row timed (measured: that row
+    # up to 1.6x slower, 20% spread). OMP_WAIT_POLICY=PASSIVE instead would make torch
+    # itself 10x slower on many small tensors, which is not its real speed.
+    settle_s: float = 0.0
 
 
 class LayoutData:
@@ -173,7 +178,8 @@ def torch_target(case: OptimizerCase, data: LayoutData, device="cpu") -> Target 
         except (TypeError, RuntimeError, ValueError) as exc:
             errors.append(f"{impl}: {exc}")
             continue
-        return Target(opt.step, sync=sync, mode=impl, keep=(params, opt))
+        return Target(opt.step, sync=sync, mode=impl, keep=(params, opt),
+                      settle_s=0.03 if device == "cpu" else 0.0)
     raise RuntimeError("; ".join(errors))
 
 
@@ -228,7 +234,11 @@ def time_interleaved(targets, repeats: int, min_sample_s=2e-3, max_time_s=None) 
     after ``max_time_s`` once every target has three samples. Returns ``[(times, k)]``.
     """
     start = time.perf_counter()
-    first = [_sample(t, 1) for t in targets]
+    first = []
+    for t in targets:
+        first.append(_sample(t, 1))
+        if t.settle_s:
+            time.sleep(t.settle_s)
     ks = [max(1, min(1000, int(min_sample_s / max(e, 1e-7)))) for e in first]
     outs = [[e] if k == 1 else [] for e, k in zip(first, ks)]
     repeats = max(1, repeats)
@@ -239,6 +249,8 @@ def time_interleaved(targets, repeats: int, min_sample_s=2e-3, max_time_s=None) 
         for t, k, o in zip(targets, ks, outs):
             if len(o) < repeats:
                 o.append(_sample(t, k))
+                if t.settle_s:
+                    time.sleep(t.settle_s)
     return list(zip(outs, ks))
 
 
