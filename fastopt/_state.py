@@ -27,7 +27,7 @@ def state_dict(opt) -> dict:
             continue
         d = {name: _host(arr) for name, arr in st.items()}
         if opt.has_step_state:
-            d["step"] = np.array(float(opt._steps[i]), dtype=np.float32)
+            d["step"] = _step_array(int(opt._steps[i]))
         state[i] = d
     groups, start = [], 0
     for g in opt.param_groups:
@@ -41,6 +41,17 @@ def state_dict(opt) -> dict:
     return {"state": state, "param_groups": groups, "iterations": int(opt.iterations)}
 
 
+# Step counts are exact integers in float64 up to 2**53 (and fit the int64 step counters).
+MAX_STEP = 2 ** 53
+
+
+def _step_array(step: int) -> np.ndarray:
+    """torch keeps ``step`` as a float32 scalar; past 2**24 float32 rounds it, so larger
+    counts are written as float64 (a save/load round trip never changes a step count)."""
+    dtype = np.float32 if step <= 2 ** 24 else np.float64
+    return np.array(float(step), dtype=dtype)
+
+
 def _as_step(value, label) -> int:
     v = np.asarray(value)
     if v.size != 1 or v.dtype.kind not in "fiu":
@@ -48,6 +59,8 @@ def _as_step(value, label) -> int:
     f = float(v.reshape(()))
     if not math.isfinite(f) or f < 0 or f != int(f):
         raise ValueError(f"{label} must be a non-negative whole number, got {f}")
+    if f > MAX_STEP:
+        raise ValueError(f"{label} must be at most 2**53, got {f}")
     return int(f)
 
 
@@ -58,13 +71,18 @@ def load_state_dict(opt, sd) -> None:
     groups, state = sd["param_groups"], sd["state"]
     if not isinstance(state, dict):
         raise ValueError("state_dict['state'] must be a dict")
+    if not isinstance(groups, (list, tuple)) or not all(isinstance(g, dict) for g in groups):
+        raise ValueError("state_dict['param_groups'] must be a list of dicts")
     if len(groups) != len(opt.param_groups):
         raise ValueError(f"state_dict has {len(groups)} param groups, the optimizer has {len(opt.param_groups)}")
     # 1. Groups: sizes, hyperparameter names (a different optimizer has other names), values.
     new_groups, id_map = [], {}
     for gi, (saved, mine) in enumerate(zip(groups, opt.param_groups)):
         where = f"state_dict['param_groups'][{gi}]"
-        ids = list(saved.get("params", ()))
+        ids = saved.get("params", ())
+        if not isinstance(ids, (list, tuple)):
+            raise ValueError(f"{where}['params'] must be a list of param ids, got {type(ids).__name__}")
+        ids = list(ids)
         if len(ids) != len(mine["params"]):
             raise ValueError(f"{where} has {len(ids)} params, the optimizer's group has {len(mine['params'])}")
         missing = set(opt.defaults) - set(saved)
@@ -80,11 +98,19 @@ def load_state_dict(opt, sd) -> None:
         new_groups.append(group)
         base = sum(len(g["params"]) for g in opt.param_groups[:gi])
         for k, pid in enumerate(ids):
+            try:
+                seen = pid in id_map
+            except TypeError:
+                raise ValueError(f"{where}['params'][{k}] is not a valid param id: {pid!r}") from None
+            if seen:
+                raise ValueError(f"{where}['params'] repeats param id {pid!r}: each id must name one param")
             id_map[pid] = (gi, base + k)
     # 2. Per-param state: keys the loaded group needs, shapes, finite step counts.
     loaded = {}
     for pid, st in state.items():
         where = f"state_dict['state'][{pid!r}]"
+        if not isinstance(st, dict):
+            raise ValueError(f"{where} must be a dict of state arrays, got {type(st).__name__}")
         if pid not in id_map:
             raise ValueError(f"{where} refers to no param in state_dict['param_groups']")
         gi, i = id_map[pid]
@@ -98,7 +124,7 @@ def load_state_dict(opt, sd) -> None:
                              f"for these hyperparameters")
         extra = have - set(opt.slot_names) - ({MASTER} if np.dtype(p.dtype).itemsize == 2 else set())
         if extra:
-            raise ValueError(f"{where} has unknown keys {sorted(extra)}: it is not a {name} state dict")
+            raise ValueError(f"{where} has unknown keys {sorted(extra, key=repr)}: it is not a {name} state dict")
         for key in have:
             _validate.state_array(st[key], p, f"{where}[{key!r}]", f"params[{i}]")
         step = _as_step(st["step"], f"{where}['step']") if "step" in st else (1 if have else 0)

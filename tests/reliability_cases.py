@@ -1,0 +1,156 @@
+"""Shared pieces of the reliability tests (tests/test_reliability_*.py).
+
+The optimizer table of :mod:`cases` plus fastopt's optax-named optimizers (Lion, LAMB,
+LARS: no torch counterpart, so they are compared with the reference only), hypothesis
+strategies for valid hyperparameters of each optimizer, and byte snapshots of
+everything an optimizer owns.
+
+Set ``FASTOPT_RELIABILITY_STATS=path.json`` to have the tests write the counts quoted in
+RELIABILITY.md (examples run, bad inputs tried, bytes compared) when the process exits.
+"""
+from __future__ import annotations
+
+import atexit
+import collections
+import inspect
+import json
+import os
+
+import numpy as np
+from hypothesis import strategies as st
+
+import fastopt as fo
+from cases import CASES, _case
+
+# -- the optimizers -------------------------------------------------------------------
+EXTRA_CASES = (
+    _case("lion", fo.Lion, "Lion", dict(lr=1e-3), [
+        {}, dict(betas=(0.8, 0.95), weight_decay=0.1, maximize=True),
+    ], full=dict(betas=(0.8, 0.95), weight_decay=0.1, maximize=True)),
+    _case("lamb", fo.LAMB, "LAMB", dict(lr=1e-2), [
+        {}, dict(betas=(0.8, 0.99), eps=1e-4, eps_root=1e-8, weight_decay=0.1),
+    ], full=dict(betas=(0.8, 0.99), eps=1e-4, eps_root=1e-8, weight_decay=0.1)),
+    _case("lars", fo.LARS, "LARS", dict(lr=1.0), [
+        {}, dict(momentum=0.5, weight_decay=0.1, trust_coefficient=1e-2, eps=1e-8, nesterov=True),
+    ], full=dict(momentum=0.5, weight_decay=0.1, trust_coefficient=1e-2, eps=1e-8, nesterov=True)),
+)
+ALL_CASES = tuple(CASES) + EXTRA_CASES
+ALL_BY_NAME = {c.name: c for c in ALL_CASES}
+TORCH_NAMES = frozenset(c.name for c in CASES)
+
+
+# -- counts for RELIABILITY.md -------------------------------------------------------
+STATS: collections.Counter = collections.Counter()
+
+
+def _dump_stats(path):
+    try:
+        old = json.load(open(path)) if os.path.exists(path) else {}
+    except (OSError, ValueError):
+        old = {}
+    for k, v in STATS.items():
+        old[k] = old.get(k, 0) + v
+    with open(path, "w") as f:
+        json.dump(old, f, indent=1, sort_keys=True)
+
+
+if os.environ.get("FASTOPT_RELIABILITY_STATS"):
+    atexit.register(_dump_stats, os.environ["FASTOPT_RELIABILITY_STATS"])
+
+
+# -- valid hyperparameters ------------------------------------------------------------
+def _maybe_zero(lo, hi):
+    return st.one_of(st.just(0.0), st.floats(lo, hi))
+
+
+_COMMON = {
+    "weight_decay": _maybe_zero(1e-4, 0.1),
+    "maximize": st.booleans(),
+    "amsgrad": st.booleans(),
+    "decoupled_weight_decay": st.booleans(),
+    "centered": st.booleans(),
+    "eps": st.sampled_from([1e-10, 1e-8, 1e-6, 1e-3]),
+    "lr_decay": _maybe_zero(1e-4, 0.1),
+    "initial_accumulator_value": _maybe_zero(1e-3, 1.0),
+    "alpha": st.floats(0.5, 0.999),
+    "rho": st.floats(0.5, 0.99),
+    "momentum_decay": st.floats(1e-4, 1e-2),
+    "eps_root": st.sampled_from([0.0, 1e-10, 1e-8]),
+    "trust_coefficient": st.floats(1e-4, 1e-1),
+    "betas": st.tuples(st.floats(0.0, 0.99), st.floats(0.5, 0.9999)),
+}
+_LR = {"sgd": (1e-4, 0.1), "adagrad": (1e-3, 0.1), "rmsprop": (1e-4, 1e-2), "adadelta": (0.05, 1.0),
+       "lion": (1e-5, 1e-3), "lars": (0.05, 1.0)}
+_PER_CASE = {
+    "lars": {"eps": st.sampled_from([0.0, 1e-8, 1e-6])},
+    "lion": {"weight_decay": _maybe_zero(1e-4, 0.5)},
+}
+
+
+def default_hp(case) -> dict:
+    """The hyperparameters the class's constructor takes, with their defaults (AdamW's
+    groups hold ``decoupled_weight_decay`` but its constructor fixes it)."""
+    hp = dict(case.fo_cls([np.zeros(1, np.float32)]).defaults)
+    accepted = inspect.signature(case.fo_cls.__init__).parameters
+    return {k: v for k, v in hp.items() if k in accepted}
+
+
+@st.composite
+def hyperparameters(draw, case) -> dict:
+    """Valid hyperparameters for ``case``: every one of the class's, each drawn over its
+    legal range (flags on or off; momentum-like terms zero or not)."""
+    names = default_hp(case)
+    hp = {}
+    lo, hi = _LR.get(case.name, (1e-4, 0.05))
+    hp["lr"] = draw(st.floats(lo, hi))
+    for name in names:
+        if name == "lr":
+            continue
+        if name == "momentum":
+            hp[name] = draw(st.one_of(st.just(0.0), st.floats(0.1, 0.95)))
+        elif name == "dampening":
+            hp[name] = draw(_maybe_zero(0.01, 0.5))
+        elif name == "nesterov":
+            ok = hp.get("momentum", 0.0) > 0 and hp.get("dampening", 0.0) == 0
+            hp[name] = draw(st.booleans()) if ok or case.name == "lars" else False
+        else:
+            strat = _PER_CASE.get(case.name, {}).get(name, _COMMON.get(name))
+            assert strat is not None, f"no strategy for {case.name}'s {name!r}"
+            hp[name] = draw(strat)
+    return hp
+
+
+# -- snapshots ------------------------------------------------------------------------
+def _bytes(a) -> bytes:
+    a = np.asarray(a)
+    return a.dtype.str.encode() + repr(a.shape).encode() + a.tobytes()
+
+
+def snapshot(opt, params=(), flats=()) -> dict:
+    """Every byte the optimizer (and the caller's params) own: params, state arrays
+    (master weights included), step counters, iteration count, last norm, group
+    hyperparameters, and the FlatParams' data and grad buffers."""
+    snap = {}
+    for i, p in enumerate(params):
+        snap[f"param{i}"] = _bytes(p)
+    for i, stt in enumerate(opt._state):
+        for k, v in (stt or {}).items():
+            snap[f"state{i}.{k}"] = _bytes(v)
+    snap["steps"] = _bytes(opt._steps)
+    snap["iterations"] = repr(opt.iterations).encode()
+    snap["last_grad_norm"] = repr(opt.last_grad_norm).encode()
+    for gi, g in enumerate(opt.param_groups):
+        snap[f"group{gi}"] = repr(sorted((k, v) for k, v in g.items() if k != "params")).encode()
+        snap[f"group{gi}.params"] = repr([(id(p), p.shape) for p in g["params"]]).encode()
+    for fi, f in enumerate(flats):
+        snap[f"flat{fi}.data"] = _bytes(f.data)
+        snap[f"flat{fi}.grad"] = _bytes(f.grad)
+    return snap
+
+
+def assert_unchanged(before: dict, after: dict, what: str) -> None:
+    assert before.keys() == after.keys(), f"{what}: state entries changed: " \
+        f"{sorted(before.keys() ^ after.keys())}"
+    changed = [k for k in before if before[k] != after[k]]
+    assert not changed, f"{what}: changed {changed}"
+    STATS["bytes_compared"] += sum(len(v) for v in before.values())
