@@ -39,17 +39,20 @@ class _Bucket:
 class _Plan:
     """Everything a group's step needs that depends only on which arrays take part."""
 
-    __slots__ = ("key", "params", "grads", "grad_addresses", "buckets")
+    __slots__ = ("key", "params", "param_objs", "grads", "grad_addresses", "buckets", "replaced")
 
-    def __init__(self, key, params, grads, grad_addresses, buckets=None):
+    def __init__(self, key, params, grads, grad_addresses, buckets=None, replaced=None):
         self.key = key
         self.params = params
+        self.param_objs = tuple(params)     # held: the identity test below stays valid
         self.grads = grads
         self.grad_addresses = grad_addresses
         self.buckets = buckets
+        self.replaced = replaced or {}      # global index -> a param that replaced another
 
     def same_arrays(self, key, params, grads) -> bool:
-        return self.key == key and self.params is params and len(self.grads) == len(grads)
+        return (self.key == key and len(self.param_objs) == len(params)
+                and len(self.grads) == len(grads) and all(map(operator.is_, self.param_objs, params)))
 
     def same_grads(self, grads) -> bool:
         return all(map(operator.is_, self.grads, grads))
@@ -96,6 +99,8 @@ class Optimizer:
         self.iterations = 0
         self.param_groups: list[dict] = []
         self._state: list[dict | None] = []
+        self._param_objs: list = []          # the params as added (identity: replacements)
+        self._group_sizes: list[int] = []
         self._param_addresses: list[int] = []
         self._steps = np.zeros(0, dtype=np.int64)
         self._arenas: dict = {}
@@ -144,6 +149,8 @@ class Optimizer:
         all_params = [p for g in self.param_groups for p in g["params"]] + ps
         _validate.no_overlap(all_params, "params")
         self.param_groups.append(new)
+        self._param_objs.extend(ps)
+        self._group_sizes.append(len(ps))
         self._param_addresses.extend(_validate.address(p) for p in ps)
         self._state.extend([None] * len(ps))
         self._steps = np.concatenate([self._steps, np.zeros(len(ps), dtype=np.int64)])
@@ -219,14 +226,64 @@ class Optimizer:
         if reuse and plan.same_grads(grads):
             return plan, "cached"
         base = sum(len(g["params"]) for g in self.param_groups[:gi])
+        replaced = {} if reuse else self._check_replaced(gi, base, params)
         addresses = {}
         check = _validate.grad
         for k, (p, g, pa) in enumerate(zip(params, grads, self._param_addresses[base:])):
             if g is not None:
-                addresses[k] = check(g, p, base + k, pa)
+                if isinstance(p, np.ndarray) and not p.flags.writeable:
+                    raise ValueError(f"params[{base + k}] is read-only; optimizer steps update params in place")
+                addresses[k] = check(g, p, base + k, replaced.get(base + k, (None, pa))[1])
+        self._check_grads_alias_no_param(base, grads, addresses, replaced)
         if reuse and [g is None for g in plan.grads] == [g is None for g in grads]:
             return _Plan(key, params, grads, addresses, plan.buckets), "regrad"
-        return _Plan(key, params, grads, addresses), "new"
+        return _Plan(key, params, grads, addresses, replaced=replaced), "new"
+
+    def _check_replaced(self, gi, base, params):
+        """Params swapped into ``param_groups[gi]['params']`` since the last step: check
+        them like new params, and against the state their position already has."""
+        if len(params) != self._group_sizes[gi]:
+            raise ValueError(f"param_groups[{gi}]['params'] changed length since it was added; "
+                             "use add_param_group() for new params")
+        replaced = {}
+        for k, p in enumerate(params):
+            i = base + k
+            if p is self._param_objs[i]:
+                continue
+            _validate.param(p, f"param_groups[{gi}]['params'][{k}]", self.master_weights)
+            for name, arr in (self._state[i] or {}).items():
+                if tuple(arr.shape) != tuple(p.shape):
+                    raise ValueError(f"param_groups[{gi}]['params'][{k}] was replaced by an array of "
+                                     f"shape {tuple(p.shape)}, but its state {name!r} has shape "
+                                     f"{tuple(arr.shape)}; build a new optimizer for new params")
+            replaced[i] = (p, _validate.address(p))
+        return replaced
+
+    def _check_grads_alias_no_param(self, base, grads, addresses, replaced):
+        """No gradient overlaps the memory of any param (its own is checked per grad)."""
+        if not addresses:
+            return
+        spans = self._param_spans(replaced)
+        ks = list(addresses)
+        g_lo = np.fromiter((addresses[k] for k in ks), dtype=np.int64, count=len(ks))
+        g_hi = g_lo + np.fromiter((_validate.nbytes(grads[k]) for k in ks), dtype=np.int64,
+                                  count=len(ks))
+        starts, ends, owner = spans
+        j = np.searchsorted(starts, g_hi, side="left") - 1     # last param starting below g_hi
+        hit = (j >= 0) & (ends[np.maximum(j, 0)] > g_lo) & (g_hi > g_lo)
+        if hit.any():
+            k = ks[int(np.flatnonzero(hit)[0])]
+            other = int(owner[j[np.flatnonzero(hit)[0]]])
+            raise ValueError(f"grads[{base + k}] overlaps the memory of params[{other}]; "
+                             "a gradient must not share memory with any param")
+
+    def _param_spans(self, replaced):
+        objs = [replaced[i][0] if i in replaced else p for i, p in enumerate(self._param_objs)]
+        lo = np.array([replaced[i][1] if i in replaced else a
+                       for i, a in enumerate(self._param_addresses)], dtype=np.int64)
+        hi = lo + np.array([_validate.nbytes(p) for p in objs], dtype=np.int64)
+        order = np.argsort(lo, kind="stable")
+        return lo[order], hi[order], order
 
     def _build_buckets(self, gi, plan):
         group = self.param_groups[gi]
@@ -342,6 +399,8 @@ class Optimizer:
         # Everything is validated: from here on the step mutates.
         for gi, (plan, how) in enumerate(plans):
             if how == "new":
+                for i, (p, address) in plan.replaced.items():
+                    self._param_objs[i], self._param_addresses[i] = p, address
                 self._build_buckets(gi, plan)
             elif how == "regrad":
                 self._regrad_buckets(gi, plan)

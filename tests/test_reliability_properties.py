@@ -551,8 +551,7 @@ def test_bad_hyperparameter_at_construction(case, data):
     STATS["bad_inputs_tried"] += 1
 
 
-# -- 4. known gaps (strict xfail: they turn into failures once fixed, so the catalogue
-#       above can take them) -----------------------------------------------------------
+# -- 4. param replacement, late read-only, grads aliasing another param -----------------
 def _stepped_adam():
     params = [np.ones(4, np.float32), np.full(4, 2.0, np.float32)]
     opt = fo.Adam(params, lr=0.1)
@@ -560,8 +559,6 @@ def _stepped_adam():
     return params, opt
 
 
-@pytest.mark.xfail(strict=True, reason="optimizer.py checks a grad against its own param "
-                   "only: a grad that is another param is read while that param is written")
 def test_grad_that_is_another_param_is_rejected():
     params, opt = _stepped_adam()
     before = snapshot(opt, params)
@@ -570,8 +567,6 @@ def test_grad_that_is_another_param_is_rejected():
     assert_unchanged(before, snapshot(opt, params), "grad aliasing another param")
 
 
-@pytest.mark.xfail(strict=True, reason="optimizer.py validates writeability at construction "
-                   "only: a param made read-only later is written by the next step")
 def test_param_made_read_only_after_construction_is_rejected():
     params, opt = _stepped_adam()
     params[0].setflags(write=False)
@@ -581,9 +576,6 @@ def test_param_made_read_only_after_construction_is_rejected():
     assert_unchanged(before, snapshot(opt, params), "read-only param")
 
 
-@pytest.mark.xfail(strict=True, reason="optimizer.py: a param replaced in param_groups by an "
-                   "array of another shape is stepped with the old state (a larger one would "
-                   "be read and written out of bounds; this test uses a smaller one)")
 def test_param_replaced_by_another_shape_is_rejected():
     params, opt = _stepped_adam()
     smaller = np.ones(3, np.float32)
