@@ -94,6 +94,7 @@ class Optimizer:
         self.stochastic_rounding = _validate.flag("stochastic_rounding", stochastic_rounding)
         self.seed = int(seed)
         self.last_grad_norm: float | None = None
+        self._norm_prep = None               # the pre-pass's tables over the last gradients
         self._step_lock = threading.Lock()     # serialises concurrent step() calls
         # Applied steps (Keras's optimizer.iterations): the argument of callable lrs.
         self.iterations = 0
@@ -412,6 +413,16 @@ class Optimizer:
         self.iterations += 1
         return True
 
+    def _norm_prepared(self, grads):
+        """The reduction's tables over these (already validated) gradients, kept for the
+        next step while they are the same arrays; only the current list is held."""
+        from .clip import _Prepared
+        prepared = self._norm_prep
+        if prepared is None or len(prepared.seq) != len(grads) or \
+                not all(map(operator.is_, prepared.seq, grads)):
+            prepared = self._norm_prep = _Prepared(list(grads), [g for g in grads if g.size], False)
+        return prepared
+
     def _at_iteration(self, group, where):
         """The group with a callable lr replaced by its value at this step."""
         lr = group["lr"]
@@ -428,16 +439,17 @@ class Optimizer:
         One reduction pass over every gradient (dense and sparse), combined in a fixed
         order, so the norm has the same bits for any number of threads.
         """
+        from . import clip as norms
         from .kernels import clip
         dense = [g for plan, _ in plans for g in plan.grads if g is not None]
         rows = [sg.rows for _, _, sg in sparse.values()]
         grads = dense + rows
         if self.max_grad_norm is not None:
-            total = _global_norm(grads, backend_name)
+            total = norms._total_norm(self._norm_prepared(grads), 2.0, backend_name, "step")
             finite = math.isfinite(total)
         else:
             total = None
-            finite = _all_finite(grads, backend_name)
+            finite = norms._all_finite(self._norm_prepared(grads), backend_name, "step")
         if grad_scale is not None and not finite:
             return None
         scale = 1.0 if grad_scale is None else grad_scale
@@ -637,16 +649,6 @@ def _is_low_precision(p) -> bool:
 def _step_seed(seed: int, step: int) -> int:
     """Random bits for stochastic rounding: a different stream every step."""
     return (seed * 0x9E3779B1 + step * 0x85EBCA77) & 0xFFFFFFFF
-
-
-def _global_norm(grads, backend_name) -> float:
-    from .clip import global_norm
-    return global_norm(grads, 2.0, backend=backend_name) if grads else 0.0
-
-
-def _all_finite(grads, backend_name) -> bool:
-    from .clip import all_finite
-    return all_finite(grads, backend=backend_name) if grads else True
 
 
 def _cupy():

@@ -182,9 +182,6 @@ def test_old_gradient_arrays_are_released():
     assert not any(alive[:-1]), alive
 
 
-@pytest.mark.xfail(strict=True, reason="fastopt/clip.py keeps the last 4 gradient lists alive "
-                   "in its norm cache (_CACHE_SIZE): with max_grad_norm and fresh gradients "
-                   "every step, 4 steps' gradients stay in memory")
 def test_old_gradient_arrays_are_released_with_clipping():
     alive = _release_check(1.0)
     assert not any(alive[:-1]), alive
