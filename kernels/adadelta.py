@@ -30,7 +30,7 @@ def adadelta_element(p, g, square_avg, acc_delta, unused, h):
         g = -g
     if h.l2:
         g = g + h.weight_decay * p
-    square_avg = square_avg * h.rho + h.one_minus_rho * (g * g)
+    square_avg = square_avg * h.rho + (h.one_minus_rho * g) * g
     # torch: sqrt(a + eps) / sqrt(s + eps) * g. One square root of the quotient is the same
     # number up to rounding and saves a square root per element (GPU-bound otherwise).
     delta = math.sqrt((acc_delta + h.eps) / (square_avg + h.eps)) * g

@@ -42,7 +42,7 @@ def adam_element(p, g, m, v, v_max, h):
         m = g - (g - m) * h.lerp_back             # they differ for infinite gradients
     else:
         m = m + h.one_minus_beta1 * (g - m)
-    v = h.beta2 * v + h.one_minus_beta2 * (g * g)
+    v = h.beta2 * v + (h.one_minus_beta2 * g) * g
     if h.amsgrad:
         v_max = v_max if v_max >= v else v        # NaN in v propagates, as torch.maximum
         second = v_max

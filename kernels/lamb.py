@@ -45,7 +45,7 @@ def lamb_norms(p, g, m, v, unused, h):
     """(p^2, u^2) of one element: the step's direction, nothing written."""
     g = g * h.grad_scale
     m = h.one_minus_beta1 * g + h.beta1 * m
-    v = h.one_minus_beta2 * (g * g) + h.beta2 * v
+    v = (h.one_minus_beta2 * g) * g + h.beta2 * v
     u = (m / h.bias_correction1) / (math.sqrt(v / h.bias_correction2 + h.eps_root) + h.eps)
     if h.decay:
         u = u + h.weight_decay * p
@@ -58,7 +58,7 @@ def lamb_element(p, g, m, v, ratio, h):
     Returns (p, exp_avg, exp_avg_sq, ratio).
     """
     m = h.one_minus_beta1 * g + h.beta1 * m
-    v = h.one_minus_beta2 * (g * g) + h.beta2 * v
+    v = (h.one_minus_beta2 * g) * g + h.beta2 * v
     u = (m / h.bias_correction1) / (math.sqrt(v / h.bias_correction2 + h.eps_root) + h.eps)
     if h.decay:
         u = u + h.weight_decay * p

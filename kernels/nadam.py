@@ -51,7 +51,7 @@ def nadam_element(p, g, m, v, unused, h):
         m = g - (g - m) * h.lerp_back
     else:
         m = m + h.one_minus_beta1 * (g - m)
-    v = h.beta2 * v + h.one_minus_beta2 * (g * g)
+    v = h.beta2 * v + (h.one_minus_beta2 * g) * g
     denom = math.sqrt(v / h.bias_correction2) + h.eps
     p = p + h.grad_coef * (g / denom)
     p = p + h.avg_coef * (m / denom)

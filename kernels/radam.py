@@ -51,7 +51,7 @@ def radam_element(p, g, m, v, unused, h):
         m = g - (g - m) * h.lerp_back
     else:
         m = m + h.one_minus_beta1 * (g - m)
-    v = h.beta2 * v + h.one_minus_beta2 * (g * g)
+    v = h.beta2 * v + (h.one_minus_beta2 * g) * g
     corrected = m / h.bias_correction1
     if h.rectify:
         adaptive = h.bias_correction2_sqrt / (math.sqrt(v) + h.eps)

@@ -32,7 +32,7 @@ def rmsprop_element(p, g, square_avg, buf, grad_avg, h):
         g = -g
     if h.l2:
         g = g + h.weight_decay * p
-    square_avg = h.alpha * square_avg + h.one_minus_alpha * (g * g)
+    square_avg = h.alpha * square_avg + (h.one_minus_alpha * g) * g
     if h.centered:
         grad_avg = grad_avg + h.one_minus_alpha * (g - grad_avg)   # lerp
         avg = math.sqrt(square_avg - grad_avg * grad_avg) + h.eps

@@ -119,10 +119,9 @@ def _compare(run, case, dtype, when, torch_too):
 KINDS = ["zero", "huge", "large", "tiny", "subnormal", "mixed"]
 
 # Known gaps (strict xfail: each turns into a failure once fixed). See RELIABILITY.md.
-_SQUARE_FIRST = ("kernels/{adam,nadam,radam,rmsprop,adadelta,lamb}.py compute "
-                 "(1 - beta2) * (g * g): g * g overflows where torch's addcmul, "
-                 "(1 - beta2) * g * g, stays finite; the second moment becomes inf and the "
-                 "step 0")
+_ONE_SQRT = ("kernels/adadelta.py takes one square root of the ratio (acc_delta + eps) / "
+             "(square_avg + eps) where torch takes two; at |g| ~ 1e19 the two roundings "
+             "differ by ~1e-5 relative (within rounding at ordinary magnitudes)")
 _CENTERED = ("kernels/rmsprop.py:38 square_avg - grad_avg * grad_avg is inf - inf = NaN "
              "once square_avg is inf; torch's addcmul (a fused multiply-add) gives inf")
 _TRUST_F32 = ("LAMB/LARS: kernels/{lamb,lars}.py square in float32 before the float64 "
@@ -132,9 +131,8 @@ _TRUST_F32 = ("LAMB/LARS: kernels/{lamb,lars}.py square in float32 before the fl
 
 
 def _known_gap(case, rowi, kind, dtype):
-    if kind == "large" and case.name in ("adam", "adamw", "nadam", "radam", "rmsprop",
-                                         "adadelta", "lamb"):
-        return _SQUARE_FIRST
+    if kind == "large" and case.name == "adadelta":
+        return _ONE_SQRT
     if case.name == "rmsprop" and rowi == 1 and kind in ("huge", "mixed"):
         return _CENTERED
     if dtype == np.float32 and case.name == "lamb" and rowi == 0 and kind in ("tiny", "subnormal", "mixed"):
