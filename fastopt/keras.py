@@ -35,6 +35,7 @@ from .flat import FlatParams
 from .kernels import keras as _k
 from .kernels import reference
 from .optimizer import Optimizer
+from .sparse import rows_seen_so_far
 from .schedules import LearningRateSchedule
 from .sparse import SparseGrad
 
@@ -175,17 +176,7 @@ class _Engine(Optimizer):
     def _sparse_rows(self, i, param, sg):
         if self.param_groups[0]["momentum"] == 0:
             return sg.indices, sg.rows
-        # Keras densifies the gradient when there is momentum: every row's velocity
-        # decays. Rows never seen have zero velocity, so the rows seen so far suffice.
-        seen = self.__dict__.setdefault("_sparse_seen", {})
-        mask = seen.get(i)
-        if mask is None:
-            mask = seen[i] = np.zeros(param.shape[0], dtype=bool)
-        mask[sg.indices] = True
-        index = np.flatnonzero(mask)
-        rows = np.zeros((index.size,) + param.shape[1:], dtype=param.dtype)
-        rows[np.searchsorted(index, sg.indices)] = sg.rows
-        return index, rows
+        return rows_seen_so_far(self.__dict__.setdefault("_sparse_seen", {}), i, param, sg)
 
     def _sparse_reference(self, group, step, param, index, rows, slots):
         dense = np.zeros_like(param)

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from . import _validate as v
 from .kernels import adagrad as _adagrad
 from .kernels import adam as _adam
@@ -16,6 +14,7 @@ from .kernels import reference
 from .kernels import rmsprop as _rmsprop
 from .kernels import sgd as _sgd
 from .optimizer import Optimizer
+from .sparse import rows_seen_so_far
 
 
 def _no_weight_decay(group, where):
@@ -71,17 +70,7 @@ class SGD(Optimizer):
     def _sparse_rows(self, i, param, sg):
         if self._locate_group(i)["momentum"] == 0:
             return sg.indices, sg.rows
-        # Momentum decays every row seen so far: step those rows, with zero gradient
-        # where this step has none (equal to the dense step, as torch's sparse SGD).
-        seen = self.__dict__.setdefault("_sparse_seen", {})
-        mask = seen.get(i)
-        if mask is None:
-            mask = seen[i] = np.zeros(param.shape[0], dtype=bool)
-        mask[sg.indices] = True
-        index = np.flatnonzero(mask)
-        rows = np.zeros((index.size,) + param.shape[1:], dtype=param.dtype)
-        rows[np.searchsorted(index, sg.indices)] = sg.rows
-        return index, rows
+        return rows_seen_so_far(self.__dict__.setdefault("_sparse_seen", {}), i, param, sg)
 
     @classmethod
     def _scalars(cls, group, step, cast):

@@ -55,7 +55,8 @@ class _Plan:
                 and len(self.grads) == len(grads) and all(map(operator.is_, self.param_objs, params)))
 
     def same_grads(self, grads) -> bool:
-        return all(map(operator.is_, self.grads, grads))
+        # FlatParams steps pass the plan's own list back: no per-tensor loop then.
+        return grads is self.grads or all(map(operator.is_, self.grads, grads))
 
 
 class Optimizer:

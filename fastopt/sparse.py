@@ -36,6 +36,21 @@ class SparseGrad(NamedTuple):
         return SparseGrad(uniq, summed)
 
 
+def rows_seen_so_far(seen: dict, i: int, param, sg: "SparseGrad"):
+    """Momentum decays every row it has seen: the rows seen so far for param ``i``
+    (``seen`` keeps a mask per param) and their gradient rows, zero where ``sg`` has none.
+    Stepping these equals the dense step, as torch's sparse SGD and Keras's densified
+    momentum do (rows never seen have zero velocity)."""
+    mask = seen.get(i)
+    if mask is None:
+        mask = seen[i] = np.zeros(param.shape[0], dtype=bool)
+    mask[sg.indices] = True
+    index = np.flatnonzero(mask)
+    rows = np.zeros((index.size,) + param.shape[1:], dtype=param.dtype)
+    rows[np.searchsorted(index, sg.indices)] = sg.rows
+    return index, rows
+
+
 def check(grad, param, index: int) -> "SparseGrad":
     """Validate a SparseGrad against its parameter; return it coalesced."""
     label = f"grads[{index}]"
