@@ -358,7 +358,9 @@ class _TrustRatio(Optimizer):
     "numpy" backend runs the reference.
     """
 
-    norms = None   # the reducer element (p, g, s0, s1, s2, h) -> (p^2, u^2)
+    norms = None   # the reducer element (p, g, s0, s1, s2, h) -> (p^2, u^2[, p, s0, s1, s2])
+    norm_writes = None   # what the reducer also stores: (p, s0, s1, s2), or None (nothing)
+    step_writes = None   # which state slots the step stores, or None (all present ones)
 
     def __init__(self, params, defaults, backend=None, **options):
         if options.get("master_weights"):
@@ -380,10 +382,10 @@ class _TrustRatio(Optimizer):
         cast = np.dtype(bucket.params[0].dtype).type
         # The reducer reads raw gradients: it applies the step's gradient scale itself.
         scalars = self._scalars(group, step, cast)._replace(grad_scale=cast(scale))
-        sums = per_tensor.row_sums(type(self).norms, bucket.table, scalars, be)
+        sums = per_tensor.row_sums(type(self).norms, bucket.table, scalars, be, self.norm_writes)
         ratios = self._trust_ratios(group, sums)
         per_tensor.run(self.element, bucket.table, scalars, ratios, mode="slot2", grad_scale=scale,
-                       backend=be)
+                       backend=be, writes=self.step_writes)
 
 
 class LAMB(_TrustRatio):
@@ -398,7 +400,9 @@ class LAMB(_TrustRatio):
     """
 
     element = staticmethod(_lamb.lamb_element)
-    norms = staticmethod(_lamb.lamb_norms)
+    norms = staticmethod(_lamb.lamb_moments)        # pass 1 writes the moments
+    norm_writes = _lamb.MOMENTS_WRITES
+    step_writes = _lamb.STEP_WRITES
     slot_names = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, *,

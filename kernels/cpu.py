@@ -70,11 +70,72 @@ def _address_to_pointer(typingctx, address, like):
     return pointer_type(address, like), codegen
 
 
+@intrinsic
+def _accumulate(typingctx, total, term):
+    """``total + term`` carrying LLVM's ``reassoc`` flag on this one addition.
+
+    A reduction loop vectorises only when its additions may be reassociated; setting the
+    flag here, instead of compiling the whole driver with ``fastmath``, keeps the
+    element's own arithmetic exact (a reassociated ``(c * g) * g`` overflows where
+    torch's does not).
+    """
+    result = typingctx.unify_pairs(total, term)
+    if not isinstance(result, types.Float):
+        return None
+
+    def codegen(context, builder, signature, args):
+        a = context.cast(builder, args[0], signature.args[0], result)
+        b = context.cast(builder, args[1], signature.args[1], result)
+        return builder.fadd(a, b, flags=("reassoc",))
+
+    return result(total, term), codegen
+
+
 def _view(address, n, like):
     return carray(_address_to_pointer(address, like), n)
 
 
 _view = numba.njit(inline="always", cache=True)(_view)
+
+
+# -- compile-time flags -----------------------------------------------------------------
+# The bool fields of an optimizer's scalars (maximize, nesterov, amsgrad, ...) select
+# code paths. Passed at run time they stay branches or selects inside the vector loop
+# (LLVM unswitches a few, not all), which costs NAdam or LAMB 5-10% of their time at
+# the memory roof. So every driver is specialised on them, as fused CUDA kernels are
+# on template bools: FREEZE(h) rebuilds h with its flags as constants, and LLVM folds
+# the branches away. Numeric scalars (lr, betas, bias corrections) stay run time.
+
+_FLAG_FIELDS: dict = {}
+
+
+def flags_of(h) -> tuple:
+    """``h``'s bool fields as ``(index, value)`` pairs: what a driver is specialised on."""
+    cls = type(h)
+    index = _FLAG_FIELDS.get(cls)
+    if index is None:
+        index = _FLAG_FIELDS[cls] = tuple(i for i, x in enumerate(h)
+                                          if isinstance(x, (bool, np.bool_)))
+    return tuple((i, bool(h[i])) for i in index)
+
+
+def _freezer(flags: tuple):
+    """An intrinsic returning its tuple argument with fields ``flags`` made constants."""
+    @intrinsic
+    def freeze(typingctx, h):
+        def codegen(context, builder, signature, args):
+            value = args[0]
+            for i, flag in flags:
+                value = builder.insert_value(value, context.get_constant(types.boolean, flag), i)
+            return value
+
+        return h(h), codegen
+
+    return freeze
+
+
+def _flag_tag(flags: tuple) -> str:
+    return "".join("tf"[v] for _, v in flags)
 
 
 def _driver_template(table, chunks, like, h, grad_scale, row_values):
@@ -84,6 +145,7 @@ def _driver_template(table, chunks, like, h, grad_scale, row_values):
     # clip factor); ROW_MODE 2: row_values[r] is the element's third state argument,
     # read-only (a per-tensor trust ratio). ROW_MODE 0: row_values is None, unused.
     for c in prange(chunks.shape[0]):
+        hc = FREEZE(h)  # noqa: F821  (inside the loop: parfor bodies are outlined)
         r = chunks[c, 0]
         lo = chunks[c, 1]
         hi = chunks[c, 2]
@@ -102,7 +164,7 @@ def _driver_template(table, chunks, like, h, grad_scale, row_values):
                 third = row_values[r]
             else:
                 third = s2[i]
-            out = ELEMENT(p[i], g[i] * scale, s0[i], s1[i], third, h)  # noqa: F821
+            out = ELEMENT(p[i], g[i] * scale, s0[i], s1[i], third, hc)  # noqa: F821
             p[i] = out[0]
             if HAS0:  # noqa: F821
                 s0[i] = out[1]
@@ -124,16 +186,18 @@ def _source_tag(fn) -> str:
     return hashlib.sha1(src.encode()).hexdigest()[:10]
 
 
-def _instantiate(template, prefix: str, fn, cache=True, fastmath=False, **constants):
-    """Compile ``template`` with ``fn`` inlined as its global ELEMENT and ``constants``
-    frozen as globals. The qualname names the on-disk cache entry: one per template,
-    function, constants and function source.
+def _instantiate(template, prefix: str, fn, flags=(), cache=True, fastmath=False, **constants):
+    """Compile ``template`` with ``fn`` inlined as its global ELEMENT, the scalars' bool
+    fields ``flags`` (:func:`flags_of`) as constants and ``constants`` frozen as globals.
+    The qualname names the on-disk cache entry: one per template, function, flags,
+    constants and function source.
     """
     namespace = dict(globals())
     namespace.update(constants)
     namespace["ELEMENT"] = numba.njit(inline="always", cache=True)(fn)
+    namespace["FREEZE"] = _freezer(flags)
     compiled = pytypes.FunctionType(template.__code__, namespace, template.__name__)
-    tag = "".join(str(int(v)) for k, v in sorted(constants.items()))
+    tag = "".join(str(int(v)) for k, v in sorted(constants.items())) + "_" + _flag_tag(flags)
     compiled.__qualname__ = f"{prefix}_{fn.__name__}_{tag}_{_source_tag(fn)}"
     return numba.njit(parallel=True, cache=cache, nogil=True, fastmath=fastmath)(compiled)
 
@@ -148,10 +212,11 @@ def _cached(key, make):
 ROW_MODES = {None: 0, "grad": 1, "slot2": 2}
 
 
-def driver(element, has: tuple[bool, bool, bool], row_mode: int = 0):
-    """The compiled chunk-table driver for ``element`` with state slots ``has``."""
-    return _cached(("step", element, has, row_mode), lambda: _instantiate(
-        _driver_template, "step", element, HAS0=has[0], HAS1=has[1], HAS2=has[2],
+def driver(element, has: tuple[bool, bool, bool], flags: tuple = (), row_mode: int = 0):
+    """The compiled chunk-table driver for ``element`` with state slots ``has``,
+    specialised on the scalars' ``flags``."""
+    return _cached(("step", element, has, flags, row_mode), lambda: _instantiate(
+        _driver_template, "step", element, flags, HAS0=has[0], HAS1=has[1], HAS2=has[2],
         ROW_MODE=row_mode))
 
 
@@ -160,6 +225,7 @@ def _rows_template(p, g, s0, s1, s2, index, h, grad_scale):
     # (k, width), the coalesced gradient rows for the unique row ids in index. Absent
     # state slots are passed as p and never written.
     for k in prange(index.size):
+        hc = FREEZE(h)  # noqa: F821
         r = index[k]
         pr = p[r]
         gr = g[k]
@@ -167,7 +233,7 @@ def _rows_template(p, g, s0, s1, s2, index, h, grad_scale):
         a1 = s1[r]
         a2 = s2[r]
         for j in range(pr.size):
-            out = ELEMENT(pr[j], gr[j] * grad_scale, a0[j], a1[j], a2[j], h)  # noqa: F821
+            out = ELEMENT(pr[j], gr[j] * grad_scale, a0[j], a1[j], a2[j], hc)  # noqa: F821
             pr[j] = out[0]
             if HAS0:  # noqa: F821
                 a0[j] = out[1]
@@ -188,8 +254,9 @@ def run_rows(element, param, index, rows, slots, scalars, grad_scale=1.0) -> Non
     width = int(np.prod(param.shape[1:], dtype=np.int64))
     p2 = param.reshape(param.shape[0], width)
     s2 = [p2 if s is None else s.reshape(p2.shape) for s in slots]
-    fn = _cached(("rows", element, has), lambda: _instantiate(
-        _rows_template, "rows", element, HAS0=has[0], HAS1=has[1], HAS2=has[2]))
+    flags = flags_of(scalars)
+    fn = _cached(("rows", element, has, flags), lambda: _instantiate(
+        _rows_template, "rows", element, flags, HAS0=has[0], HAS1=has[1], HAS2=has[2]))
     fn(p2, rows.reshape(index.size, width), s2[0], s2[1], s2[2], index, scalars,
        param.dtype.type(grad_scale))
 
@@ -291,6 +358,7 @@ def _master_template(table, chunks, like, bits, h, grad_scale, seed):
     # Master weights: p and s* are float32; g and the model copy are 16-bit patterns of
     # kind KIND (kernels.lowp). Writes the master weight, the state and the rounded copy.
     for c in prange(chunks.shape[0]):
+        hc = FREEZE(h)  # noqa: F821
         r = chunks[c, 0]
         lo = chunks[c, 1]
         hi = chunks[c, 2]
@@ -303,7 +371,7 @@ def _master_template(table, chunks, like, bits, h, grad_scale, seed):
         w = _view(table[r, 6], n, bits)[lo:hi]
         for i in range(hi - lo):
             out = ELEMENT(p[i], lowp.widen(g[i], KIND) * grad_scale,  # noqa: F821
-                          s0[i], s1[i], s2[i], h)
+                          s0[i], s1[i], s2[i], hc)
             p[i] = out[0]
             if HAS0:  # noqa: F821
                 s0[i] = out[1]
@@ -315,7 +383,7 @@ def _master_template(table, chunks, like, bits, h, grad_scale, seed):
 
 
 def run(element, table: ChunkTable, scalars, grad_scale=1.0, seed=0, stochastic=False,
-        row_values=None, row_mode=None) -> None:
+        row_values=None, row_mode=None, writes=None) -> None:
     """One fused step of ``element`` over every chunk of ``table``.
 
     Each gradient is multiplied by ``grad_scale`` as it is read (1.0 leaves it exact).
@@ -324,17 +392,24 @@ def run(element, table: ChunkTable, scalars, grad_scale=1.0, seed=0, stochastic=
     ``row_values`` (one per row of a ``merge=False`` table) with ``row_mode`` "grad"
     scales each row's gradients; with "slot2" it is the element's third state argument
     (read-only; that slot must be absent): see kernels/per_tensor.py.
+    ``writes`` (three bools) narrows which present state slots are stored: the others
+    are read-only for this step (LAMB's second pass). The param is always written.
     """
     if table.chunks.shape[0] == 0:
         return
     scale = table.like.dtype.type(grad_scale)
     mode = ROW_MODES[row_mode]
+    has = table.has
+    if writes is not None:
+        if table.low_kind:
+            raise NotImplementedError("write masks with master weights")
+        has = tuple(bool(w) and h for w, h in zip(writes, has))
     if mode:
         if table.low_kind:
             raise NotImplementedError("per-row values with master weights")
-        has = (table.has[0], table.has[1], False) if mode == 2 else table.has
-        driver(element, has, mode)(table.table, table.chunks, table.like, scalars, scale,
-                                   row_values)
+        has = (has[0], has[1], False) if mode == 2 else has
+        driver(element, has, flags_of(scalars), mode)(table.table, table.chunks, table.like,
+                                                       scalars, scale, row_values)
         return
     if table.low_kind:
         kind = table.low_kind
@@ -343,59 +418,102 @@ def run(element, table: ChunkTable, scalars, grad_scale=1.0, seed=0, stochastic=
         # Not cached on disk: a cached master-weights kernel crashed when called on new
         # gradient arrays (reproduced with numba 0.68.1; a fresh compile is correct).
         # tests/test_master_weights.py guards this in a subprocess.
-        fn = _cached(("master", element, table.has, kind), lambda: _instantiate(
-            _master_template, "master", element, cache=False, HAS0=table.has[0],
+        flags = flags_of(scalars)
+        fn = _cached(("master", element, table.has, kind, flags), lambda: _instantiate(
+            _master_template, "master", element, flags, cache=False, HAS0=table.has[0],
             HAS1=table.has[1], HAS2=table.has[2], KIND=kind))
         fn(table.table, table.chunks, table.like, np.uint16(0), scalars, scale,
            np.uint32(seed & 0xFFFFFFFF))
         return
-    driver(element, table.has)(table.table, table.chunks, table.like, scalars, scale, None)
+    driver(element, has, flags_of(scalars))(table.table, table.chunks, table.like, scalars,
+                                            scale, None)
+
+
+# Elements per block of a reduction: summed in the element's own precision, then added
+# to the chunk's float64 sum. A loop with float64 accumulators runs at the float64
+# vector width (4 lanes in 256-bit registers) and LAMB's divisions and square root ran
+# at that width too; float32 block sums keep the loop 8 lanes wide. 1024 float32
+# squares spread over LLVM's 32 partial sums are 32 terms each: an error near 2e-6 in
+# the worst case, far below one float32 ulp of the resulting norm's use.
+REDUCE_BLOCK = 1024
 
 
 def _reduce_template(table, chunks, like, h, out):
-    # ELEMENT(p, g, s0, s1, s2, h) -> (a, b); MAXIMUM picks max instead of sum. One
-    # partial per chunk, combined by the caller in a fixed order: the result does not
-    # depend on the number of threads.
+    # ELEMENT(p, g, s0, s1, s2, h) -> (a, b), or with WRITES, (a, b, p, s0, s1, s2):
+    # WRITE_P and WRITE0..2 store those (a reduction that also updates state, as LAMB's
+    # first pass). MAXIMUM picks max instead of sum. One partial per chunk, combined by
+    # the caller in a fixed order: the result does not depend on the number of threads.
     for c in prange(chunks.shape[0]):
+        hc = FREEZE(h)  # noqa: F821
         r = chunks[c, 0]
         lo = chunks[c, 1]
         hi = chunks[c, 2]
         n = table[r, 0]
-        p = _view(table[r, 1], n, like)[lo:hi]
-        g = _view(table[r, 2], n, like)[lo:hi]
-        s0 = _view(table[r, 3], n, like)[lo:hi]
-        s1 = _view(table[r, 4], n, like)[lo:hi]
-        s2 = _view(table[r, 5], n, like)[lo:hi]
         acc_a = out[c, 0] * 0
         acc_b = out[c, 1] * 0
-        for i in range(hi - lo):
-            a, b = ELEMENT(p[i], g[i], s0[i], s1[i], s2[i], h)  # noqa: F821
+        for start in range(lo, hi, REDUCE_BLOCK):
+            stop = min(start + REDUCE_BLOCK, hi)
+            # Slice first, then loop from 0: LLVM vectorises this form.
+            p = _view(table[r, 1], n, like)[start:stop]
+            g = _view(table[r, 2], n, like)[start:stop]
+            s0 = _view(table[r, 3], n, like)[start:stop]
+            s1 = _view(table[r, 4], n, like)[start:stop]
+            s2 = _view(table[r, 5], n, like)[start:stop]
+            block_a = like - like   # unifies with the element's output type
+            block_b = like - like
+            for i in range(stop - start):
+                res = ELEMENT(p[i], g[i], s0[i], s1[i], s2[i], hc)  # noqa: F821
+                if WRITE_P:  # noqa: F821
+                    p[i] = res[2]
+                if WRITE0:  # noqa: F821
+                    s0[i] = res[3]
+                if WRITE1:  # noqa: F821
+                    s1[i] = res[4]
+                if WRITE2:  # noqa: F821
+                    s2[i] = res[5]
+                if MAXIMUM:  # noqa: F821
+                    block_a = max(block_a, res[0])
+                    block_b = max(block_b, res[1])
+                else:
+                    block_a = _accumulate(block_a, res[0])
+                    block_b = _accumulate(block_b, res[1])
             if MAXIMUM:  # noqa: F821
-                acc_a = max(acc_a, a)
-                acc_b = max(acc_b, b)
+                acc_a = max(acc_a, block_a)
+                acc_b = max(acc_b, block_b)
             else:
-                acc_a += a
-                acc_b += b
+                acc_a += block_a
+                acc_b += block_b
         out[c, 0] = acc_a
         out[c, 1] = acc_b
 
 
-def reducer(fn, maximum: bool):
-    """The compiled reduction driver for ``fn`` (sum, or max when ``maximum``)."""
-    # reassoc only (NaN and inf keep IEEE behaviour): lets LLVM vectorise the chunk's
-    # sum with several accumulators. Each chunk is still summed by one thread in an
-    # order fixed by the compiled code, so results do not depend on the thread count.
-    return _cached(("reduce", fn, maximum), lambda: _instantiate(
-        _reduce_template, "reduce", fn, fastmath={"reassoc"}, MAXIMUM=maximum))
+NO_WRITES = (False, False, False, False)
 
 
-def reduce_chunks(fn, table: ChunkTable, scalars, maximum=False, accumulate=np.float64) -> np.ndarray:
+def reducer(fn, maximum: bool, flags: tuple = (), writes: tuple = NO_WRITES):
+    """The compiled reduction driver for ``fn`` (sum, or max when ``maximum``),
+    specialised on the scalars' ``flags``; ``writes`` = which of (p, s0, s1, s2) it stores."""
+    # The block sums' additions may be reassociated (_accumulate): LLVM vectorises them
+    # with several accumulators. Each chunk is still summed by one thread in an order
+    # fixed by the compiled code, so results do not depend on the thread count.
+    return _cached(("reduce", fn, maximum, flags, writes), lambda: _instantiate(
+        _reduce_template, "reduce", fn, flags, MAXIMUM=maximum,
+        WRITE_P=writes[0], WRITE0=writes[1], WRITE1=writes[2], WRITE2=writes[3]))
+
+
+def reduce_chunks(fn, table: ChunkTable, scalars, maximum=False, accumulate=np.float64,
+                  writes=NO_WRITES) -> np.ndarray:
     """Per-chunk partials ``(n_chunks, 2)`` of ``fn`` over ``table``, in ``accumulate`` precision.
 
     Rows of the chunk table are ``table.chunks[:, 0]``; combine partials per row with
     ``np.add.reduceat`` / ``np.maximum.reduceat`` (fixed order, deterministic).
+    ``writes`` (p, s0, s1, s2): the arrays ``fn`` also updates (it then returns
+    ``(a, b, p, s0, s1, s2)``); a written slot must be present in the table.
     """
+    if any(writes[1:][k] and not table.has[k] for k in range(3)):
+        raise ValueError(f"writes {writes} name a state slot absent from the table {table.has}")
     out = np.zeros((table.chunks.shape[0], 2), dtype=accumulate)
     if out.shape[0]:
-        reducer(fn, maximum)(table.table, table.chunks, table.like, scalars, out)
+        reducer(fn, maximum, flags_of(scalars), tuple(map(bool, writes)))(
+            table.table, table.chunks, table.like, scalars, out)
     return out

@@ -72,7 +72,8 @@ TABLE_CACHE = 32            # tables cached by address (functional API calls)
 
 # -- kernels -----------------------------------------------------------------------------
 def _step_template(p_span, g_span, s0_span, s1_span, s2_span, chunks, h, grad_scale, row_values):
-    # ELEMENT, HAS0..2, PAIR and ROW_MODE are compile-time constants injected by _instantiate.
+    # ELEMENT, HAS0..2 (slots read), WRITE0..2 (slots written: HAS, or fewer), PAIR and
+    # ROW_MODE are compile-time constants injected by _instantiate.
     # PAIR: each thread takes elements i and i + blockDim per iteration, all ten loads
     # issued before any math (twice the bytes in flight per thread). Without PAIR the
     # second lane is the first one again: its loads merge and its math is dead code.
@@ -124,27 +125,29 @@ def _step_template(p_span, g_span, s0_span, s1_span, s2_span, chunks, h, grad_sc
             out = ELEMENT(p, g * scale, a0, a1, a2, h)  # noqa: F821
             other = ELEMENT(q, f * scale, b0, b1, b2, h)  # noqa: F821
             p_span[ip] = out[0]
-            if HAS0:  # noqa: F821
+            if WRITE0:  # noqa: F821
                 s0_span[ia] = out[1]
-            if HAS1:  # noqa: F821
+            if WRITE1:  # noqa: F821
                 s1_span[ib] = out[2]
-            if HAS2:  # noqa: F821
+            if WRITE2:  # noqa: F821
                 s2_span[ic] = out[3]
             if second:
                 p_span[jp] = other[0]
-                if HAS0:  # noqa: F821
+                if WRITE0:  # noqa: F821
                     s0_span[ja] = other[1]
-                if HAS1:  # noqa: F821
+                if WRITE1:  # noqa: F821
                     s1_span[jb] = other[2]
-                if HAS2:  # noqa: F821
+                if WRITE2:  # noqa: F821
                     s2_span[jc] = other[3]
             i += stride
         c += cuda.gridDim.x
 
 
 def _reduce_template(p_span, g_span, s0_span, s1_span, s2_span, chunks, h, out):
-    # REDUCER(p, g, s0, s1, s2, h) -> (a, b); MAXIMUM picks max instead of sum; RBLOCK is
-    # the block size. One partial per chunk from a fixed-shape tree: deterministic.
+    # REDUCER(p, g, s0, s1, s2, h) -> (a, b), or with writes (a, b, p, s0, s1, s2), of
+    # which WRITE_P and WRITE0..2 store those (as the CPU driver's reduction); MAXIMUM
+    # picks max instead of sum; RBLOCK is the block size. One partial per chunk from a
+    # fixed-shape tree: deterministic.
     sa = cuda.shared.array(RBLOCK, np.float64)  # noqa: F821
     sb = cuda.shared.array(RBLOCK, np.float64)  # noqa: F821
     t = cuda.threadIdx.x
@@ -160,14 +163,22 @@ def _reduce_template(p_span, g_span, s0_span, s1_span, s2_span, chunks, h, out):
         acc_b = 0.0
         i = t
         while i < n:
-            a, b = REDUCER(p_span[po + i], g_span[go + i], s0_span[ao + i],  # noqa: F821
-                           s1_span[bo + i], s2_span[co + i], h)
+            res = REDUCER(p_span[po + i], g_span[go + i], s0_span[ao + i],  # noqa: F821
+                          s1_span[bo + i], s2_span[co + i], h)
+            if WRITE_P:  # noqa: F821
+                p_span[po + i] = res[2]
+            if WRITE0:  # noqa: F821
+                s0_span[ao + i] = res[3]
+            if WRITE1:  # noqa: F821
+                s1_span[bo + i] = res[4]
+            if WRITE2:  # noqa: F821
+                s2_span[co + i] = res[5]
             if MAXIMUM:  # noqa: F821
-                acc_a = max(acc_a, a)
-                acc_b = max(acc_b, b)
+                acc_a = max(acc_a, res[0])
+                acc_b = max(acc_b, res[1])
             else:
-                acc_a += a
-                acc_b += b
+                acc_a += res[0]
+                acc_b += res[1]
             i += RBLOCK  # noqa: F821
         sa[t] = acc_a
         sb[t] = acc_b
@@ -225,29 +236,42 @@ def _instantiate(template, name, constants):
 ROW_MODES = {None: 0, "grad": 1, "slot2": 2}     # as kernels/cpu.py
 
 
-def step_kernel(element, has: tuple[bool, bool, bool], row_mode: int = 0):
-    """The step kernel for ``element`` with state slots ``has`` and per-row mode ``row_mode``
-    (0, 1 or 2: see ``_step_template``), compiled lazily per dtype."""
-    key = ("step", element, has, PAIR, row_mode)
+def _bits(flags) -> str:
+    return "".join("1" if x else "0" for x in flags)
+
+
+def step_kernel(element, has: tuple[bool, bool, bool], row_mode: int = 0, writes=None):
+    """The step kernel for ``element`` with state slots ``has`` (read; ``writes``: the
+    ones written, default all of them) and per-row mode ``row_mode`` (0, 1 or 2: see
+    ``_step_template``), compiled lazily per dtype."""
+    writes = has if writes is None else tuple(bool(w) and x for w, x in zip(writes, has))
+    key = ("step", element, has, writes, PAIR, row_mode)
     kernel = _KERNELS.get(key)
     if kernel is None:
-        mask = "".join("1" if x else "0" for x in has) + ("p" if PAIR else "")
+        mask = _bits(has) + ("" if writes == has else "w" + _bits(writes)) + ("p" if PAIR else "")
         if row_mode:
             mask += f"r{row_mode}"
         kernel = _KERNELS[key] = _instantiate(
             _step_template, f"cuda_step_{element.__name__}_{mask}_{_source_tag(element)}",
-            dict(ELEMENT=_device_function(element), HAS0=has[0], HAS1=has[1], HAS2=has[2], PAIR=PAIR,
+            dict(ELEMENT=_device_function(element), HAS0=has[0], HAS1=has[1], HAS2=has[2],
+                 WRITE0=writes[0], WRITE1=writes[1], WRITE2=writes[2], PAIR=PAIR,
                  ROW_MODE=row_mode))
     return kernel
 
 
-def reduce_kernel(fn, maximum: bool):
-    key = ("reduce", fn, maximum)
+NO_WRITES = (False, False, False, False)
+
+
+def reduce_kernel(fn, maximum: bool, writes=NO_WRITES):
+    """The reduction kernel for ``fn``; ``writes`` = which of (p, s0, s1, s2) it stores."""
+    key = ("reduce", fn, maximum, writes)
     kernel = _KERNELS.get(key)
     if kernel is None:
+        tag = f"{int(maximum)}" + ("" if writes == NO_WRITES else "w" + _bits(writes))
         kernel = _KERNELS[key] = _instantiate(
-            _reduce_template, f"cuda_reduce_{fn.__name__}_{int(maximum)}_{_source_tag(fn)}",
-            dict(REDUCER=_device_function(fn), MAXIMUM=maximum, RBLOCK=REDUCE_BLOCK))
+            _reduce_template, f"cuda_reduce_{fn.__name__}_{tag}_{_source_tag(fn)}",
+            dict(REDUCER=_device_function(fn), MAXIMUM=maximum, RBLOCK=REDUCE_BLOCK,
+                 WRITE_P=writes[0], WRITE0=writes[1], WRITE1=writes[2], WRITE2=writes[3]))
     return kernel
 
 
@@ -521,13 +545,14 @@ class CudaBackend:
         return _BACKEND_TABLES(fixed, g_addr, dtype, has, kind, sample, merge, (params, grads, slots))
 
     def run(self, element, table: CudaTable, scalars, grad_scale=1.0, row_values=None,
-            row_mode=None, **options) -> None:
+            row_mode=None, writes=None, **options) -> None:
         """One fused step of ``element`` over ``table``: one launch, asynchronous.
 
         ``row_values`` (a device array of the table's dtype, one value per row of a
         ``merge=False`` table, e.g. from :meth:`row_array`) with ``row_mode`` "grad"
         scales each row's gradients; with "slot2" it is the element's third state
-        argument (read-only; that slot must be absent), as ``kernels.cpu.run``.
+        argument (read-only; that slot must be absent), as ``kernels.cpu.run``;
+        ``writes`` narrows the state slots stored, as there too.
         """
         if options:
             raise NotImplementedError(f"the 'cuda' backend takes no options {sorted(options)}")
@@ -541,7 +566,7 @@ class CudaBackend:
                 has = (has[0], has[1], False)
         else:
             row_values = ()                  # no kernel argument, nothing loaded
-        kernel = step_kernel(element, has, mode)
+        kernel = step_kernel(element, has, mode, writes)
         stream = current_stream(table.kind, table.sample)
         launch = _launcher(kernel, min(table.n_chunks, MAX_GRID), BLOCK, stream)
         launch(*table.args, scalars, table.cast(grad_scale), row_values)
@@ -574,16 +599,22 @@ class CudaBackend:
         layout.row_values.copy_to_device(host_values, stream=stream)
         return layout.row_values
 
-    def reduce_chunks(self, fn, table: CudaTable, scalars, maximum=False) -> np.ndarray:
+    def reduce_chunks(self, fn, table: CudaTable, scalars, maximum=False,
+                      writes=NO_WRITES) -> np.ndarray:
         """Per-chunk partials ``(n_chunks, 2)`` float64 of reducer ``fn``, copied to the host
-        (this synchronises: the caller needs the number)."""
+        (this synchronises: the caller needs the number). ``writes`` (p, s0, s1, s2): the
+        arrays ``fn`` also updates, as ``kernels.cpu.reduce_chunks``."""
+        writes = tuple(map(bool, writes))
+        if any(writes[1:][k] and not table.has[k] for k in range(3)):
+            raise ValueError(f"writes {writes} name a state slot absent from the table {table.has}")
         if not table.n_chunks:
             return np.zeros((0, 2), dtype=np.float64)
         layout = table.layout
         if layout.partials is None:
             layout.partials = cuda.device_array((layout.n_chunks, 2), dtype=np.float64)
         stream = current_stream(table.kind, table.sample)
-        launch = _launcher(reduce_kernel(fn, maximum), min(layout.n_chunks, MAX_GRID), REDUCE_BLOCK, stream)
+        launch = _launcher(reduce_kernel(fn, maximum, writes), min(layout.n_chunks, MAX_GRID),
+                           REDUCE_BLOCK, stream)
         launch(*layout.args, scalars, layout.partials)
         self.launches += 1
         if SIMULATOR:

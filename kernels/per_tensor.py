@@ -45,20 +45,27 @@ def row_starts(table) -> np.ndarray:
     return np.flatnonzero(np.concatenate([[True], rows[1:] != rows[:-1]]))
 
 
-def row_sums(fn, table, scalars, backend=None) -> np.ndarray:
-    """``(n_rows, 2)`` float64 sums of ``fn``'s two outputs per row of ``table``."""
+def row_sums(fn, table, scalars, backend=None, writes=None) -> np.ndarray:
+    """``(n_rows, 2)`` float64 sums of ``fn``'s two outputs per row of ``table``.
+
+    ``writes`` (p, s0, s1, s2): the arrays ``fn`` also updates, the driver's
+    ``reduce_chunks`` contract (``fn`` then returns ``(a, b, p, s0, s1, s2)``).
+    """
     if table.chunks.shape[0] == 0:
         return np.zeros((0, 2))
+    options = {} if writes is None else {"writes": tuple(writes)}
     if _is_cpu(backend):
-        partials = cpu.reduce_chunks(fn, table, scalars)
+        partials = cpu.reduce_chunks(fn, table, scalars, **options)
     else:
-        partials = backend.reduce_chunks(fn, table, scalars)
+        partials = backend.reduce_chunks(fn, table, scalars, **options)
     return np.add.reduceat(partials, row_starts(table), axis=0)
 
 
-def run(element, table, scalars, values, mode="grad", grad_scale=1.0, backend=None) -> None:
+def run(element, table, scalars, values, mode="grad", grad_scale=1.0, backend=None,
+        writes=None) -> None:
     """One fused step of ``element`` over ``table`` with per-row ``values`` (host, one per
-    row; see the module doc)."""
+    row; see the module doc); ``writes`` narrows the state slots stored, as the drivers'
+    ``run``."""
     if table.chunks.shape[0] == 0:
         return
     if table.merge:
@@ -70,8 +77,10 @@ def run(element, table, scalars, values, mode="grad", grad_scale=1.0, backend=No
         values = np.ascontiguousarray(values, dtype=table.like.dtype)
         if values.shape != (n_rows,):
             raise ValueError(f"values must have one entry per row ({n_rows}), got {values.shape}")
-        cpu.run(element, table, scalars, grad_scale, row_values=values, row_mode=mode)
+        cpu.run(element, table, scalars, grad_scale, row_values=values, row_mode=mode,
+                writes=writes)
         return
     # The device's array of row values (allocated once per table, refilled here).
+    options = {} if writes is None else {"writes": tuple(writes)}
     backend.run(element, table, scalars, grad_scale, row_values=backend.row_array(table, values),
-                row_mode=mode)
+                row_mode=mode, **options)

@@ -287,6 +287,42 @@ def _maxabs(p, g, s0, s1, s2, h):
 
 
 @needs_cuda
+def test_write_masks_match_the_cpu_driver():
+    """LAMB's two passes through the CUDA driver: the reduction writes the moments (and
+    nothing else), the step writes the param only; both equal the CPU driver's."""
+    from fastopt.kernels import cpu, lamb
+    be = backend()
+    rng = np.random.default_rng(9)
+    n = 77
+    p, g, m = (rng.standard_normal(n).astype(np.float32) for _ in range(3))
+    v = rng.uniform(0.5, 1.5, n).astype(np.float32)
+    h = lamb.lamb_scalars(3, 0.1, 0.9, 0.999, 1e-6, 0.0, 0.01, np.float32)
+    cpu_arrays = [x.copy() for x in (p, g, m, v)]
+    cp, cg, cm, cv = cpu_arrays
+    ctable = cpu.ChunkTable([cp], [cg], ([cm], [cv], None), merge=False)
+    dp, dg, dm, dv = (dev(x) for x in (p, g, m, v))
+    dtable = be.table([dp], [dg], ([dm], [dv], None), merge=False)
+    cparts = cpu.reduce_chunks(lamb.lamb_moments, ctable, h, writes=lamb.MOMENTS_WRITES)
+    dparts = be.reduce_chunks(lamb.lamb_moments, dtable, h, writes=lamb.MOMENTS_WRITES)
+    np.testing.assert_array_equal(host(dp), p)                   # p not written
+    np.testing.assert_array_equal(host(dg), g)
+    assert rel_err(host(dm), cm) <= 1e-6 and rel_err(host(dv), cv) <= 1e-6
+    assert not np.array_equal(cm, m)
+    np.testing.assert_allclose(dparts.sum(axis=0), cparts.sum(axis=0), rtol=1e-6)
+    with pytest.raises(ValueError, match="absent"):
+        be.reduce_chunks(lamb.lamb_moments, be.table([dp], [dg], ([dm], None, None)), h,
+                         writes=lamb.MOMENTS_WRITES)
+    m1, v1 = host(dm).copy(), host(dv).copy()
+    ratio = np.full(1, 0.5, np.float32)
+    cpu.run(lamb.lamb_element, ctable, h, row_values=ratio, row_mode="slot2", writes=lamb.STEP_WRITES)
+    be.run(lamb.lamb_element, dtable, h, row_values=be.row_array(dtable, ratio), row_mode="slot2",
+           writes=lamb.STEP_WRITES)
+    np.testing.assert_array_equal(host(dm), m1)                  # moments read-only
+    np.testing.assert_array_equal(host(dv), v1)
+    assert rel_err(host(dp), cp) <= 1e-6 and not np.array_equal(cp, p)
+
+
+@needs_cuda
 def test_clip_grad_norm_on_cuda_matches_numpy():
     if not hasattr(fo, "clip_grad_norm"):
         pytest.skip("fastopt.clip_grad_norm not present")

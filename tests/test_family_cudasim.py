@@ -49,7 +49,7 @@ def _elements():
         ("adadelta", adadelta.adadelta_element, adadelta.adadelta_scalars(1.0, 0.9, 1e-6, 0.1, False, f), 4),
         ("lion", lion.lion_element, lion.lion_scalars(1e-3, 0.9, 0.99, 0.1, False, f), 4),
         ("lamb", lamb.lamb_element, lamb.lamb_scalars(3, 1e-3, 0.9, 0.999, 1e-6, 0.0, 0.01, f), 4),
-        ("lamb_norms", lamb.lamb_norms, lamb.lamb_scalars(3, 1e-3, 0.9, 0.999, 1e-6, 0.0, 0.01, f), 2),
+        ("lamb_moments", lamb.lamb_moments, lamb.lamb_scalars(3, 1e-3, 0.9, 0.999, 1e-6, 0.0, 0.01, f), 6),
         ("lars", lars.lars_element, lars.lars_scalars(0.1, 0.9, 1e-4, True, f), 4),
         ("lars_norms", lars.lars_norms, lars.lars_scalars(0.1, 0.9, 1e-4, True, f), 2),
         ("keras_square", keras.grad_square, keras.SquareScalars(f(0)), 2),

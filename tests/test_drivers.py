@@ -1,0 +1,156 @@
+"""The CPU driver's own contracts: flags as compile-time constants, write masks, the
+blocked reduction (kernels/cpu.py). The CUDA driver's counterparts are in
+tests/test_cuda_sim.py."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+
+from fastopt.kernels import adam, cpu, lamb, reference, roof
+
+from cases import rel_err
+
+
+class _Scalars(NamedTuple):
+    scale: float
+    negate: bool
+    offset: float
+    square: bool
+
+
+def _flagged(p, g, s0, s1, s2, h):
+    """An element with two flags: each combination computes something else."""
+    x = -g if h.negate else g
+    if h.square:
+        x = x * x
+    return p + h.scale * x + h.offset, s0 + x, s1, s2
+
+
+def _flagged_reducer(p, g, s0, s1, s2, h):
+    x = -g if h.negate else g
+    if h.square:
+        x = x * x
+    return x, p * p
+
+
+def _arrays(n, seed=0, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(n).astype(dtype) for _ in range(3)]
+
+
+def test_flags_of_lists_the_bool_fields_only():
+    h = _Scalars(np.float32(1), True, np.float32(0), False)
+    assert cpu.flags_of(h) == ((1, True), (3, False))
+    assert cpu.flags_of(roof.roof_scalars(np.float32)) == ()
+    h = adam.adam_scalars(3, 1e-3, 0.9, 0.999, 1e-8, 0.1, True, False, False, np.float32)
+    flags = dict(cpu.flags_of(h))
+    assert {h._fields[i] for i in flags} == {"l2", "decoupled", "amsgrad", "maximize", "lerp_from_end"}
+    assert all(flags[i] == h[i] for i in flags)
+
+
+@pytest.mark.parametrize("negate", [False, True])
+@pytest.mark.parametrize("square", [False, True])
+def test_each_flag_combination_computes_its_own_branch(negate, square):
+    """Flags are frozen per compiled driver: every combination gives its own result, even
+    in one process where the other combinations were compiled first."""
+    p, g, m = _arrays(70_001)
+    p0, m0 = p.copy(), m.copy()
+    h = _Scalars(np.float32(0.5), negate, np.float32(0.25), square)
+    table = cpu.ChunkTable([p], [g], ([m], None, None))
+    for other in [(not negate, square), (negate, not square)]:
+        q = p0.copy()
+        cpu.run(_flagged, cpu.ChunkTable([q], [g], (None, None, None)),
+                h._replace(negate=other[0], square=other[1]))
+    cpu.run(_flagged, table, h)
+    x = -g if negate else g
+    if square:
+        x = x * x
+    np.testing.assert_array_equal(p, p0 + np.float32(0.5) * x + np.float32(0.25))
+    np.testing.assert_array_equal(m, m0 + x)
+
+
+def test_flag_change_between_steps_of_one_optimizer():
+    """maximize flipped between two steps of the same Adam: the second step follows it."""
+    import fastopt as fo
+    rng = np.random.default_rng(3)
+    params = [rng.standard_normal(n).astype(np.float32) for n in (5, 100_000)]
+    mirror = [x.copy() for x in params]
+    opt = fo.Adam(params, lr=0.01)
+    ref = fo.Adam(mirror, lr=0.01, backend="numpy")
+    for maximize in (False, True, False):
+        opt.param_groups[0]["maximize"] = maximize
+        ref.param_groups[0]["maximize"] = maximize
+        grads = [rng.standard_normal(x.shape).astype(np.float32) for x in params]
+        opt.step(grads)
+        ref.step(grads)
+        for a, b in zip(params, mirror):
+            assert rel_err(a, b) <= 1e-6
+
+
+def test_write_mask_keeps_read_only_slots_unchanged():
+    p, g, m = _arrays(1000)
+    v = np.abs(_arrays(1000, seed=1)[0])
+    p0, m0, v0 = p.copy(), m.copy(), v.copy()
+    h = lamb.lamb_scalars(2, 0.1, 0.9, 0.999, 1e-6, 0.0, 0.0, np.float32)
+    table = cpu.ChunkTable([p], [g], ([m], [v], None), merge=False)
+    ratio = np.full(1, 0.5, np.float32)
+    cpu.run(lamb.lamb_element, table, h, row_values=ratio, row_mode="slot2",
+            writes=lamb.STEP_WRITES)
+    np.testing.assert_array_equal(m, m0)
+    np.testing.assert_array_equal(v, v0)
+    u = (m0 * h.inv_bias_correction1) / (np.sqrt(v0 * h.inv_bias_correction2) + h.eps)
+    np.testing.assert_array_equal(p, p0 - h.lr * (u * ratio[0]))
+
+
+@pytest.mark.parametrize("n", [1, 1023, 1025, 65_537, 200_003])
+def test_reduction_that_writes_state(n):
+    """LAMB's first pass: the moments written equal the reference's, the sums are the
+    squared norms of p and of the update, all within float32 rounding."""
+    p, g, m = _arrays(n, seed=n)
+    v = np.abs(_arrays(n, seed=n + 1)[0])
+    p0 = p.copy()
+    rm, rv, rp = m.copy(), v.copy(), p.copy()
+    h = lamb.lamb_scalars(3, 0.1, 0.9, 0.999, 1e-6, 0.0, 0.01, np.float32)
+    table = cpu.ChunkTable([p], [g], ([m], [v], None), merge=False)
+    parts = cpu.reduce_chunks(lamb.lamb_moments, table, h, writes=lamb.MOMENTS_WRITES)
+    np.testing.assert_array_equal(p, p0)                       # p is not written
+    # the reference's moments after one step at t=3 from the same state
+    reference.lamb([rp], [g], [rm], [rv], step=3, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-6,
+                   eps_root=0.0, weight_decay=0.01)
+    assert rel_err(m, rm) <= 1e-6 and rel_err(v, rv) <= 1e-6
+    m64, v64 = m.astype(np.float64), v.astype(np.float64)
+    u = (m64 / (1 - 0.9 ** 3)) / (np.sqrt(v64 / (1 - 0.999 ** 3)) + 1e-6) + 0.01 * p0
+    sums = parts.sum(axis=0)
+    assert sums[0] == pytest.approx(float(np.sum(p0.astype(np.float64) ** 2)), rel=1e-6)
+    assert sums[1] == pytest.approx(float(np.sum(u * u)), rel=1e-6)
+
+
+def test_reduction_writes_must_name_present_slots():
+    p, g, m = _arrays(10)
+    table = cpu.ChunkTable([p], [g], ([m], None, None))
+    with pytest.raises(ValueError, match="absent"):
+        cpu.reduce_chunks(lamb.lamb_moments, table, lamb.lamb_scalars(
+            1, 0.1, 0.9, 0.999, 1e-6, 0.0, 0.0, np.float32), writes=lamb.MOMENTS_WRITES)
+
+
+@pytest.mark.parametrize("n", [0, 1, 31, 1024, 1025, 3 * 65_536 + 7])
+@pytest.mark.parametrize("flags", [(False, False), (True, True)])
+def test_blocked_reduction_sums_and_maxima(n, flags):
+    """float32 block sums added in float64: within 1e-6 of exact float64 sums; maxima exact."""
+    p, g, _ = _arrays(n, seed=7)
+    table = cpu.ChunkTable([p], [g], (None, None, None))
+    h = _Scalars(np.float32(1), flags[0], np.float32(0), flags[1])
+    parts = cpu.reduce_chunks(_flagged_reducer, table, h)
+    x = (-g if flags[0] else g).astype(np.float64)
+    if flags[1]:
+        x = (x.astype(np.float32) * x.astype(np.float32)).astype(np.float64)
+    sums = parts.sum(axis=0)
+    scale = max(float(np.sum(np.abs(x))), 1e-30)
+    assert abs(sums[0] - float(np.sum(x))) <= 1e-6 * scale
+    assert sums[1] == pytest.approx(float(np.sum(p.astype(np.float64) ** 2)), rel=1e-6, abs=1e-30)
+    if n:
+        parts = cpu.reduce_chunks(_flagged_reducer, table, h, maximum=True)
+        assert parts[:, 0].max() == max(float(np.max(x)), 0.0)
+        assert parts[:, 1].max() == float(np.max(p.astype(np.float32) ** 2))
