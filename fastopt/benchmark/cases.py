@@ -27,10 +27,11 @@ Adam / AdamW amsgrad              3        36
 ================================  =======  ============
 
 The slot count comes from the optimizer itself (``_active_slots`` of its param group), so
-it is right for any row. Optimizers whose step does more than one pass (per-tensor norms:
-LAMB, LARS) declare the arrays their extra pass reads in ``extra_reads`` (LAMB reads p, g
-and both moments once more: +4; LARS reads p and g: +2), and their fraction of the roof
-compares bandwidths (GB/s against the roof's GB/s) rather than times.
+it is right for any row. Optimizers whose step is more than one pass (a per-tensor norm,
+then the update: LAMB, LARS) list their passes in ``passes``, each with the arrays it
+reads and writes, and move the sum: LAMB 16 + 8 (read p, g, m, v; write m, v) then
+12 + 4 (read p, m, v; write p) = 40 B; LARS 8 (read p, g) then 12 + 8 = 28 B. Their
+roof is as many passes with the same reads and writes (:mod:`fastopt.benchmark.roof`).
 """
 from __future__ import annotations
 
@@ -39,6 +40,24 @@ import re
 from typing import Any
 
 import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Pass:
+    """One pass of a multi-pass step over memory: the arrays it reads and writes, among
+    "p", "g", "s0", "s1" (the element's state positions), and whether it is a reduction."""
+
+    reads: str
+    writes: str = ""
+    reduce: bool = False
+
+    def words(self) -> int:
+        return len(self.reads.split()) + len(self.writes.split())
+
+    def write_mask(self) -> tuple:
+        """(p, s0, s1, s2) written."""
+        names = self.writes.split()
+        return ("p" in names, "s0" in names, "s1" in names, False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +71,7 @@ class OptimizerCase:
       torch: the class name in ``torch.optim``, or None when torch has no counterpart.
       torch_kwargs: torch's hyperparameters when they differ from ``kwargs``.
       default: part of the default ``fastopt bench`` run.
-      extra_reads: arrays read per parameter beyond p, g and the slots (multi-pass steps).
+      passes: a multi-pass step's passes (:class:`Pass`), in order; empty for one pass.
       variants: other hyperparameter sets whose kernels ``fastopt warmup`` compiles too
         (each distinct set of active state slots is one more compiled driver).
     """
@@ -63,13 +82,24 @@ class OptimizerCase:
     torch: str | None = None
     torch_kwargs: dict | None = None
     default: bool = True
-    extra_reads: int = 0
+    passes: tuple = ()
     variants: tuple = ()
 
     def fastopt_class(self):
-        """The fastopt class, or None when this fastopt does not have it."""
-        import fastopt
-        return getattr(fastopt, self.fastopt, None)
+        """The fastopt class (``"Adam"``, or ``"keras.Adam"`` for fastopt.keras), or None
+        when this fastopt does not have it."""
+        import importlib
+        module, _, name = self.fastopt.rpartition(".")
+        try:
+            where = importlib.import_module("fastopt" + ("." + module if module else ""))
+        except ImportError:
+            return None
+        return getattr(where, name, None)
+
+    @property
+    def keras(self) -> bool:
+        """A fastopt.keras optimizer: built on its variables after construction."""
+        return self.fastopt.startswith("keras.")
 
     def torch_class(self):
         """The torch.optim class, or None (no counterpart, or torch not importable)."""
@@ -90,23 +120,31 @@ class OptimizerCase:
         cls = self.fastopt_class()
         if cls is None:
             raise LookupError(f"fastopt has no optimizer {self.fastopt!r} (case {self.name!r})")
+        if self.keras:
+            opt = cls(backend=backend, **{**self.kwargs, **overrides})
+            opt.build(params)
+            return opt
         return cls(params, backend=backend, **{**self.kwargs, **overrides})
+
+    def _engine(self, opt):
+        """The object holding the param groups (a Keras optimizer's engine)."""
+        return opt._engine if self.keras else opt
 
     def active_slots(self, **overrides) -> tuple:
         """The state keys the step reads and writes (three positions, None = absent)."""
-        cls = self.fastopt_class()
-        group = self.make([np.zeros(1, np.float32)], **overrides).param_groups[0]
-        return tuple(cls._active_slots(group))
+        engine = self._engine(self.make([np.zeros(1, np.float32)], **overrides))
+        return tuple(engine._active_slots(engine.param_groups[0]))
 
     def slot_mask(self) -> tuple:
         """Which of the element's three state positions are live (the driver's mask)."""
         return tuple(s is not None for s in self.active_slots())
 
-    def bytes_per_param(self, dtype=np.float32, extra=True) -> int:
-        """Bytes a step moves per parameter (see the module docstring); ``extra=False``
-        leaves out a multi-pass step's extra reads (what the one-pass roof kernel moves)."""
-        n_slots = sum(self.slot_mask())
-        return np.dtype(dtype).itemsize * (3 + 2 * n_slots + (self.extra_reads if extra else 0))
+    def bytes_per_param(self, dtype=np.float32) -> int:
+        """Bytes a step moves per parameter (see the module docstring)."""
+        itemsize = np.dtype(dtype).itemsize
+        if self.passes:
+            return itemsize * sum(p.words() for p in self.passes)
+        return itemsize * (3 + 2 * sum(self.slot_mask()))
 
 
 def _case(name, fastopt, kwargs=None, torch=None, **extra) -> OptimizerCase:
@@ -133,9 +171,20 @@ OPTIMIZERS: tuple[OptimizerCase, ...] = (
     _case("radam", "RAdam", dict(lr=1e-3), "RAdam"),
     _case("adadelta", "Adadelta", dict(lr=1.0), "Adadelta"),
     _case("lion", "Lion", dict(lr=1e-4)),
-    # LAMB and LARS read their arrays once more for the per-tensor trust ratios.
-    _case("lamb", "LAMB", dict(lr=1e-3), extra_reads=4),
-    _case("lars", "LARS", dict(lr=1e-1), extra_reads=2),
+    # LAMB and LARS: a per-tensor reduction for the trust ratios, then the update.
+    _case("lamb", "LAMB", dict(lr=1e-3), passes=(
+        Pass("p g s0 s1", "s0 s1", reduce=True), Pass("p s0 s1", "p"))),
+    _case("lars", "LARS", dict(lr=1e-1), passes=(
+        Pass("p g", reduce=True), Pass("p g s0", "p s0"))),
+    # fastopt.keras: Keras 3's equations and names (not in the default run).
+    _case("keras-sgd", "keras.SGD", dict(learning_rate=1e-2, momentum=0.9), default=False),
+    _case("keras-rmsprop", "keras.RMSprop", dict(learning_rate=1e-3), default=False),
+    _case("keras-adagrad", "keras.Adagrad", dict(learning_rate=1e-2), default=False),
+    _case("keras-adam", "keras.Adam", dict(learning_rate=1e-3), default=False),
+    _case("keras-adamw", "keras.AdamW", dict(learning_rate=1e-3), default=False),
+    _case("keras-adamax", "keras.Adamax", dict(learning_rate=1e-3), default=False),
+    _case("keras-nadam", "keras.Nadam", dict(learning_rate=1e-3), default=False),
+    _case("keras-adadelta", "keras.Adadelta", dict(learning_rate=1.0), default=False),
 )
 
 

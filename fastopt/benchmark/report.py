@@ -17,7 +17,7 @@ JSON record (``fastopt bench --json PATH``), ``schema: "fastopt-bench/1"``:
   ``n_tensors``, ``bytes_per_param``, ``times_s`` (per-step seconds of each sample),
   ``steps_per_sample``, ``repeats``, ``ms_median``, ``ms_min``, ``ms_p25``, ``ms_p75``,
   ``spread`` (half IQR / median), ``params_per_s``, ``gb_per_s``, ``roof_fraction``
-  (this GB/s / the roof's GB/s: the time ratio for one-pass steps), ``speedup_vs_numpy``, ``speedup_vs_torch``, ``first_call_s``,
+  (this GB/s / the roof's GB/s = the roof's time / this time), ``speedup_vs_numpy``, ``speedup_vs_torch``, ``first_call_s``,
   ``compiled`` (fastopt CPU drivers: compiled / cache / process), ``peak_alloc_bytes``
   (tracemalloc), ``peak_rss_bytes``, ``wall_s`` (the whole group the row was timed in: roof and
   fastopt rows are timed together, interleaved), ``error`` (null when

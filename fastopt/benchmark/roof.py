@@ -4,8 +4,10 @@ The roof of an optimizer is the roof kernel (``fastopt.kernels.roof.roof_element
 reads p, g and every live state slot and writes p and the slots, with trivial math) run
 through the *same* driver with the *same* slot mask as the optimizer, on one contiguous
 buffer per array, in the same process. Its time is the memory-bandwidth floor for that
-optimizer's step; ``roof_fraction = achieved GB/s / roof GB/s`` (= roof time / step
-time, except for multi-pass steps, whose extra reads count in their own bytes).
+optimizer's step; ``roof_fraction = achieved GB/s / roof GB/s`` = roof time / step time.
+A multi-pass step (``case.passes``: LAMB, LARS) has a roof of the same passes, each
+reading and writing what the optimizer's pass does, through the same reduction and
+per-row step drivers on a one-row-per-tensor table.
 
 On a GPU there are two: the roof kernel through fastopt's CUDA driver, and a
 device-to-device ``memcpy`` moving the same number of bytes as one step (half read,
@@ -20,9 +22,24 @@ from .runner import LayoutData, Target
 
 
 def roof_bytes_per_param(case: OptimizerCase, dtype=np.float32) -> int:
-    """Bytes the roof kernel moves per parameter: the optimizer's one-pass count (reads
-    p, g and the live slots, writes p and the slots)."""
-    return case.bytes_per_param(dtype, extra=False)
+    """Bytes the roof moves per parameter: the optimizer's own (same reads and writes)."""
+    return case.bytes_per_param(dtype)
+
+
+def _passes_step(case: OptimizerCase, table, cast, reduce_chunks, run):
+    """One step of ``case.passes`` with trivial math, on the drivers given."""
+    from fastopt.kernels import roof
+    steps = []
+    for one in case.passes:
+        reads = " ".join(x for x in one.reads.split() if x != "p")
+        scalars = roof.pass_scalars(reads, cast)
+        if one.reduce:
+            steps.append(lambda s=scalars, w=one.write_mask(): reduce_chunks(
+                roof.pass_reducer, table, s, writes=w))
+        else:
+            steps.append(lambda s=scalars, w=one.write_mask()[1:]: run(
+                roof.pass_element, table, s, writes=w))
+    return lambda: [f() for f in steps]
 
 
 def roof_target(case: OptimizerCase, data: LayoutData) -> Target:
@@ -30,6 +47,13 @@ def roof_target(case: OptimizerCase, data: LayoutData) -> Target:
     from fastopt.kernels import cpu, roof
     p, g = data.params.copy(), data.grads.copy()
     slots = tuple([np.zeros_like(p)] if live else None for live in case.slot_mask())
+    if case.passes:
+        table = cpu.ChunkTable([p], [g], slots, merge=False)
+        ones = np.ones(table.table.shape[0], dtype=p.dtype)
+        step = _passes_step(case, table, p.dtype.type, cpu.reduce_chunks,
+                            lambda fn, t, s, writes: cpu.run(fn, t, s, row_values=ones,
+                                                             row_mode="slot2", writes=writes))
+        return Target(step, keep=(table, slots), numba_cpu=True)
     table = cpu.ChunkTable([p], [g], slots)
     scalars = roof.roof_scalars(p.dtype.type)
     return Target(lambda: cpu.run(roof.roof_element, table, scalars), keep=(table, slots),
@@ -46,6 +70,13 @@ def roof_cuda_target(case: OptimizerCase, data: LayoutData) -> Target:
     be = _backend.get("cuda")
     p, g = xp.array(data.params), xp.array(data.grads)
     slots = tuple([xp.zeros_like(p)] if live else None for live in case.slot_mask())
+    if case.passes:
+        table = be.table([p], [g], slots, merge=False)
+        ones = be.row_array(table, np.ones(table.table.shape[0], dtype=data.dtype))
+        step = _passes_step(case, table, data.dtype.type, be.reduce_chunks,
+                            lambda fn, t, s, writes: be.run(fn, t, s, row_values=ones,
+                                                            row_mode="slot2", writes=writes))
+        return Target(step, sync=sync, keep=(p, g, slots, table, ones))
     table = be.table([p], [g], slots)
     scalars = roof.roof_scalars(data.dtype.type)
     return Target(lambda: be.run(roof.roof_element, table, scalars), sync=sync,

@@ -358,8 +358,8 @@ _ROOF_OF = {"cpu": ("roof",), "cuda": ("roof-cuda", "copy-cuda")}
 def compare(results: list[Result]) -> list[Result]:
     """Set each row's fraction of the roof and its speed-ups over NumPy and torch.
 
-    The fraction of the roof compares bandwidths (achieved GB/s over the roof's GB/s),
-    which is the time ratio for one-pass steps. Rows are compared within (optimizer,
+    The fraction of the roof compares bandwidths (achieved GB/s over the roof's GB/s);
+    the roof moves the row's own bytes (multi-pass steps too), so it is the time ratio. Rows are compared within (optimizer,
     layout, dtype): the roof of the row's device
     (the roof kernel; on CUDA the device-to-device copy where the CUDA roof is missing),
     the NumPy reference and torch on the same device.

@@ -150,8 +150,8 @@ def _run_group(config, layout, case, rows, data, notes) -> list:
     pairs, failed = [], []
     for kind, mode in rows:
         device = "cuda" if kind.endswith("-cuda") else "cpu"
-        one_pass = kind in ("roof", "roof-cuda", "copy-cuda")
-        nbytes = (roof_bytes_per_param(case, config.dtype) if one_pass
+        roof = kind in ("roof", "roof-cuda", "copy-cuda")
+        nbytes = (roof_bytes_per_param(case, config.dtype) if roof
                   else case.bytes_per_param(config.dtype))
         result = Result(case.name, layout, kind, mode, device, config.dtype, data.n_params,
                         data.n_tensors, nbytes)
