@@ -110,12 +110,19 @@ _FLAG_FIELDS: dict = {}
 
 
 def flags_of(h) -> tuple:
-    """``h``'s bool fields as ``(index, value)`` pairs: what a driver is specialised on."""
+    """``h``'s bool fields as ``(index, value)`` pairs: what a driver is specialised on.
+
+    Fields named in the scalars class's ``RUNTIME_FLAGS`` are left out: flags that
+    change from one step to the next (SGD's first step, RAdam's rectification) would
+    otherwise load or compile another driver in the middle of training.
+    """
     cls = type(h)
     index = _FLAG_FIELDS.get(cls)
     if index is None:
-        index = _FLAG_FIELDS[cls] = tuple(i for i, x in enumerate(h)
-                                          if isinstance(x, (bool, np.bool_)))
+        runtime = getattr(cls, "RUNTIME_FLAGS", ())
+        index = _FLAG_FIELDS[cls] = tuple(
+            i for i, (name, x) in enumerate(zip(h._fields, h))
+            if isinstance(x, (bool, np.bool_)) and name not in runtime)
     return tuple((i, bool(h[i])) for i in index)
 
 

@@ -23,6 +23,10 @@ class SGDScalars(NamedTuple):
     nesterov: bool
     maximize: bool
 
+    # Flags that change between steps stay run-time values (kernels/cpu.py:flags_of),
+    # so one compiled driver serves every step.
+    RUNTIME_FLAGS = ("first",)
+
 
 def sgd_element(p, g, buf, unused1, unused2, h):
     """One SGD update of one element; returns (p, momentum_buffer, -, -)."""

@@ -154,3 +154,25 @@ def test_blocked_reduction_sums_and_maxima(n, flags):
         parts = cpu.reduce_chunks(_flagged_reducer, table, h, maximum=True)
         assert parts[:, 0].max() == max(float(np.max(x)), 0.0)
         assert parts[:, 1].max() == float(np.max(p.astype(np.float32) ** 2))
+
+
+def _all_cases():
+    from reliability_cases import ALL_CASES
+    return [pytest.param(c, row, id=f"{c.name}-{i}") for c in ALL_CASES
+            for i, row in enumerate(c.grid)]
+
+
+@pytest.mark.parametrize("case,row", _all_cases())
+def test_no_driver_is_compiled_after_the_first_step(case, row):
+    """The flags a driver is specialised on stay the same from step to step (the ones
+    that change, SGD's first step and RAdam's rectification, are run-time values): a
+    training run compiles or loads its drivers on step 1 only."""
+    rng = np.random.default_rng(5)
+    params = [rng.standard_normal(n).astype(np.float32) for n in (3, 700)]
+    opt = case.fo_cls(params, **case.hp(row))
+    grads = [[rng.standard_normal(p.shape).astype(np.float32) for p in params] for _ in range(8)]
+    opt.step(grads[0])
+    compiled = set(cpu._DRIVERS)
+    for g in grads[1:]:
+        opt.step(g)
+    assert set(cpu._DRIVERS) == compiled
