@@ -200,11 +200,9 @@ def _table(be, arrays, merge=True):
 
 def _per_tensor(partials, table) -> np.ndarray:
     """Chunk partials summed per row (per tensor when the table is unmerged)."""
-    rows = table.chunks[:, 0]
-    if rows.size == 0:
+    if table.chunks.shape[0] == 0:
         return np.zeros(0)
-    starts = np.flatnonzero(np.concatenate([[True], rows[1:] != rows[:-1]]))
-    return np.add.reduceat(partials[:, 0], starts)
+    return np.add.reduceat(partials[:, 0], table.starts)
 
 
 def _total_norm(prep: _Prepared, norm_type, backend, what) -> float:

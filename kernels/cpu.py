@@ -119,10 +119,12 @@ def flags_of(h) -> tuple:
     cls = type(h)
     index = _FLAG_FIELDS.get(cls)
     if index is None:
+        fields = getattr(h, "_fields", None)
         runtime = getattr(cls, "RUNTIME_FLAGS", ())
-        index = _FLAG_FIELDS[cls] = tuple(
-            i for i, (name, x) in enumerate(zip(h._fields, h))
-            if isinstance(x, (bool, np.bool_)) and name not in runtime)
+        index = tuple(i for i, x in enumerate(h) if isinstance(x, (bool, np.bool_))
+                      and (fields is None or fields[i] not in runtime))
+        if fields is not None:      # a NamedTuple class has one layout; a plain tuple not
+            _FLAG_FIELDS[cls] = index
     return tuple((i, bool(h[i])) for i in index)
 
 
@@ -301,7 +303,7 @@ class ChunkTable:
     re-targets the table at new gradient arrays for the cost of reading their addresses.
     """
 
-    __slots__ = ("fixed", "table", "chunks", "like", "low_kind", "has", "n_elements",
+    __slots__ = ("fixed", "table", "chunks", "starts", "like", "low_kind", "has", "n_elements",
                  "refs", "merge")
 
     def __init__(self, params, grads, slots, grad_addresses=None, fixed=None, merge=True,
@@ -341,19 +343,21 @@ class ChunkTable:
         # merge=False keeps one row per non-empty tensor (per-tensor reductions need it).
         self.merge = merge
         self.table = merge_runs(full, itemsizes) if merge else full
-        self.chunks = self._split(self.table[:, 0])
+        self.chunks, self.starts = self._split(self.table[:, 0])
         self.n_elements = int(self.table[:, 0].sum())
         # The table holds raw addresses: keep every array alive while the table lives.
         self.refs = (params, grads, slots, model)
 
     @staticmethod
     def _split(sizes):
+        """The chunks ``(row, lo, hi)`` and each row's first chunk (rows are non-empty)."""
         counts = -(-sizes // CHUNK)
         row_of = np.repeat(np.arange(sizes.size, dtype=np.int64), counts)
-        first = np.repeat(np.cumsum(counts) - counts, counts)
+        starts = np.cumsum(counts) - counts
+        first = np.repeat(starts, counts)
         lo = (np.arange(row_of.size, dtype=np.int64) - first) * CHUNK
         hi = np.minimum(lo + CHUNK, sizes[row_of])
-        return np.ascontiguousarray(np.stack([row_of, lo, hi], axis=1))
+        return np.ascontiguousarray(np.stack([row_of, lo, hi], axis=1)), starts
 
     def with_grads(self, grads, grad_addresses=None) -> "ChunkTable":
         """The same params and state over new gradient arrays."""

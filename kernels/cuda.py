@@ -382,7 +382,8 @@ class _Layout:
     no array (the spans own nothing), so layouts are cached by address.
     """
 
-    __slots__ = ("rows", "chunks", "args", "n_elements", "n_chunks", "partials", "row_values")
+    __slots__ = ("rows", "chunks", "starts", "args", "n_elements", "n_chunks", "partials",
+                 "row_values")
 
     def __init__(self, rows, dtype, merge, stream=0):
         self.partials = None                 # the reduction's per-chunk output, made once
@@ -394,6 +395,7 @@ class _Layout:
         self.n_elements = int(sizes.sum())
         self.n_chunks = 0
         self.chunks = np.zeros((0, 3), dtype=np.int64)
+        self.starts = np.zeros(0, dtype=np.int64)       # each row's first chunk
         self.args = None
         if rows.shape[0] == 0:
             return
@@ -414,7 +416,8 @@ class _Layout:
         size = chunk_size(self.n_elements)
         counts = -(-sizes // size)
         row_of = np.repeat(np.arange(sizes.size, dtype=np.int64), counts)
-        first = np.repeat(np.cumsum(counts) - counts, counts)
+        self.starts = np.cumsum(counts) - counts
+        first = np.repeat(self.starts, counts)
         lo = (np.arange(row_of.size, dtype=np.int64) - first) * size
         hi = np.minimum(lo + size, sizes[row_of])
         self.chunks = np.ascontiguousarray(np.stack([row_of, lo, hi], axis=1))
@@ -450,6 +453,7 @@ class CudaTable:
 
     table = property(lambda self: self.layout.rows)
     chunks = property(lambda self: self.layout.chunks)
+    starts = property(lambda self: self.layout.starts)
     args = property(lambda self: self.layout.args)
     n_elements = property(lambda self: self.layout.n_elements)
     n_chunks = property(lambda self: self.layout.n_chunks)

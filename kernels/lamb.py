@@ -102,6 +102,9 @@ def trust_ratios(param_sq, update_sq, trust_coefficient=1.0, eps=0.0):
     """
     param_norm = np.sqrt(np.asarray(param_sq, dtype=np.float64))
     update_norm = np.sqrt(np.asarray(update_sq, dtype=np.float64))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = trust_coefficient * param_norm / (update_norm + eps)
-    return np.where((param_norm == 0) | (update_norm == 0), 1.0, ratio)
+    ratio = np.ones_like(param_norm)
+    # Divides only where both norms are non-zero (no warnings to silence; NaN and inf
+    # norms still divide, as optax's).
+    np.divide(trust_coefficient * param_norm, update_norm + eps, out=ratio,
+              where=(param_norm != 0) & (update_norm != 0))
+    return ratio

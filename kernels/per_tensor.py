@@ -40,9 +40,9 @@ def table(params, grads, slots, backend=None):
 
 
 def row_starts(table) -> np.ndarray:
-    """Index of each row's first chunk (rows are non-empty and chunks are in row order)."""
-    rows = table.chunks[:, 0]
-    return np.flatnonzero(np.concatenate([[True], rows[1:] != rows[:-1]]))
+    """Index of each row's first chunk (rows are non-empty and chunks are in row order):
+    the table's ``starts``, computed with its chunks."""
+    return table.starts
 
 
 def row_sums(fn, table, scalars, backend=None, writes=None) -> np.ndarray:

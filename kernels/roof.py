@@ -36,13 +36,7 @@ class PassScalars(NamedTuple):
 
 def pass_element(p, g, s0, s1, s2, h):
     """An update pass: reads p and the flagged arrays (s2 is the driver's per-row value)."""
-    t = h.zero
-    if h.read_g:
-        t = t + g
-    if h.read0:
-        t = t + s0
-    if h.read1:
-        t = t + s1
+    t = (g if h.read_g else h.zero) + (s0 if h.read0 else h.zero) + (s1 if h.read1 else h.zero)
     d = h.scale * t
     return p + s2 * d, s0 + d, s1 + d, s2
 
@@ -50,13 +44,7 @@ def pass_element(p, g, s0, s1, s2, h):
 def pass_reducer(p, g, s0, s1, s2, h):
     """A reduction pass: sums (p * t, t) of the flagged arrays' sum t; returns what the
     driver may store, as a state-writing reducer: (a, b, p, s0, s1, s2)."""
-    t = h.zero
-    if h.read_g:
-        t = t + g
-    if h.read0:
-        t = t + s0
-    if h.read1:
-        t = t + s1
+    t = (g if h.read_g else h.zero) + (s0 if h.read0 else h.zero) + (s1 if h.read1 else h.zero)
     d = h.scale * t
     return p * t, t, p, s0 + d, s1 + d, s2
 

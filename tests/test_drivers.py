@@ -44,6 +44,8 @@ def test_flags_of_lists_the_bool_fields_only():
     h = _Scalars(np.float32(1), True, np.float32(0), False)
     assert cpu.flags_of(h) == ((1, True), (3, False))
     assert cpu.flags_of(roof.roof_scalars(np.float32)) == ()
+    assert cpu.flags_of((np.float32(1), True)) == ((1, True),)          # plain tuples too,
+    assert cpu.flags_of((False, np.float32(1), np.float32(2))) == ((0, False),)  # each its own
     h = adam.adam_scalars(3, 1e-3, 0.9, 0.999, 1e-8, 0.1, True, False, False, np.float32)
     flags = dict(cpu.flags_of(h))
     assert {h._fields[i] for i in flags} == {"l2", "decoupled", "amsgrad", "maximize", "lerp_from_end"}
