@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
+
 SLOTS = ("trace", None, None)
 
 
@@ -26,16 +28,20 @@ class LarsScalars(NamedTuple):
     momentum: float
     weight_decay: float
     grad_scale: float          # the step's gradient multiplier (norm pass only)
+    wide: float                # 1.0 in float64: squares are taken in float64
     decay: bool
     nesterov: bool
 
 
 def lars_norms(p, g, t, unused, unused2, h):
-    """(p^2, u^2) of one element, u = g + wd p."""
+    """(p^2, u^2) of one element in float64 (exact squares of float32 values: no
+    overflow or underflow), u = g + wd p as the step computes it."""
     u = g * h.grad_scale
     if h.decay:
         u = u + h.weight_decay * p
-    return p * p, u * u
+    x = p * h.wide
+    y = u * h.wide
+    return x * x, y * y
 
 
 def lars_element(p, g, t, unused, ratio, h):
@@ -61,6 +67,7 @@ def lars_scalars(lr, momentum, weight_decay, nesterov, cast):
         momentum=cast(momentum),
         weight_decay=cast(weight_decay),
         grad_scale=cast(1.0),
+        wide=np.float64(1.0),
         decay=bool(weight_decay != 0),
         nesterov=bool(nesterov),
     )
