@@ -11,8 +11,8 @@ A step is described by a *tensor table* and a *chunk table*:
   chunks hold at most :data:`CHUNK` elements, so threads get balanced work.
 
 The driver knows chunks and addresses, never optimizer math: the per-element update is
-the optimizer's element function, inlined into the loop. Each (element, slot mask) pair
-is compiled once and cached on disk (``cache=True``).
+the optimizer's element function, inlined into the loop. Each (element, slot mask,
+setting of the scalars' bool flags) is compiled once and cached on disk (``cache=True``).
 """
 from __future__ import annotations
 
@@ -195,7 +195,7 @@ def _source_tag(fn) -> str:
     return hashlib.sha1(src.encode()).hexdigest()[:10]
 
 
-def _instantiate(template, prefix: str, fn, flags=(), cache=True, fastmath=False, **constants):
+def _instantiate(template, prefix: str, fn, flags=(), cache=True, **constants):
     """Compile ``template`` with ``fn`` inlined as its global ELEMENT, the scalars' bool
     fields ``flags`` (:func:`flags_of`) as constants and ``constants`` frozen as globals.
     The qualname names the on-disk cache entry: one per template, function, flags,
@@ -208,7 +208,7 @@ def _instantiate(template, prefix: str, fn, flags=(), cache=True, fastmath=False
     compiled = pytypes.FunctionType(template.__code__, namespace, template.__name__)
     tag = "".join(str(int(v)) for k, v in sorted(constants.items())) + "_" + _flag_tag(flags)
     compiled.__qualname__ = f"{prefix}_{fn.__name__}_{tag}_{_source_tag(fn)}"
-    return numba.njit(parallel=True, cache=cache, nogil=True, fastmath=fastmath)(compiled)
+    return numba.njit(parallel=True, cache=cache, nogil=True)(compiled)
 
 
 def _cached(key, make):
