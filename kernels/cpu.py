@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import ctypes
 import glob
-import hashlib
-import inspect
 import os
 import sys
 import types as pytypes
@@ -30,6 +28,7 @@ from numba import carray, prange, types
 from numba.extending import intrinsic
 
 from . import lowp
+from .specialize import accumulate, flag_tag, flags_of, freezer, source_tag
 
 # Elements per chunk: 256 KiB of float32 per array, a few chunks per thread per MB.
 CHUNK = 1 << 16
@@ -70,81 +69,11 @@ def _address_to_pointer(typingctx, address, like):
     return pointer_type(address, like), codegen
 
 
-@intrinsic
-def _accumulate(typingctx, total, term):
-    """``total + term`` carrying LLVM's ``reassoc`` flag on this one addition.
-
-    A reduction loop vectorises only when its additions may be reassociated; setting the
-    flag here, instead of compiling the whole driver with ``fastmath``, keeps the
-    element's own arithmetic exact (a reassociated ``(c * g) * g`` overflows where
-    torch's does not).
-    """
-    result = typingctx.unify_pairs(total, term)
-    if not isinstance(result, types.Float):
-        return None
-
-    def codegen(context, builder, signature, args):
-        a = context.cast(builder, args[0], signature.args[0], result)
-        b = context.cast(builder, args[1], signature.args[1], result)
-        return builder.fadd(a, b, flags=("reassoc",))
-
-    return result(total, term), codegen
-
-
 def _view(address, n, like):
     return carray(_address_to_pointer(address, like), n)
 
 
 _view = numba.njit(inline="always", cache=True)(_view)
-
-
-# -- compile-time flags -----------------------------------------------------------------
-# The bool fields of an optimizer's scalars (maximize, nesterov, amsgrad, ...) select
-# code paths. Passed at run time they stay branches or selects inside the vector loop
-# (LLVM unswitches a few, not all), which costs NAdam or LAMB 5-10% of their time at
-# the memory roof. So every driver is specialised on them, as fused CUDA kernels are
-# on template bools: FREEZE(h) rebuilds h with its flags as constants, and LLVM folds
-# the branches away. Numeric scalars (lr, betas, bias corrections) stay run time.
-
-_FLAG_FIELDS: dict = {}
-
-
-def flags_of(h) -> tuple:
-    """``h``'s bool fields as ``(index, value)`` pairs: what a driver is specialised on.
-
-    Fields named in the scalars class's ``RUNTIME_FLAGS`` are left out: flags that
-    change from one step to the next (SGD's first step, RAdam's rectification) would
-    otherwise load or compile another driver in the middle of training.
-    """
-    cls = type(h)
-    index = _FLAG_FIELDS.get(cls)
-    if index is None:
-        fields = getattr(h, "_fields", None)
-        runtime = getattr(cls, "RUNTIME_FLAGS", ())
-        index = tuple(i for i, x in enumerate(h) if isinstance(x, (bool, np.bool_))
-                      and (fields is None or fields[i] not in runtime))
-        if fields is not None:      # a NamedTuple class has one layout; a plain tuple not
-            _FLAG_FIELDS[cls] = index
-    return tuple((i, bool(h[i])) for i in index)
-
-
-def _freezer(flags: tuple):
-    """An intrinsic returning its tuple argument with fields ``flags`` made constants."""
-    @intrinsic
-    def freeze(typingctx, h):
-        def codegen(context, builder, signature, args):
-            value = args[0]
-            for i, flag in flags:
-                value = builder.insert_value(value, context.get_constant(types.boolean, flag), i)
-            return value
-
-        return h(h), codegen
-
-    return freeze
-
-
-def _flag_tag(flags: tuple) -> str:
-    return "".join("tf"[v] for _, v in flags)
 
 
 def _driver_template(table, chunks, like, h, grad_scale, row_values):
@@ -186,15 +115,6 @@ def _driver_template(table, chunks, like, h, grad_scale, row_values):
 _DRIVERS: dict = {}
 
 
-def _source_tag(fn) -> str:
-    """Short hash of the element's source, so an edited element never hits a stale cache."""
-    try:
-        src = inspect.getsource(fn)
-    except OSError:  # pragma: no cover - functions without source
-        src = fn.__code__.co_code.hex()
-    return hashlib.sha1(src.encode()).hexdigest()[:10]
-
-
 def _instantiate(template, prefix: str, fn, flags=(), cache=True, **constants):
     """Compile ``template`` with ``fn`` inlined as its global ELEMENT, the scalars' bool
     fields ``flags`` (:func:`flags_of`) as constants and ``constants`` frozen as globals.
@@ -204,10 +124,10 @@ def _instantiate(template, prefix: str, fn, flags=(), cache=True, **constants):
     namespace = dict(globals())
     namespace.update(constants)
     namespace["ELEMENT"] = numba.njit(inline="always", cache=True)(fn)
-    namespace["FREEZE"] = _freezer(flags)
+    namespace["FREEZE"] = freezer(flags)
     compiled = pytypes.FunctionType(template.__code__, namespace, template.__name__)
-    tag = "".join(str(int(v)) for k, v in sorted(constants.items())) + "_" + _flag_tag(flags)
-    compiled.__qualname__ = f"{prefix}_{fn.__name__}_{tag}_{_source_tag(fn)}"
+    tag = "".join(str(int(v)) for k, v in sorted(constants.items())) + "_" + flag_tag(flags)
+    compiled.__qualname__ = f"{prefix}_{fn.__name__}_{tag}_{source_tag(fn)}"
     return numba.njit(parallel=True, cache=cache, nogil=True)(compiled)
 
 
@@ -486,8 +406,8 @@ def _reduce_template(table, chunks, like, h, out):
                     block_a = max(block_a, res[0])
                     block_b = max(block_b, res[1])
                 else:
-                    block_a = _accumulate(block_a, res[0])
-                    block_b = _accumulate(block_b, res[1])
+                    block_a = accumulate(block_a, res[0])
+                    block_b = accumulate(block_b, res[1])
             if MAXIMUM:  # noqa: F821
                 acc_a = max(acc_a, block_a)
                 acc_b = max(acc_b, block_b)

@@ -35,8 +35,6 @@ GPU runs, list mode included; only span construction and stream selection differ
 from __future__ import annotations
 
 import collections
-import hashlib
-import inspect
 import math
 import os
 import types as pytypes
@@ -47,6 +45,7 @@ from numba import config as _numba_config
 from numba import cuda
 
 from .cpu import merge_runs
+from .specialize import source_tag
 
 SIMULATOR = bool(getattr(_numba_config, "ENABLE_CUDASIM", False)) or os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 
@@ -205,15 +204,6 @@ _KERNELS: dict = {}
 _DEVICE_FUNCTIONS: dict = {}
 
 
-def _source_tag(fn) -> str:
-    """Short hash of a function's source: a renamed cache entry when the element changes."""
-    try:
-        src = inspect.getsource(fn)
-    except (OSError, TypeError):  # pragma: no cover - functions without source
-        src = fn.__code__.co_code.hex()
-    return hashlib.sha1(src.encode()).hexdigest()[:10]
-
-
 def _device_function(fn):
     dev = _DEVICE_FUNCTIONS.get(fn)
     if dev is None:
@@ -252,7 +242,7 @@ def step_kernel(element, has: tuple[bool, bool, bool], row_mode: int = 0, writes
         if row_mode:
             mask += f"r{row_mode}"
         kernel = _KERNELS[key] = _instantiate(
-            _step_template, f"cuda_step_{element.__name__}_{mask}_{_source_tag(element)}",
+            _step_template, f"cuda_step_{element.__name__}_{mask}_{source_tag(element)}",
             dict(ELEMENT=_device_function(element), HAS0=has[0], HAS1=has[1], HAS2=has[2],
                  WRITE0=writes[0], WRITE1=writes[1], WRITE2=writes[2], PAIR=PAIR,
                  ROW_MODE=row_mode))
@@ -269,7 +259,7 @@ def reduce_kernel(fn, maximum: bool, writes=NO_WRITES):
     if kernel is None:
         tag = f"{int(maximum)}" + ("" if writes == NO_WRITES else "w" + _bits(writes))
         kernel = _KERNELS[key] = _instantiate(
-            _reduce_template, f"cuda_reduce_{fn.__name__}_{tag}_{_source_tag(fn)}",
+            _reduce_template, f"cuda_reduce_{fn.__name__}_{tag}_{source_tag(fn)}",
             dict(REDUCER=_device_function(fn), MAXIMUM=maximum, RBLOCK=REDUCE_BLOCK,
                  WRITE_P=writes[0], WRITE0=writes[1], WRITE1=writes[2], WRITE2=writes[3]))
     return kernel

@@ -23,7 +23,7 @@ class EmaScalars(NamedTuple):
     one_minus_weight: float   # 1 - weight, computed in the storage dtype (torch's opmath)
     small: bool               # |weight| < 0.5: torch.lerp's branch
 
-    RUNTIME_FLAGS = ("small",)    # a warm-up's decay crosses 0.5 mid-run (cpu.flags_of)
+    RUNTIME_FLAGS = ("small",)    # a warm-up's decay crosses 0.5 mid-run (specialize.flags_of)
 
 
 def ema_scalars(decay: float, cast) -> EmaScalars:

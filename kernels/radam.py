@@ -38,7 +38,7 @@ class RAdamScalars(NamedTuple):
     lerp_from_end: bool       # torch's lerp takes its second form when the weight >= 0.5
     maximize: bool
 
-    RUNTIME_FLAGS = ("rectify",)    # changes at step 5 or 6: see kernels/cpu.py:flags_of
+    RUNTIME_FLAGS = ("rectify",)    # changes at step 5 or 6: see kernels/specialize.py
 
 
 def radam_element(p, g, m, v, unused, h):

@@ -23,7 +23,7 @@ class SGDScalars(NamedTuple):
     nesterov: bool
     maximize: bool
 
-    # Flags that change between steps stay run-time values (kernels/cpu.py:flags_of),
+    # Flags that change between steps stay run-time values (kernels/specialize.py),
     # so one compiled driver serves every step.
     RUNTIME_FLAGS = ("first",)
 

@@ -1,5 +1,5 @@
-"""The CPU driver's own contracts: flags as compile-time constants, write masks, the
-blocked reduction (kernels/cpu.py). The CUDA driver's counterparts are in
+"""The CPU driver's own contracts: flags as compile-time constants (kernels/specialize.py),
+write masks, the blocked reduction (kernels/cpu.py). The CUDA driver's counterparts are in
 tests/test_cuda_sim.py."""
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fastopt.kernels import adam, cpu, lamb, reference, roof
+from fastopt.kernels.specialize import flags_of
 
 from cases import rel_err
 
@@ -42,12 +43,12 @@ def _arrays(n, seed=0, dtype=np.float32):
 
 def test_flags_of_lists_the_bool_fields_only():
     h = _Scalars(np.float32(1), True, np.float32(0), False)
-    assert cpu.flags_of(h) == ((1, True), (3, False))
-    assert cpu.flags_of(roof.roof_scalars(np.float32)) == ()
-    assert cpu.flags_of((np.float32(1), True)) == ((1, True),)          # plain tuples too,
-    assert cpu.flags_of((False, np.float32(1), np.float32(2))) == ((0, False),)  # each its own
+    assert flags_of(h) == ((1, True), (3, False))
+    assert flags_of(roof.roof_scalars(np.float32)) == ()
+    assert flags_of((np.float32(1), True)) == ((1, True),)          # plain tuples too,
+    assert flags_of((False, np.float32(1), np.float32(2))) == ((0, False),)  # each its own
     h = adam.adam_scalars(3, 1e-3, 0.9, 0.999, 1e-8, 0.1, True, False, False, np.float32)
-    flags = dict(cpu.flags_of(h))
+    flags = dict(flags_of(h))
     assert {h._fields[i] for i in flags} == {"l2", "decoupled", "amsgrad", "maximize", "lerp_from_end"}
     assert all(flags[i] == h[i] for i in flags)
 

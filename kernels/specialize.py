@@ -1,0 +1,98 @@
+"""How the drivers are specialised: per element source, per flag setting, per reduction.
+
+- :func:`source_tag`: a short hash of an element's source, part of every compiled
+  driver's name, so an edited element never hits a stale on-disk cache entry.
+- :func:`flags_of` and :func:`freezer`: the bool fields of an optimizer's scalars
+  become compile-time constants of the CPU drivers.
+- :func:`accumulate`: one addition that LLVM may reassociate (vectorised reductions
+  without ``fastmath`` on the element's own arithmetic).
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+
+import numpy as np
+from numba import types
+from numba.extending import intrinsic
+
+
+def source_tag(fn) -> str:
+    """Short hash of ``fn``'s source (its bytecode where the source is unavailable)."""
+    try:
+        src = inspect.getsource(fn)
+    except (OSError, TypeError):  # pragma: no cover - functions without source
+        src = fn.__code__.co_code.hex()
+    return hashlib.sha1(src.encode()).hexdigest()[:10]
+
+
+@intrinsic
+def accumulate(typingctx, total, term):
+    """``total + term`` carrying LLVM's ``reassoc`` flag on this one addition.
+
+    A reduction loop vectorises only when its additions may be reassociated; setting the
+    flag here, instead of compiling the whole driver with ``fastmath``, keeps the
+    element's own arithmetic exact (a reassociated ``(c * g) * g`` overflows where
+    torch's does not).
+    """
+    result = typingctx.unify_pairs(total, term)
+    if not isinstance(result, types.Float):
+        return None
+
+    def codegen(context, builder, signature, args):
+        a = context.cast(builder, args[0], signature.args[0], result)
+        b = context.cast(builder, args[1], signature.args[1], result)
+        return builder.fadd(a, b, flags=("reassoc",))
+
+    return result(total, term), codegen
+
+
+# -- compile-time flags -----------------------------------------------------------------
+# The bool fields of an optimizer's scalars (maximize, nesterov, amsgrad, ...) select
+# code paths. Passed at run time they stay branches or selects inside the vector loop
+# (LLVM unswitches a few, not all), which costs NAdam or LAMB 5-10% of their time at
+# the memory roof. So every driver is specialised on them, as fused CUDA kernels are
+# on template bools: FREEZE(h) (see freezer) rebuilds h with its flags as constants,
+# and LLVM folds the branches away. Numeric scalars (lr, betas, bias corrections)
+# stay run time.
+
+_FLAG_FIELDS: dict = {}
+
+
+def flags_of(h) -> tuple:
+    """``h``'s bool fields as ``(index, value)`` pairs: what a driver is specialised on.
+
+    Fields named in the scalars class's ``RUNTIME_FLAGS`` are left out: flags that
+    change from one step to the next (SGD's first step, RAdam's rectification) would
+    otherwise load or compile another driver in the middle of training.
+    """
+    cls = type(h)
+    index = _FLAG_FIELDS.get(cls)
+    if index is None:
+        fields = getattr(h, "_fields", None)
+        runtime = getattr(cls, "RUNTIME_FLAGS", ())
+        index = tuple(i for i, x in enumerate(h) if isinstance(x, (bool, np.bool_))
+                      and (fields is None or fields[i] not in runtime))
+        if fields is not None:      # a NamedTuple class has one layout; a plain tuple not
+            _FLAG_FIELDS[cls] = index
+    return tuple((i, bool(h[i])) for i in index)
+
+
+def freezer(flags: tuple):
+    """An intrinsic returning its tuple argument with fields ``flags`` made constants."""
+    @intrinsic
+    def freeze(typingctx, h):
+        def codegen(context, builder, signature, args):
+            value = args[0]
+            for i, flag in flags:
+                value = builder.insert_value(value, context.get_constant(types.boolean, flag), i)
+            return value
+
+        return h(h), codegen
+
+    return freeze
+
+
+def flag_tag(flags: tuple) -> str:
+    """The flags as a name fragment ("tff"): part of a compiled driver's cache name."""
+    return "".join("tf"[v] for _, v in flags)
