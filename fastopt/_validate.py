@@ -127,9 +127,33 @@ def no_overlap(arrays, label):
             raise ValueError(f"{label}[{i}] and {label}[{j}] are {what}; each parameter must be a distinct array")
 
 
-def grad(g, p, index, p_address=None, where="") -> int:
+def signature(p):
+    """``(shape, typestr, nbytes)`` of a host ndarray param (what a gradient must match,
+    as its ``__array_interface__`` states it), or None for other arrays."""
+    if type(p) is not np.ndarray:
+        return None
+    ai = p.__array_interface__
+    return ai["shape"], ai["typestr"], p.nbytes
+
+
+def grad(g, p, index, p_address=None, where="", p_sig=None) -> int:
     """``grads[index]`` is aligned with ``params[index]``: same shape and dtype,
-    C-contiguous, not the param, not overlapping it. Returns the gradient's data address."""
+    C-contiguous, not the param, not overlapping it. Returns the gradient's data address.
+
+    ``p_sig`` (:func:`signature` of ``p``, with ``p_address``) makes the common case one
+    ``__array_interface__`` read: for thousands of small tensors this check is most of
+    a step's Python time.
+    """
+    if p_sig is not None and type(g) is np.ndarray:
+        ai = g.__array_interface__
+        # strides None: C-contiguous. Same typestr: same float dtype and byte order.
+        if ai["strides"] is None and ai["shape"] == p_sig[0] and ai["typestr"] == p_sig[1]:
+            ga = ai["data"][0]
+            n = p_sig[2]
+            if n and ga < p_address + n and p_address < ga + n:
+                raise ValueError(f"{where}grads[{index}] is params[{index}] itself or overlaps "
+                                 "its memory; a gradient must be a separate array")
+            return ga
     if (type(g) is np.ndarray and type(p) is np.ndarray and g.shape == p.shape
             and g.dtype == p.dtype and g.flags.c_contiguous):
         # Fast path for the common case: only the aliasing test is left.

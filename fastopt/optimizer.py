@@ -104,6 +104,7 @@ class Optimizer:
         self._param_objs: list = []          # the params as added (identity: replacements)
         self._group_sizes: list[int] = []
         self._param_addresses: list[int] = []
+        self._param_sigs: list = []          # per param: _validate.signature (fast grad checks)
         self._steps = np.zeros(0, dtype=np.int64)
         self._arenas: dict = {}
         self._plans: list[_Plan | None] = []
@@ -154,6 +155,7 @@ class Optimizer:
         self._param_objs.extend(ps)
         self._group_sizes.append(len(ps))
         self._param_addresses.extend(_validate.address(p) for p in ps)
+        self._param_sigs.extend(_validate.signature(p) for p in ps)
         self._state.extend([None] * len(ps))
         self._steps = np.concatenate([self._steps, np.zeros(len(ps), dtype=np.int64)])
         self._plans.append(None)
@@ -231,11 +233,16 @@ class Optimizer:
         replaced = {} if reuse else self._check_replaced(gi, base, params)
         addresses = {}
         check = _validate.grad
+        sigs = self._param_sigs
         for k, (p, g, pa) in enumerate(zip(params, grads, self._param_addresses[base:])):
             if g is not None:
                 if isinstance(p, np.ndarray) and not p.flags.writeable:
                     raise ValueError(f"params[{base + k}] is read-only; optimizer steps update params in place")
-                addresses[k] = check(g, p, base + k, replaced.get(base + k, (None, pa))[1])
+                i = base + k
+                if i in replaced:
+                    addresses[k] = check(g, p, i, replaced[i][1])
+                else:
+                    addresses[k] = check(g, p, i, pa, p_sig=sigs[i])
         self._check_grads_alias_no_param(base, grads, addresses, replaced)
         if reuse and [g is None for g in plan.grads] == [g is None for g in grads]:
             return _Plan(key, params, grads, addresses, plan.buckets), "regrad"
@@ -268,8 +275,11 @@ class Optimizer:
         spans = self._param_spans(replaced)
         ks = list(addresses)
         g_lo = np.fromiter((addresses[k] for k in ks), dtype=np.int64, count=len(ks))
-        g_hi = g_lo + np.fromiter((_validate.nbytes(grads[k]) for k in ks), dtype=np.int64,
-                                  count=len(ks))
+        # A checked gradient has its param's shape and dtype, so its param's byte count.
+        sigs = self._param_sigs
+        g_hi = g_lo + np.fromiter(
+            (sigs[base + k][2] if sigs[base + k] is not None and base + k not in replaced
+             else _validate.nbytes(grads[k]) for k in ks), dtype=np.int64, count=len(ks))
         starts, ends, owner = spans
         j = np.searchsorted(starts, g_hi, side="left") - 1     # last param starting below g_hi
         hit = (j >= 0) & (ends[np.maximum(j, 0)] > g_lo) & (g_hi > g_lo)
@@ -403,6 +413,7 @@ class Optimizer:
             if how == "new":
                 for i, (p, address) in plan.replaced.items():
                     self._param_objs[i], self._param_addresses[i] = p, address
+                    self._param_sigs[i] = _validate.signature(p)
                 self._build_buckets(gi, plan)
             elif how == "regrad":
                 self._regrad_buckets(gi, plan)

@@ -254,6 +254,11 @@ BAD_GRADS = {
     "overlapping_the_param": (lambda p, g: g[:2] + [_overlapping_grad(p)] + g[3:], ValueError,
                               r"grads\[2\].*overlaps"),
     "not_an_array": (lambda p, g: g[:2] + [[[0.0] * 4] * 3] + g[3:], TypeError, r"grads\[2\]"),
+    # same shape and float kind, other byte order: the fast check compares typestrs
+    "byte_swapped": (lambda p, g: g[:2] + [g[2].astype(g[2].dtype.newbyteorder())] + g[3:],
+                     TypeError, r"grads\[2\] has dtype >f"),
+    "ndarray_subclass": (lambda p, g: g[:2] + [np.ma.masked_array(g[2])[:, ::2]] + g[3:],
+                         ValueError, r"grads\[2\]"),
 }
 
 
