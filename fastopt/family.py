@@ -171,12 +171,11 @@ class NAdam(Optimizer):
             super()._run_bucket({**group, _MU_PRODUCT: float(value)}, sub, step, backend_name, scale)
         self._mu_product[bucket.indices] = new
 
-    @property
-    def state(self) -> dict:
-        out = super().state
-        for i, d in out.items():
+    def _state_of(self, i):
+        d = super()._state_of(i)
+        if d is not None:
             d["mu_product"] = np.float32(self._mu_product[i])
-        return out
+        return d
 
     def state_dict(self) -> dict:
         sd = super().state_dict()

@@ -104,16 +104,17 @@ def _check_run(name, init, lst, flat, ref, opts, tp, topt, dtype):
         assert np.array_equal(a, b), "list and FlatParams modes differ"
     assert any(a.size and not np.array_equal(a, i) for a, i in zip(lst, init)), "nothing moved"
     assert_close(lst, ref, dtype, "params vs reference")
+    state, ref_state = opts["list"].state, opts["numpy"].state
     for s in slots:
-        mine = [opts["list"].state[i][s] for i in range(len(lst)) if i in opts["list"].state]
-        theirs = [opts["numpy"].state[i][s] for i in range(len(ref)) if i in opts["numpy"].state]
+        mine = [state[i][s] for i in range(len(lst)) if i in state]
+        theirs = [ref_state[i][s] for i in range(len(ref)) if i in ref_state]
         assert_close(mine, theirs, dtype, f"{s} vs reference")
     if topt is not None:
         tparams = [t.numpy() for t in tp]
         assert_close(lst, tparams, dtype, "params vs torch")
         assert_close(ref, tparams, dtype, "reference vs torch")
         for s in slots:
-            mine = [opts["list"].state[i][s] for i in range(len(lst)) if i in opts["list"].state]
+            mine = [state[i][s] for i in range(len(lst)) if i in state]
             theirs = [topt.state[t][s].numpy() for t in tp if t in topt.state]
             assert_close(mine, theirs, dtype, f"{s} vs torch")
 
@@ -144,6 +145,19 @@ def test_chunk_boundaries(name):
         pytest.importorskip("torch")
     row = FAMILY[name][3][-1]
     run = _train(name, row, np.float32, BIG_SHAPES, 50, _seed("big", name), with_torch)
+    _check_run(name, *run, np.float32)
+
+
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_thousands_of_small_tensors(name):
+    """1500 tensors of 0 to 36 elements (LAMB and LARS: 1500 rows of per-tensor norms and
+    trust ratios), every flag of the last grid row on, 12 steps."""
+    with_torch = FAMILY[name][1] is not None
+    if with_torch:
+        pytest.importorskip("torch")
+    shapes = [(k * 7 % 37,) for k in range(1500)]
+    row = FAMILY[name][3][-1]
+    run = _train(name, row, np.float32, shapes, 12, _seed("many", name), with_torch)
     _check_run(name, *run, np.float32)
 
 

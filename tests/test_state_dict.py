@@ -245,3 +245,22 @@ def test_torch_state_dict_before_any_step_loads(case):
         torch_step(topt, tp, g)
     assert_close(params, [t.numpy() for t in tp], dtype, "params")
     _assert_sd_close(opt.state_dict(), sd_to_numpy(topt.state_dict()), dtype, "after steps")
+
+
+def test_state_is_a_mapping_over_params_with_state():
+    """``opt.state``: the params that have state, looked up one at a time (live arrays,
+    'step' a copy), a KeyError for the others, and dict-like everywhere else."""
+    params = [np.zeros(3, np.float32), np.zeros(2, np.float32), np.zeros(4, np.float32)]
+    opt = fo.Adam(params, lr=0.1)
+    assert opt.state == {} and len(opt.state) == 0 and 0 not in opt.state
+    opt.step([np.ones(3, np.float32), None, np.ones(4, np.float32)])
+    state = opt.state
+    assert list(state) == [0, 2] and len(state) == 2 and 1 not in state and 5 not in state
+    assert set(state[2]) == {"exp_avg", "exp_avg_sq", "step"} and state[2]["step"] == 1
+    for missing in (1, 3, -1, "0"):
+        with pytest.raises(KeyError):
+            state[missing]
+    live = state[0]["exp_avg"]
+    opt.step([np.ones(3, np.float32), None, None])
+    assert np.array_equal(live, opt.state[0]["exp_avg"]) and state[0]["step"] == 2
+    assert dict(state).keys() == {0, 2} and state.get(1) is None
