@@ -40,6 +40,32 @@ def test_bytes_per_param_follow_the_active_slots():
         assert by[name].bytes_per_param(np.float64) == 2 * nbytes, name
     assert by["adam"].slot_mask() == (True, True, False)
     assert by["sgd"].slot_mask() == (False, False, False)
+    # two passes: LAMB reads p, g, m, v and writes m, v, then reads p, m, v and writes p;
+    # LARS reads p, g, then reads p, g, trace and writes p, trace
+    assert by["lamb"].bytes_per_param(np.float32) == 4 * (6 + 4)
+    assert by["lars"].bytes_per_param(np.float32) == 4 * (2 + 5)
+    for name in ("keras-sgd", "keras-adam", "keras-adadelta"):
+        assert by[name].bytes_per_param(np.float32) == {"keras-sgd": 20}.get(name, 28), name
+
+
+@pytest.mark.parametrize("name", ["lamb", "lars"])
+def test_multi_pass_roof_reads_and_writes_what_the_optimizer_does(name):
+    """The roof of a two-pass step runs both passes on the CPU drivers: it writes exactly
+    the arrays the optimizer's passes write (LAMB: moments in pass 1, p in pass 2)."""
+    from fastopt.benchmark.roof import roof_target
+    case = cases.available_optimizers(name)[0]
+    data = runner.LayoutData("large", 70_000, np.float32)
+    roof = roof_target(case, data)
+    table, slots = roof.keep
+    p = table.refs[0][0]
+    p[...] = 0              # the roof adds ~1e-12: visible on zeros, below an ulp of 1
+    before = [p.copy()] + [s[0].copy() for s in slots if s is not None]
+    roof.step()
+    after = [p] + [s[0] for s in slots if s is not None]
+    written = {a for one in case.passes for a in one.writes.split()}
+    names = ["p"] + [f"s{k}" for k, s in enumerate(slots) if s is not None]
+    for n, b, a in zip(names, before, after):
+        assert (not np.array_equal(a, b)) == (n in written), n
 
 
 def test_every_row_names_a_known_torch_class_or_none():
@@ -304,6 +330,11 @@ assert np.allclose(roof.keep[2][0][0], data.grads)      # s0 += g
 copy = copy_cuda_target(case, data)
 copy.step()
 assert copy.keep[1].nbytes == case.bytes_per_param() * data.n_params // 2 and copy.keep[1].all()
+for name in ("lamb", "lars"):                    # two-pass roofs: reduction + per-row step
+    two = roof_cuda_target(cases.available_optimizers(name)[0], data)
+    two.keep[0][...] = 0
+    two.step(); two.sync()
+    assert np.asarray(two.keep[0]).any(), name               # pass 2 wrote p
 print("ok")
 """
 
