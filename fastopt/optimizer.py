@@ -1,8 +1,10 @@
 """The optimizer base class: param groups, lazy state, one fused pass per step.
 
 Subclasses name their element function and state slots and map a param group to the
-element's host scalars; everything else (validation, buckets, chunk tables, state
-arenas, state dicts) lives here once.
+element's host scalars; everything else lives here once: the step, state arenas and
+state dicts, with the per-group plans of validated arrays and chunk tables in
+``_plan.py`` and the sparse-row steps in ``sparse.py`` (both mixed into
+:class:`Optimizer`).
 """
 from __future__ import annotations
 
@@ -15,52 +17,14 @@ from typing import ClassVar
 import numpy as np
 
 from . import _backend, _validate
-from . import sparse as _sparse
 from .flat import FlatParams, arena_of
-from .sparse import SparseGrad
+from ._plan import MASTER, _Bucket, _is_low_precision, _Plan, _Planning  # noqa: F401
+from .sparse import SparseSteps
 
 _NOT_HYPERPARAMETERS = ("params",)
 
 
-class _Bucket:
-    """Tensors of one group and dtype stepped together, with their cached chunk table."""
-
-    __slots__ = ("indices", "params", "grads", "slots", "table", "positions", "model")
-
-    def __init__(self, indices, params, grads, slots):
-        self.indices = np.asarray(indices, dtype=np.int64)
-        self.params = params
-        self.grads = grads
-        self.slots = slots
-        self.table = None
-        self.positions = None
-        self.model = None      # the 16-bit params when ``params`` are their master weights
-
-
-class _Plan:
-    """Everything a group's step needs that depends only on which arrays take part."""
-
-    __slots__ = ("key", "params", "param_objs", "grads", "grad_addresses", "buckets", "replaced")
-
-    def __init__(self, key, params, grads, grad_addresses, buckets=None, replaced=None):
-        self.key = key
-        self.params = params
-        self.param_objs = tuple(params)     # held: the identity test below stays valid
-        self.grads = grads
-        self.grad_addresses = grad_addresses
-        self.buckets = buckets
-        self.replaced = replaced or {}      # global index -> a param that replaced another
-
-    def same_arrays(self, key, params, grads) -> bool:
-        return (self.key == key and len(self.param_objs) == len(params)
-                and len(self.grads) == len(grads) and all(map(operator.is_, self.param_objs, params)))
-
-    def same_grads(self, grads) -> bool:
-        # FlatParams steps pass the plan's own list back: no per-tensor loop then.
-        return grads is self.grads or all(map(operator.is_, self.grads, grads))
-
-
-class Optimizer:
+class Optimizer(_Planning, SparseSteps):
     """Base class of fastopt's optimizers (torch.optim's interface over NumPy/CUDA arrays).
 
     Args:
@@ -185,156 +149,6 @@ class Optimizer:
     def _reference(cls, group, step, params, grads, slots) -> None:
         """The NumPy reference for one bucket (the ``"numpy"`` backend)."""
         raise NotImplementedError
-
-    # -- stepping -----------------------------------------------------------------------
-    def _flat_grads(self, group):
-        grads = []
-        for k, p in enumerate(group["params"]):
-            flat = arena_of(p)
-            if flat is None:
-                raise ValueError(f"step() got no grads, and param_groups[{self.param_groups.index(group)}]"
-                                 f"['params'][{k}] is not a FlatParams view; pass grads=[...]")
-            grads.append(flat.grads[flat.index_of(p)])
-        return grads
-
-    def _group_grads(self, grads):
-        """Split ``grads`` (aligned with all params, or None for FlatParams) per group."""
-        if grads is None:
-            out = []
-            for gi, group in enumerate(self.param_groups):
-                plan = self._plans[gi]
-                if plan is not None and plan.key[2] and plan.params is group["params"]:
-                    out.append(plan.grads)          # cached FlatParams grads
-                else:
-                    out.append(self._flat_grads(group))
-            return out
-        if _validate.is_array(grads):
-            raise TypeError("grads must be a list aligned with the params, got a single array")
-        grads = list(grads)
-        n = sum(len(g["params"]) for g in self.param_groups)
-        if len(grads) != n:
-            raise ValueError(f"grads has {len(grads)} entries, expected {n} (one per param; None skips one)")
-        out, start = [], 0
-        for group in self.param_groups:
-            k = len(group["params"])
-            out.append(grads[start:start + k])
-            start += k
-        return out
-
-    def _plan_for(self, gi, grads, backend_name, from_flat):
-        """The group's plan for these grads: cached, re-targeted, or new (validated)."""
-        group = self.param_groups[gi]
-        params = group["params"]
-        key = (self._active_slots(group), backend_name, from_flat)
-        plan = self._plans[gi]
-        reuse = plan is not None and plan.same_arrays(key, params, grads)
-        if reuse and plan.same_grads(grads):
-            return plan, "cached"
-        base = sum(len(g["params"]) for g in self.param_groups[:gi])
-        replaced = {} if reuse else self._check_replaced(gi, base, params)
-        addresses = {}
-        check = _validate.grad
-        sigs = self._param_sigs
-        for k, (p, g, pa) in enumerate(zip(params, grads, self._param_addresses[base:])):
-            if g is not None:
-                if isinstance(p, np.ndarray) and not p.flags.writeable:
-                    raise ValueError(f"params[{base + k}] is read-only; optimizer steps update params in place")
-                i = base + k
-                if i in replaced:
-                    addresses[k] = check(g, p, i, replaced[i][1])
-                else:
-                    addresses[k] = check(g, p, i, pa, p_sig=sigs[i])
-        self._check_grads_alias_no_param(base, grads, addresses, replaced)
-        if reuse and [g is None for g in plan.grads] == [g is None for g in grads]:
-            return _Plan(key, params, grads, addresses, plan.buckets), "regrad"
-        return _Plan(key, params, grads, addresses, replaced=replaced), "new"
-
-    def _check_replaced(self, gi, base, params):
-        """Params swapped into ``param_groups[gi]['params']`` since the last step: check
-        them like new params, and against the state their position already has."""
-        if len(params) != self._group_sizes[gi]:
-            raise ValueError(f"param_groups[{gi}]['params'] changed length since it was added; "
-                             "use add_param_group() for new params")
-        replaced = {}
-        for k, p in enumerate(params):
-            i = base + k
-            if p is self._param_objs[i]:
-                continue
-            _validate.param(p, f"param_groups[{gi}]['params'][{k}]", self.master_weights)
-            for name, arr in (self._state[i] or {}).items():
-                if tuple(arr.shape) != tuple(p.shape):
-                    raise ValueError(f"param_groups[{gi}]['params'][{k}] was replaced by an array of "
-                                     f"shape {tuple(p.shape)}, but its state {name!r} has shape "
-                                     f"{tuple(arr.shape)}; build a new optimizer for new params")
-            replaced[i] = (p, _validate.address(p))
-        return replaced
-
-    def _check_grads_alias_no_param(self, base, grads, addresses, replaced):
-        """No gradient overlaps the memory of any param (its own is checked per grad)."""
-        if not addresses:
-            return
-        spans = self._param_spans(replaced)
-        ks = list(addresses)
-        g_lo = np.fromiter((addresses[k] for k in ks), dtype=np.int64, count=len(ks))
-        # A checked gradient has its param's shape and dtype, so its param's byte count.
-        sigs = self._param_sigs
-        g_hi = g_lo + np.fromiter(
-            (sigs[base + k][2] if sigs[base + k] is not None and base + k not in replaced
-             else _validate.nbytes(grads[k]) for k in ks), dtype=np.int64, count=len(ks))
-        starts, ends, owner = spans
-        j = np.searchsorted(starts, g_hi, side="left") - 1     # last param starting below g_hi
-        hit = (j >= 0) & (ends[np.maximum(j, 0)] > g_lo) & (g_hi > g_lo)
-        if hit.any():
-            k = ks[int(np.flatnonzero(hit)[0])]
-            other = int(owner[j[np.flatnonzero(hit)[0]]])
-            raise ValueError(f"grads[{base + k}] overlaps the memory of params[{other}]; "
-                             "a gradient must not share memory with any param")
-
-    def _param_spans(self, replaced):
-        objs = [replaced[i][0] if i in replaced else p for i, p in enumerate(self._param_objs)]
-        lo = np.array([replaced[i][1] if i in replaced else a
-                       for i, a in enumerate(self._param_addresses)], dtype=np.int64)
-        hi = lo + np.array([_validate.nbytes(p) for p in objs], dtype=np.int64)
-        order = np.argsort(lo, kind="stable")
-        return lo[order], hi[order], order
-
-    def _build_buckets(self, gi, plan):
-        group = self.param_groups[gi]
-        base = sum(len(g["params"]) for g in self.param_groups[:gi])
-        slot_names = plan.key[0]
-        by_dtype: dict = {}
-        for k, (p, g) in enumerate(zip(plan.params, plan.grads)):
-            if g is not None:
-                by_dtype.setdefault(np.dtype(p.dtype), []).append(k)
-        buckets = []
-        for ks in by_dtype.values():
-            idx = [base + k for k in ks]
-            for i, k in zip(idx, ks):
-                self._ensure_state(i, plan.params[k], group, slot_names)
-            slots = tuple(None if name is None else [self._state[i][name] for i in idx]
-                          for name in slot_names)
-            params = [plan.params[k] for k in ks]
-            model = None
-            if _is_low_precision(params[0]):
-                model, params = params, [self._state[i][MASTER] for i in idx]
-            bucket = _Bucket(idx, params, [plan.grads[k] for k in ks], slots)
-            bucket.positions = ks
-            bucket.model = model
-            buckets.append(bucket)
-        plan.buckets = buckets
-
-    def _regrad_buckets(self, gi, plan):
-        """Same params and state, new gradient arrays: re-target the cached tables."""
-        buckets = []
-        for old in plan.buckets:
-            ks = old.positions
-            bucket = _Bucket(old.indices, old.params, [plan.grads[k] for k in ks], old.slots)
-            bucket.positions = ks
-            bucket.model = old.model
-            if old.table is not None and hasattr(old.table, "with_grads"):
-                bucket.table = old.table.with_grads(bucket.grads, [plan.grad_addresses[k] for k in ks])
-            buckets.append(bucket)
-        plan.buckets = buckets
 
     def _ensure_state(self, i, p, group, slot_names):
         st = self._state[i]
@@ -474,80 +288,6 @@ class Optimizer:
         dtype = np.float64 if any(np.dtype(g.dtype) == np.float64 for g in grads) else np.float32
         return scale * float(clip.clip_coefficient(total, self.max_grad_norm, dtype))
 
-    # -- sparse rows --------------------------------------------------------------------
-    supports_sparse: ClassVar[bool] = False
-
-    def _split_sparse(self, grads):
-        """Take SparseGrad entries out of ``grads`` (they step separately)."""
-        if grads is None or _validate.is_array(grads):
-            return grads, {}
-        grads = list(grads)
-        sparse = {i: g for i, g in enumerate(grads) if isinstance(g, SparseGrad)}
-        for i in sparse:
-            grads[i] = None
-        return grads, sparse
-
-    def _check_sparse(self, sparse, backend_name):
-        if not sparse:
-            return sparse
-        name = type(self).__name__
-        if not self.supports_sparse:
-            raise TypeError(f"{name} does not take sparse gradients (SparseGrad): SGD, Adagrad and Adam do")
-        if backend_name == "cuda":
-            raise NotImplementedError("sparse gradients run on the 'cpu' and 'numpy' backends")
-        located = {}
-        for i, sg in sparse.items():
-            gi, k = self._locate(i)
-            group = self.param_groups[gi]
-            self._check_sparse_group(group, f"param_groups[{gi}]")
-            located[i] = (group, group["params"][k], _sparse.check(sg, group["params"][k], i))
-        return located
-
-    def _locate_group(self, i):
-        return self.param_groups[self._locate(i)[0]]
-
-    def _locate(self, i):
-        for gi, group in enumerate(self.param_groups):
-            n = len(group["params"])
-            if i < n:
-                return gi, i
-            i -= n
-        raise IndexError(i)
-
-    @classmethod
-    def _check_sparse_group(cls, group, where):
-        """Hyperparameters that sparse updates do not support (torch rejects them too)."""
-
-    @classmethod
-    def _sparse_scalars(cls, group, step, cast):
-        return cls._scalars(group, step, cast)
-
-    def _sparse_rows(self, i, param, sg):
-        """The rows to update and their gradient rows (default: the rows present)."""
-        return sg.indices, sg.rows
-
-    def _run_sparse(self, i, group, param, sg, backend_name, scale=1.0):
-        slot_names = self._active_slots(group)
-        self._ensure_state(i, param, group, slot_names)
-        step = int(self._steps[i]) + 1
-        slots = tuple(None if n is None else self._state[i][n] for n in slot_names)
-        index, rows = self._sparse_rows(i, param, sg)
-        if backend_name == "numpy":
-            rows = rows if scale == 1.0 else rows * rows.dtype.type(scale)
-            self._sparse_reference(group, step, param, index, rows, slots)
-        else:
-            from .kernels import cpu
-            cpu.run_rows(self.element, param, index, rows, slots,
-                         self._sparse_scalars(group, step, param.dtype.type), scale)
-        self._steps[i] += 1
-
-    @classmethod
-    def _sparse_reference(cls, group, step, param, index, rows, slots):
-        """Reference: the dense step with a gradient that is zero outside ``index``."""
-        dense = np.zeros_like(param)
-        dense[index] = rows
-        cls._reference(group, step, [param], [dense], tuple(None if s is None else [s] for s in slots))
-
     def _run_group(self, group, plan, backend_name, scale=1.0):
         for bucket in plan.buckets:
             steps = self._steps[bucket.indices]
@@ -655,13 +395,6 @@ class Optimizer:
             hp = ", ".join(f"{k}={v}" for k, v in g.items() if k != "params")
             lines.append(f"  group {i}: {len(g['params'])} params, {hp}")
         return "\n".join(lines + [")"])
-
-
-MASTER = "master_param"   # state key of the float32 master copy of a 16-bit param
-
-
-def _is_low_precision(p) -> bool:
-    return np.dtype(p.dtype).itemsize == 2
 
 
 def _step_seed(seed: int, step: int) -> int:

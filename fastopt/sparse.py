@@ -14,9 +14,11 @@ need it, in parallel over unique rows:
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import numpy as np
+
+from . import _validate
 
 
 class SparseGrad(NamedTuple):
@@ -71,3 +73,81 @@ def check(grad, param, index: int) -> "SparseGrad":
         raise IndexError(f"{label}.indices must lie in [0, {param.shape[0]}), got "
                          f"[{idx.min()}, {idx.max()}]")
     return SparseGrad(idx.astype(np.int64, copy=False), rows).coalesce()
+
+
+class SparseSteps:
+    """The sparse-row half of :class:`~fastopt.optimizer.Optimizer`: SparseGrad entries
+    are taken out of ``grads``, checked with the dense ones, and stepped row by row."""
+
+    supports_sparse: ClassVar[bool] = False
+
+    def _split_sparse(self, grads):
+        """Take SparseGrad entries out of ``grads`` (they step separately)."""
+        if grads is None or _validate.is_array(grads):
+            return grads, {}
+        grads = list(grads)
+        sparse = {i: g for i, g in enumerate(grads) if isinstance(g, SparseGrad)}
+        for i in sparse:
+            grads[i] = None
+        return grads, sparse
+
+    def _check_sparse(self, sparse, backend_name):
+        if not sparse:
+            return sparse
+        name = type(self).__name__
+        if not self.supports_sparse:
+            raise TypeError(f"{name} does not take sparse gradients (SparseGrad): SGD, Adagrad and Adam do")
+        if backend_name == "cuda":
+            raise NotImplementedError("sparse gradients run on the 'cpu' and 'numpy' backends")
+        located = {}
+        for i, sg in sparse.items():
+            gi, k = self._locate(i)
+            group = self.param_groups[gi]
+            self._check_sparse_group(group, f"param_groups[{gi}]")
+            located[i] = (group, group["params"][k], check(sg, group["params"][k], i))
+        return located
+
+    def _locate_group(self, i):
+        return self.param_groups[self._locate(i)[0]]
+
+    def _locate(self, i):
+        for gi, group in enumerate(self.param_groups):
+            n = len(group["params"])
+            if i < n:
+                return gi, i
+            i -= n
+        raise IndexError(i)
+
+    @classmethod
+    def _check_sparse_group(cls, group, where):
+        """Hyperparameters that sparse updates do not support (torch rejects them too)."""
+
+    @classmethod
+    def _sparse_scalars(cls, group, step, cast):
+        return cls._scalars(group, step, cast)
+
+    def _sparse_rows(self, i, param, sg):
+        """The rows to update and their gradient rows (default: the rows present)."""
+        return sg.indices, sg.rows
+
+    def _run_sparse(self, i, group, param, sg, backend_name, scale=1.0):
+        slot_names = self._active_slots(group)
+        self._ensure_state(i, param, group, slot_names)
+        step = int(self._steps[i]) + 1
+        slots = tuple(None if n is None else self._state[i][n] for n in slot_names)
+        index, rows = self._sparse_rows(i, param, sg)
+        if backend_name == "numpy":
+            rows = rows if scale == 1.0 else rows * rows.dtype.type(scale)
+            self._sparse_reference(group, step, param, index, rows, slots)
+        else:
+            from .kernels import cpu
+            cpu.run_rows(self.element, param, index, rows, slots,
+                         self._sparse_scalars(group, step, param.dtype.type), scale)
+        self._steps[i] += 1
+
+    @classmethod
+    def _sparse_reference(cls, group, step, param, index, rows, slots):
+        """Reference: the dense step with a gradient that is zero outside ``index``."""
+        dense = np.zeros_like(param)
+        dense[index] = rows
+        cls._reference(group, step, [param], [dense], tuple(None if s is None else [s] for s in slots))
