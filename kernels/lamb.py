@@ -25,7 +25,7 @@ Recomputing the moments in pass 2 instead (pass 1 then writes nothing) moves 44 
 The bias corrections multiply by host reciprocals where optax divides: each pass then
 has one division and one square root per element instead of three and one, which on
 a 2-core machine is the difference between a compute-bound step and one at the memory
-roof; the results differ from optax's order by about one float32 ulp of ``u``.
+roof; the results differ from optax's order by about one ulp of ``u``.
 """
 from __future__ import annotations
 

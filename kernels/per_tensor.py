@@ -6,7 +6,9 @@ built with ``merge=False`` (one row per non-empty tensor; :func:`table`):
 
 1. :func:`row_sums`: the driver's ``reduce_chunks`` of a reducer ``fn(p, g, s0, s1, s2,
    h) -> (a, b)`` (per-chunk float64 partials, on the host), combined per row in a fixed
-   order (deterministic whatever the threads or blocks).
+   order (deterministic whatever the threads or blocks). With ``writes`` the reducer
+   returns ``(a, b, p, s0, s1, s2)`` and the driver also stores the arrays named
+   (LAMB's first pass writes its moments).
 2. :func:`run`: the driver's step, where row ``r`` gets ``values[r]`` either as a
    gradient multiplier (``mode="grad"``) or as the element's third state argument
    (``mode="slot2"``: read-only, never written; the element's third state position must
