@@ -4,7 +4,7 @@
     fastopt bench --size 64M --optimizers adam,adamw,sgd-momentum,adagrad --json out.json --plot out.png
     fastopt bench --list               # the optimizer table with bytes per parameter
     fastopt info                       # versions, CPU, threading layer, backends, GPU
-    fastopt warmup                     # compile every driver into Numba's on-disk cache
+    fastopt warmup                     # compile the bench table's drivers into Numba's disk cache
     fastopt demo ...                   # fastopt.demo.main(args), when that module exists
 """
 from __future__ import annotations
@@ -72,10 +72,12 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="versions, CPU, threading layer, backends, GPU")
     i.add_argument("--json", action="store_true", help="print the information as JSON")
 
-    w = sub.add_parser("warmup", help="compile every optimizer's drivers into the on-disk cache",
-                       description="Compile (or load) the CPU drivers of every optimizer, for "
-                       "each set of state slots it can use, into Numba's on-disk cache, so "
-                       "later processes start stepping without compiling.")
+    w = sub.add_parser("warmup", help="compile the drivers of the bench table's optimizers "
+                                      "(with its settings) into the on-disk cache",
+                       description="Compile (or load) the CPU drivers of every optimizer in "
+                       "the bench table, with the table's settings and variants (each set of "
+                       "state slots and flags), into Numba's on-disk cache, so later processes "
+                       "start stepping without compiling.")
     w.add_argument("--optimizers", default=None, help="comma-separated names (default: all)")
     w.add_argument("--dtypes", default="float32,float64", help="comma-separated storage dtypes")
     w.add_argument("--no-roof", action="store_true", help="skip the benchmark's roof kernels")

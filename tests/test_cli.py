@@ -270,6 +270,21 @@ def test_warmup_fills_the_cache_and_the_next_process_loads_it(tmp_path):
     assert ": cache in" in second.stdout and "(0 compiled, 1 loaded from the cache)" in second.stdout
 
 
+def test_warmup_compiles_every_driver_the_table_settings_use():
+    """After warmup, stepping each warmed (optimizer, settings) pair compiles nothing new:
+    Adam and AdamW (same element, other flags) each get their own driver."""
+    from fastopt.benchmark.coldstart import warmup, warmup_cases
+    from fastopt.kernels import cpu
+    names = "adam,adamw,sgd-momentum,sgd-nesterov,lamb"
+    warmup(names, dtypes=("float32",), roof=False)
+    before = set(cpu._DRIVERS)
+    for case, overrides in warmup_cases(names):
+        case.make([np.ones(8, np.float32)], backend="cpu", **overrides).step(
+            [np.full(8, 1e-3, np.float32)])
+    assert set(cpu._DRIVERS) == before
+    assert {c.name for c, _ in warmup_cases(names)} == set(names.split(","))
+
+
 def test_cold_start_warm_cache_is_faster_than_empty():
     rows = cold_start(cases.available_optimizers("sgd"), n=1000)
     assert [r["cache"] for r in rows] == ["empty", "warm"]

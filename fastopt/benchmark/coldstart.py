@@ -77,14 +77,17 @@ def cold_start(cases, dtype="float32", n=1 << 20, timeout=300.0) -> list[dict]:
 
 
 def warmup_cases(names=None) -> list[tuple[OptimizerCase, dict]]:
-    """(case, hyperparameter overrides) pairs covering every distinct compiled driver."""
+    """(case, hyperparameter overrides) pairs covering the drivers of every row and variant.
+
+    Drivers are compiled per element, slot mask and flag setting (weight decay on or
+    off, maximize, nesterov, ...): each distinct class and set of hyperparameters is
+    stepped once. Other settings compile on first use, then load from the disk cache.
+    """
     cases = available_optimizers(names) if names else available_optimizers("all")
     out, seen = [], set()
     for case in cases:
         for overrides in ({}, *case.variants):
-            # One driver per (element, slot mask): Adam and AdamW share theirs.
-            key = (case.fastopt_class().element,
-                   tuple(s is not None for s in case.active_slots(**overrides)))
+            key = (case.fastopt, tuple(sorted({**case.kwargs, **overrides}.items())))
             if key not in seen:
                 seen.add(key)
                 out.append((case, dict(overrides)))
