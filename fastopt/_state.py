@@ -6,7 +6,7 @@ import math
 import numpy as np
 
 from . import _validate
-from .optimizer import MASTER
+from ._plan import MASTER
 
 # Group keys that torch writes and fastopt has no use for; accepted and dropped on load.
 TORCH_ONLY_KEYS = frozenset({"foreach", "fused", "capturable", "differentiable"})

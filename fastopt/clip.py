@@ -253,21 +253,26 @@ def _coef_type(arrays):
     return np.float64 if any(np.dtype(a.dtype) == np.float64 for a in arrays) else np.float32
 
 
-def _scale(prep: _Prepared, factor, backend, what) -> None:
-    """Multiply every gradient by ``factor`` in place (one pass per dtype)."""
+def _each_dtype(prep: _Prepared, backend, what, host, element, scalars) -> None:
+    """One in-place pass per dtype group over the gradients: ``element`` with
+    ``scalars(dtype)`` on a device backend, ``host(g, dtype)`` on the NumPy reference."""
     if not prep.arrays:
         return
     name = _backend_name(backend, prep.arrays)
     for k, (dtype, group) in enumerate(prep.groups):
-        f = dtype.type(factor)
         be = _device_backend(name, dtype, what)
         if be is None:
             for g in group:
-                np.multiply(g, f, out=g)
+                host(g, dtype)
             continue
         # The grads are the table's params (written) and its grads (read, unused).
-        table = prep.table(be, k, merge=True)
-        be.run(kclip.scale_element, table, kclip.ScaleScalars(f))
+        be.run(element, prep.table(be, k, merge=True), scalars(dtype))
+
+
+def _scale(prep: _Prepared, factor, backend, what) -> None:
+    """Multiply every gradient by ``factor`` in place (one pass per dtype)."""
+    _each_dtype(prep, backend, what, lambda g, dt: np.multiply(g, dt.type(factor), out=g),
+                kclip.scale_element, lambda dt: kclip.ScaleScalars(dt.type(factor)))
 
 
 # -- public API ------------------------------------------------------------------------------------
@@ -381,15 +386,7 @@ def clip_grad_value(grads, clip_value, foreach=None, *, backend=None) -> None:
     what = "clip_grad_value"
     clip_value = _real("clip_value", clip_value, what, low=0.0)
     prep = _prepare(grads, what, writeable=True)
-    if not prep.arrays:
-        return
-    name = _backend_name(backend, prep.arrays)
-    for k, (dtype, group) in enumerate(prep.groups):
-        hi = dtype.type(clip_value)
-        be = _device_backend(name, dtype, what)
-        if be is None:
-            for g in group:
-                np.clip(g, -hi, hi, out=g)
-            continue
-        table = prep.table(be, k, merge=True)
-        be.run(kclip.clamp_element, table, kclip.ClampScalars(-hi, hi))
+    _each_dtype(prep, backend, what,
+                lambda g, dt: np.clip(g, -dt.type(clip_value), dt.type(clip_value), out=g),
+                kclip.clamp_element,
+                lambda dt: kclip.ClampScalars(-dt.type(clip_value), dt.type(clip_value)))

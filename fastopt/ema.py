@@ -19,6 +19,7 @@ import numbers
 import numpy as np
 
 from . import _backend, _validate
+from ._state import _host
 from .flat import FlatParams
 from .kernels import ema as kema
 
@@ -180,14 +181,6 @@ class EMA:
     def __repr__(self):
         return (f"EMA({len(self.shadow)} tensors, decay={self.decay}, "
                 f"use_num_updates={self.use_num_updates}, num_updates={self.num_updates})")
-
-
-def _host(a) -> np.ndarray:
-    if isinstance(a, np.ndarray):
-        return a.copy()
-    if hasattr(a, "get"):          # CuPy
-        return a.get()
-    return np.array(a)
 
 
 def _device_like(dst, src):

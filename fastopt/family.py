@@ -22,6 +22,7 @@ from .kernels import lion as _lion
 from .kernels import nadam as _nadam
 from .kernels import radam as _radam
 from .kernels import reference
+from .optim import _lr_wd_eps
 from .optimizer import Optimizer, _Bucket
 
 __all__ = ["Adamax", "NAdam", "RAdam", "Adadelta", "Lion", "LAMB", "LARS"]
@@ -31,17 +32,8 @@ __all__ = ["Adamax", "NAdam", "RAdam", "Adadelta", "Lion", "LAMB", "LARS"]
 _MU_PRODUCT = "_mu_product"
 
 
-def _lr_wd(group, where):
-    v.learning_rate(group["lr"], where=where)          # a number, or a schedule of the step
-    v.number("weight_decay", group["weight_decay"], low=0.0, where=where)
-
-
 def _scaled(grads, scale):
     return grads if scale == 1.0 else [g * g.dtype.type(scale) for g in grads]
-
-
-def _eps(group, where, name="eps"):
-    v.number(name, group[name], low=0.0, where=where)
 
 
 class Adamax(Optimizer):
@@ -62,10 +54,8 @@ class Adamax(Optimizer):
 
     @classmethod
     def _check_group(cls, group, where):
-        _lr_wd(group, where)
-        _eps(group, where)
+        _lr_wd_eps(group, where)
         group["betas"] = v.betas(group["betas"], where)
-        v.flag("maximize", group["maximize"], where=where)
 
     @classmethod
     def _active_slots(cls, group):
@@ -115,12 +105,10 @@ class NAdam(Optimizer):
 
     @classmethod
     def _check_group(cls, group, where):
-        _lr_wd(group, where)
-        _eps(group, where)
+        _lr_wd_eps(group, where)
         group["betas"] = v.betas(group["betas"], where)
         v.number("momentum_decay", group["momentum_decay"], low=0.0, where=where)
         v.flag("decoupled_weight_decay", group["decoupled_weight_decay"], where=where)
-        v.flag("maximize", group["maximize"], where=where)
 
     @classmethod
     def _active_slots(cls, group):
@@ -241,11 +229,9 @@ class RAdam(Optimizer):
 
     @classmethod
     def _check_group(cls, group, where):
-        _lr_wd(group, where)
-        _eps(group, where)
+        _lr_wd_eps(group, where)
         group["betas"] = v.betas(group["betas"], where)
         v.flag("decoupled_weight_decay", group["decoupled_weight_decay"], where=where)
-        v.flag("maximize", group["maximize"], where=where)
 
     @classmethod
     def _active_slots(cls, group):
@@ -285,10 +271,8 @@ class Adadelta(Optimizer):
 
     @classmethod
     def _check_group(cls, group, where):
-        _lr_wd(group, where)
-        _eps(group, where)
+        _lr_wd_eps(group, where)
         v.number("rho", group["rho"], low=0.0, high=1.0, where=where)
-        v.flag("maximize", group["maximize"], where=where)
 
     @classmethod
     def _active_slots(cls, group):
@@ -328,9 +312,8 @@ class Lion(Optimizer):
 
     @classmethod
     def _check_group(cls, group, where):
-        _lr_wd(group, where)
+        _lr_wd_eps(group, where, eps=False)
         group["betas"] = v.betas(group["betas"], where)
-        v.flag("maximize", group["maximize"], where=where)
 
     @classmethod
     def _active_slots(cls, group):
@@ -411,9 +394,8 @@ class LAMB(_TrustRatio):
 
     @classmethod
     def _check_group(cls, group, where):
-        _lr_wd(group, where)
-        _eps(group, where)
-        _eps(group, where, "eps_root")
+        _lr_wd_eps(group, where, maximize=False)
+        v.number("eps_root", group["eps_root"], low=0.0, where=where)
         group["betas"] = v.betas(group["betas"], where)
 
     @classmethod
@@ -463,8 +445,7 @@ class LARS(_TrustRatio):
 
     @classmethod
     def _check_group(cls, group, where):
-        _lr_wd(group, where)
-        _eps(group, where)
+        _lr_wd_eps(group, where, maximize=False)
         v.number("momentum", group["momentum"], low=0.0, where=where)
         v.number("trust_coefficient", group["trust_coefficient"], low=0.0, where=where)
         v.flag("nesterov", group["nesterov"], where=where)

@@ -23,12 +23,15 @@ def _no_weight_decay(group, where):
                          f"got {group['weight_decay']}")
 
 
-def _lr_wd_eps(group, where, eps=True):
+def _lr_wd_eps(group, where, eps=True, maximize=True):
+    """The hyperparameters most optimizers share: lr (or a schedule), weight_decay, and
+    where the optimizer has them, eps and maximize."""
     v.learning_rate(group["lr"], where=where)
     v.number("weight_decay", group["weight_decay"], low=0.0, where=where)
     if eps:
         v.number("eps", group["eps"], low=0.0, where=where)
-    v.flag("maximize", group["maximize"], where=where)
+    if maximize:
+        v.flag("maximize", group["maximize"], where=where)
 
 
 class SGD(Optimizer):

@@ -21,6 +21,15 @@ def _l2(grad, param, weight_decay, maximize):
     return g
 
 
+def _decay(grad, param, lr, weight_decay, decoupled, maximize):
+    """torch's weight decay for the Adam family: decoupled (``p *= 1 - lr wd``, in place)
+    or L2 (added to the gradient); returns the gradient the step uses."""
+    if decoupled:
+        param *= 1 - lr * weight_decay
+        return _l2(grad, param, 0.0, maximize)
+    return _l2(grad, param, weight_decay, maximize)
+
+
 def sgd(params, grads, momentum_buffers, *, first_step, lr, momentum=0.0, dampening=0.0,
         weight_decay=0.0, nesterov=False, maximize=False):
     """torch.optim.SGD. ``momentum_buffers[i]`` is updated in place (ignored if momentum == 0);
@@ -77,11 +86,7 @@ def adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step, lr
     bc1 = 1 - beta1 ** step
     bc2 = 1 - beta2 ** step
     for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
-        if decoupled_weight_decay:
-            p *= 1 - lr * weight_decay
-            d_p = _l2(g, p, 0.0, maximize)
-        else:
-            d_p = _l2(g, p, weight_decay, maximize)
+        d_p = _decay(g, p, lr, weight_decay, decoupled_weight_decay, maximize)
         m += (1 - beta1) * (d_p - m)
         v *= beta2
         v += (1 - beta2) * d_p * d_p
@@ -166,11 +171,7 @@ def nadam(params, grads, exp_avgs, exp_avg_sqs, *, step, mu_product, lr=2e-3, be
     mu_next = nadam_mu(step + 1, beta1, momentum_decay)
     bc2 = 1 - beta2 ** step
     for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
-        if decoupled_weight_decay:
-            p *= 1 - lr * weight_decay
-            d_p = _l2(g, p, 0.0, maximize)
-        else:
-            d_p = _l2(g, p, weight_decay, maximize)
+        d_p = _decay(g, p, lr, weight_decay, decoupled_weight_decay, maximize)
         _lerp_(m, d_p, 1 - beta1)
         v *= beta2
         v += (1 - beta2) * d_p * d_p
@@ -187,11 +188,7 @@ def radam(params, grads, exp_avgs, exp_avg_sqs, *, step, lr=1e-3, beta1=0.9, bet
     rho_inf = 2 / (1 - beta2) - 1
     rho_t = rho_inf - 2 * step * beta2 ** step / bc2
     for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
-        if decoupled_weight_decay:
-            p *= 1 - lr * weight_decay
-            d_p = _l2(g, p, 0.0, maximize)
-        else:
-            d_p = _l2(g, p, weight_decay, maximize)
+        d_p = _decay(g, p, lr, weight_decay, decoupled_weight_decay, maximize)
         _lerp_(m, d_p, 1 - beta1)
         v *= beta2
         v += (1 - beta2) * d_p * d_p

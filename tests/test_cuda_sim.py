@@ -336,6 +336,13 @@ def test_clip_grad_norm_on_cuda_matches_numpy():
         assert n_dev == pytest.approx(n_ref, rel=1e-6)
         for a, b in zip(d, ref):
             assert rel_err(host(a), b) <= 1e-6
+    ref = [a.copy() for a in arrays]
+    d = [dev(a) for a in arrays]
+    fo.clip_grad_value(ref, 0.3, backend="numpy")
+    fo.clip_grad_value(d, 0.3, backend="cuda")
+    for a, b in zip(d, ref):
+        np.testing.assert_array_equal(host(a), b)
+    assert max(float(np.abs(b).max()) for b in ref if b.size) == pytest.approx(0.3)
 
 
 # -- import isolation: runs everywhere -------------------------------------------------------
