@@ -20,6 +20,7 @@ from .flat import FlatParams
 from .optim import SGD, Adagrad, Adam, AdamW, RMSprop
 from .optimizer import Optimizer
 from .sparse import SparseGrad
+from .kernels.threads import ThreadingLayerError, ThreadingLayerWarning
 
 __version__ = "0.1.0"
 
@@ -28,5 +29,6 @@ __all__ = [
     "LAMB", "LARS", "Optimizer", "FlatParams", "functional", "keras",
     "SparseGrad", "clip_grad_norm", "clip_grad_value", "clip_grads_with_norm", "global_norm",
     "all_finite", "NonFiniteNormError", "GradScaler", "EMA", "lr_range_test", "LRRangeResult",
-    "init", "backend", "BackendUnavailableError", "save", "load", "CheckpointError", "__version__",
+    "init", "backend", "BackendUnavailableError", "save", "load", "CheckpointError",
+    "ThreadingLayerWarning", "ThreadingLayerError", "__version__",
 ]

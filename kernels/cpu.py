@@ -16,10 +16,6 @@ setting of the scalars' bool flags) is compiled once and cached on disk (``cache
 """
 from __future__ import annotations
 
-import ctypes
-import glob
-import os
-import sys
 import types as pytypes
 
 import numba
@@ -27,7 +23,7 @@ import numpy as np
 from numba import carray, prange, types
 from numba.extending import intrinsic
 
-from . import lowp
+from . import lowp, threads
 from .specialize import accumulate, flag_tag, flags_of, freezer, source_tag
 
 # Elements per chunk: 256 KiB of float32 per array, a few chunks per thread per MB.
@@ -35,27 +31,9 @@ CHUNK = 1 << 16
 
 
 
-def _preload_tbb() -> None:
-    """Load the pip ``tbb`` wheel's libtbb so Numba's TBB layer finds it.
-
-    The wheel puts libtbb.so.12 in ``<prefix>/lib``, which is not on the loader path of a
-    virtual environment; once loaded by soname, Numba's tbbpool links against it.
-    """
-    for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
-        for lib in sorted(glob.glob(os.path.join(prefix, "lib", "libtbb.so.12*"))):
-            try:
-                ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
-                return
-            except OSError:
-                continue
-
-
-# Pin the threading layer that is both thread-safe (concurrent steps from several
-# Python threads) and fork-safe (a step in a forked child): that is TBB ("safe"). A user
-# who set NUMBA_THREADING_LAYER keeps their choice.
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    _preload_tbb()
-    numba.config.THREADING_LAYER = "safe"
+# Numba's threading layer: TBB unless someone chose already; every parallel call below
+# goes through threads.launch, which keeps thread- and fork-safety on the layer in use.
+threads.configure()
 
 
 @intrinsic
@@ -186,8 +164,8 @@ def run_rows(element, param, index, rows, slots, scalars, grad_scale=1.0) -> Non
     flags = flags_of(scalars)
     fn = _cached(("rows", element, has, flags), lambda: _instantiate(
         _rows_template, "rows", element, flags, HAS0=has[0], HAS1=has[1], HAS2=has[2]))
-    fn(p2, rows.reshape(index.size, width), s2[0], s2[1], s2[2], index, scalars,
-       param.dtype.type(grad_scale))
+    threads.launch(fn, p2, rows.reshape(index.size, width), s2[0], s2[1], s2[2], index,
+                   scalars, param.dtype.type(grad_scale))
 
 
 def address(a: np.ndarray) -> int:
@@ -339,8 +317,8 @@ def run(element, table: ChunkTable, scalars, grad_scale=1.0, seed=0, stochastic=
         if table.low_kind:
             raise NotImplementedError("per-row values with master weights")
         has = (has[0], has[1], False) if mode == 2 else has
-        driver(element, has, flags_of(scalars), mode)(table.table, table.chunks, table.like,
-                                                       scalars, scale, row_values)
+        threads.launch(driver(element, has, flags_of(scalars), mode), table.table,
+                       table.chunks, table.like, scalars, scale, row_values)
         return
     if table.low_kind:
         kind = table.low_kind
@@ -353,11 +331,11 @@ def run(element, table: ChunkTable, scalars, grad_scale=1.0, seed=0, stochastic=
         fn = _cached(("master", element, table.has, kind, flags), lambda: _instantiate(
             _master_template, "master", element, flags, cache=False, HAS0=table.has[0],
             HAS1=table.has[1], HAS2=table.has[2], KIND=kind))
-        fn(table.table, table.chunks, table.like, np.uint16(0), scalars, scale,
-           np.uint32(seed & 0xFFFFFFFF))
+        threads.launch(fn, table.table, table.chunks, table.like, np.uint16(0), scalars,
+                       scale, np.uint32(seed & 0xFFFFFFFF))
         return
-    driver(element, has, flags_of(scalars))(table.table, table.chunks, table.like, scalars,
-                                            scale, None)
+    threads.launch(driver(element, has, flags_of(scalars)), table.table, table.chunks,
+                   table.like, scalars, scale, None)
 
 
 # Elements per block of a reduction: summed in the element's own precision, then added
@@ -445,6 +423,6 @@ def reduce_chunks(fn, table: ChunkTable, scalars, maximum=False, accumulate=np.f
         raise ValueError(f"writes {writes} name a state slot absent from the table {table.has}")
     out = np.zeros((table.chunks.shape[0], 2), dtype=accumulate)
     if out.shape[0]:
-        reducer(fn, maximum, flags_of(scalars), tuple(map(bool, writes)))(
-            table.table, table.chunks, table.like, scalars, out)
+        threads.launch(reducer(fn, maximum, flags_of(scalars), tuple(map(bool, writes))),
+                       table.table, table.chunks, table.like, scalars, out)
     return out
