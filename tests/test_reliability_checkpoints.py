@@ -314,14 +314,12 @@ def test_compressed_bomb_member_is_refused_without_inflating(tmp_path):
     assert path.stat().st_size < 1 << 20
     tracemalloc.start()
     try:
-        t0 = time.perf_counter()
         with pytest.raises(CheckpointError, match="compressed"):
             fo.load(path)
-        elapsed = time.perf_counter() - t0
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak < 8 << 20 and elapsed < 5.0, (peak, elapsed)
+    assert peak < 8 << 20, peak  # refused from the header: the 64 MiB was never inflated
 
 
 def test_member_larger_than_the_file_is_refused(saved, tmp_path):

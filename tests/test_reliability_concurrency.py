@@ -6,8 +6,7 @@
   result equals the same steps made one after another. The order the threads got the
   lock in is recorded from inside the step (a callable lr is evaluated there) and the
   steps are replayed serially in that order: bit-identical params and state. A step
-  blocks while another holds the lock; the lock costs next to nothing uncontended;
-  copies and pickles get their own lock.
+  blocks while another holds the lock; copies and pickles get their own lock.
 - A step inside a forked child (the parent's TBB pool running, another thread of the
   parent stepping at the moment of the fork) and inside a ``spawn`` worker gives the
   parent's bits.
@@ -218,29 +217,6 @@ def test_a_step_waits_while_another_holds_the_lock():
     assert done.wait(30), "step() did not run after the lock was released"
     t.join(30)
     assert np.all(params[0] == -1)
-
-
-def test_uncontended_lock_costs_next_to_nothing():
-    params = [np.zeros(16, np.float32)]
-    grads = [np.ones(16, np.float32)]
-    opt = fo.Adam(params)
-    opt.step(grads)
-
-    def per_call(fn, n=300):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        return (time.perf_counter() - t0) / n
-
-    # Alternate the two so a busy moment of a shared machine hits both; keep the best.
-    locked, unlocked = [], []
-    for _ in range(15):
-        locked.append(per_call(lambda: opt.step(grads)))
-        unlocked.append(per_call(lambda: opt._step_unlocked(grads, None)))
-    locked, unlocked = min(locked), min(unlocked)
-    # A lock round trip is ~0.1 us; a small step is tens of us. Generous bound for a
-    # shared CI machine: less than 5 us or 15 % of a step.
-    assert locked - unlocked < max(5e-6, 0.15 * unlocked), (locked, unlocked)
 
 
 def test_copies_and_pickles_get_their_own_lock():
