@@ -6,8 +6,9 @@ reproduce torch 2.13's lr (and momentum) sequences and ``state_dict()`` layout. 
 Keras-style decays (``ExponentialDecay``, ``CosineDecay``, ...) are callables of the step
 that an optimizer accepts as its ``lr``.
 """
-from ._schedules_keras import (CosineDecay, ExponentialDecay, InverseTimeDecay,
-                               LearningRateSchedule, PiecewiseConstantDecay)
+from ._schedules_keras import (CosineDecay, CosineDecayRestarts, ExponentialDecay,
+                               InverseTimeDecay, LearningRateSchedule, PiecewiseConstantDecay,
+                               PolynomialDecay)
 from ._schedules_cyclic import (ChainedScheduler, CosineAnnealingWarmRestarts, CyclicLR,
                                 OneCycleLR, ReduceLROnPlateau, SequentialLR)
 from ._schedules_torch import (ConstantLR, CosineAnnealingLR, ExponentialLR, LambdaLR, LinearLR,
@@ -21,5 +22,5 @@ __all__ = [
     "ChainedScheduler", "ReduceLROnPlateau",
     # keras.optimizers.schedules
     "LearningRateSchedule", "InverseTimeDecay", "ExponentialDecay", "PiecewiseConstantDecay",
-    "CosineDecay",
+    "PolynomialDecay", "CosineDecay", "CosineDecayRestarts",
 ]

@@ -392,6 +392,85 @@ def test_piecewise_constant_decay():
     assert S.PiecewiseConstantDecay([], [0.3])(12) == 0.3
 
 
+def test_piecewise_constant_decay_negative_step_gives_the_first_value():
+    """Keras compares any step with the boundaries: step <= boundaries[0] is values[0]."""
+    f = S.PiecewiseConstantDecay([0, 10], [1.0, 0.5, 0.1])
+    assert f(-1) == f(-1e9) == f(0) == 1.0 and f(1) == 0.5
+    g = S.PiecewiseConstantDecay([-5, 0], [0.3, 0.2, 0.1])
+    assert [g(t) for t in (-7, -5, -4.5, 0, 0.5)] == [0.3, 0.3, 0.2, 0.2, 0.1]
+    with pytest.raises(ValueError, match="step"):
+        f(float("nan"))
+
+
+def _polynomial(init, decay_steps, end, power, cycle, steps):
+    """Keras's PolynomialDecay formula (its docstring), vectorised in NumPy."""
+    t = np.asarray(steps, dtype=np.float64)
+    if cycle:
+        d = decay_steps * np.where(t == 0, 1.0, np.ceil(t / decay_steps))
+    else:
+        d, t = np.full_like(t, decay_steps), np.minimum(t, decay_steps)
+    return (init - end) * (1 - t / d) ** power + end
+
+
+@pytest.mark.parametrize("power,cycle", [(1.0, False), (0.5, False), (2.0, True), (0.5, True)])
+def test_polynomial_decay(power, cycle):
+    steps = [0, 1, 7, 49, 50, 51, 99, 100, 101, 149, 150, 151, 1000]
+    f = S.PolynomialDecay(0.1, 50, end_learning_rate=0.01, power=power, cycle=cycle)
+    np.testing.assert_allclose([f(t) for t in steps], _polynomial(0.1, 50, 0.01, power, cycle, steps),
+                               rtol=1e-13)
+    # anchors read off the formula: the start, the end of the first decay, and after it
+    assert f(0) == pytest.approx(0.1) and f(50) == pytest.approx(0.01)
+    if cycle:      # restarts: at 51 the decay spans 100 steps, at 101 it spans 150
+        assert f(51) == pytest.approx(0.09 * (1 - 51 / 100) ** power + 0.01)
+        assert f(101) == pytest.approx(0.09 * (1 - 101 / 150) ** power + 0.01)
+    else:
+        assert f(51) == f(1000) == pytest.approx(0.01)
+    assert S.PolynomialDecay(1.0, 10)(5) == pytest.approx(0.5 * (1 - 0.0001) + 0.0001)   # Keras defaults
+
+
+def _cosine_restarts(init, first, t_mul, m_mul, alpha, steps):
+    """Keras 3's CosineDecayRestarts.__call__, step by step in NumPy."""
+    f = np.asarray(steps, dtype=np.float64) / first
+    if t_mul == 1.0:
+        i = np.floor(f)
+        c = f - i
+    else:
+        i = np.floor(np.log(1.0 - f * (1.0 - t_mul)) / np.log(t_mul))
+        c = (f - (1.0 - t_mul ** i) / (1.0 - t_mul)) / t_mul ** i
+    return init * ((1 - alpha) * 0.5 * m_mul ** i * (1 + np.cos(np.pi * c)) + alpha)
+
+
+@pytest.mark.parametrize("t_mul,m_mul,alpha", [(2.0, 1.0, 0.0), (2.0, 0.5, 0.1), (1.0, 0.8, 0.0),
+                                               (1.5, 0.9, 0.05)])
+def test_cosine_decay_restarts(t_mul, m_mul, alpha):
+    steps = [0, 1, 5, 9, 10, 11, 17, 29, 30, 31, 55, 69, 70, 71, 300]
+    f = S.CosineDecayRestarts(0.2, 10, t_mul=t_mul, m_mul=m_mul, alpha=alpha)
+    np.testing.assert_allclose([f(t) for t in steps],
+                               _cosine_restarts(0.2, 10, t_mul, m_mul, alpha, steps), rtol=1e-12)
+    # anchors: the start, mid first period, and each restart at m_mul^i times the lr
+    assert f(0) == pytest.approx(0.2)
+    assert f(5) == pytest.approx(0.2 * ((1 - alpha) * 0.5 + alpha))
+    restarts = [10, 30, 70] if t_mul == 2.0 else [10, 20, 30] if t_mul == 1.0 else []
+    for k, start in enumerate(restarts, start=1):
+        assert f(start) == pytest.approx(0.2 * ((1 - alpha) * m_mul ** k + alpha))
+
+
+def test_cosine_decay_restarts_shrinking_periods_end_in_nan_as_keras():
+    f = S.CosineDecayRestarts(1.0, 10, t_mul=0.5)           # periods 10, 5, 2.5, ... (sum 20)
+    assert f(10) == pytest.approx(1.0) and f(15) == pytest.approx(1.0)
+    assert math.isnan(f(20)) and math.isnan(f(25))
+
+
+def test_keras_schedules_drive_a_keras_optimizer():
+    from fastopt import keras as fk
+    w = np.zeros(1)
+    opt = fk.SGD(learning_rate=S.PolynomialDecay(1.0, 4, end_learning_rate=0.0, power=2.0))
+    for _ in range(5):
+        opt.apply([np.ones(1)], [w])
+    # lrs at iterations 0..4: (1 - t/4)^2 -> 1, 0.5625, 0.25, 0.0625, 0
+    np.testing.assert_allclose(w, [-(1 + 0.5625 + 0.25 + 0.0625)], rtol=1e-15)
+
+
 def test_cosine_decay():
     f = S.CosineDecay(0.1, decay_steps=1000)
     for t, want in [(0, 0.1), (250, 0.1 * (1 + math.sqrt(0.5)) / 2), (500, 0.05), (1000, 0.0),
@@ -415,6 +494,8 @@ def test_cosine_decay():
     S.ExponentialDecay(0.1, 7, 0.5),
     S.PiecewiseConstantDecay([10, 20], [0.3, 0.2, 0.1]),
     S.CosineDecay(0.1, 100, alpha=0.05, warmup_target=0.2, warmup_steps=10),
+    S.PolynomialDecay(0.1, 30, end_learning_rate=0.02, power=0.5, cycle=True),
+    S.CosineDecayRestarts(0.1, 20, t_mul=1.5, m_mul=0.7, alpha=0.01),
 ], ids=lambda s: type(s).__name__)
 def test_keras_config_round_trip(schedule):
     config = schedule.get_config()
@@ -486,6 +567,13 @@ BAD = [
     ("alpha", lambda: S.CosineDecay(0.1, 100, alpha=2.0)),
     ("warmup_steps", lambda: S.CosineDecay(0.1, 100, warmup_target=0.2, warmup_steps=-1)),
     ("step", lambda: S.ExponentialDecay(0.1, 10, 0.9)(-1)),
+    ("decay_steps", lambda: S.PolynomialDecay(0.1, 0)),
+    ("power", lambda: S.PolynomialDecay(0.1, 10, power=-1.0)),
+    ("end_learning_rate", lambda: S.PolynomialDecay(0.1, 10, end_learning_rate=float("nan"))),
+    ("first_decay_steps", lambda: S.CosineDecayRestarts(0.1, 0)),
+    ("t_mul", lambda: S.CosineDecayRestarts(0.1, 10, t_mul=0.0)),
+    ("m_mul", lambda: S.CosineDecayRestarts(0.1, 10, m_mul=-0.5)),
+    ("alpha", lambda: S.CosineDecayRestarts(0.1, 10, alpha=1.5)),
 ]
 
 
