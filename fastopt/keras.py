@@ -1,47 +1,77 @@
 """Keras 3's optimizers over fastopt's fused kernels: ``fastopt.keras.Adam(learning_rate=...)``.
 
-Keras's names, defaults and equations (``keras.optimizers``, Keras 3): ``learning_rate``
-(a number, a ``fastopt.schedules`` Keras-style decay called with the iteration count, or
-a callable of no arguments), ``beta_1``/``beta_2``, ``epsilon`` ("epsilon hat"), SGD's
-velocity with the learning rate inside, RMSprop's eps inside the square root and lr
-inside its momentum, Adagrad's initial accumulator 0.1, and the base optimizer's
-options:
+As in Keras, an optimizer is created without variables and built on its first ``apply``
+(or by ``build``)::
 
-- ``weight_decay``: ``w -= w * weight_decay * lr`` before the update (AdamW: 0.004).
+    opt = fastopt.keras.Adam(learning_rate=1e-3)   # no variables here (Keras's convention)
+    opt.apply(grads, variables)                    # or opt.apply_gradients(zip(grads, variables))
+
+``apply``, ``apply_gradients`` and the plain ``step(grads)`` (``step()`` for a FlatParams)
+each run one fused step. Keras's names, defaults and equations (``keras.optimizers``,
+Keras 3): ``learning_rate`` (a number, a ``fastopt.schedules`` Keras-style decay called
+with the iteration count, or a callable of no arguments), ``beta_1``/``beta_2``,
+``epsilon`` ("epsilon hat"), SGD's velocity with the learning rate inside, RMSprop's eps
+inside the square root and lr inside its momentum, Adagrad's initial accumulator 0.1, and
+the base optimizer's options (keras/src/optimizers/base_optimizer.py):
+
+- ``weight_decay``: ``w -= w * weight_decay * lr`` before the update (AdamW: 0.004);
+  ``exclude_from_weight_decay(var_list=None, var_names=None)`` before ``build`` exempts
+  variables by identity, or by name: a variable is excluded when any of ``var_names``
+  (regular expressions, so plain strings match as substrings: Keras joins them with
+  ``|`` and searches) is found in its name. A variable's name is ``build(variables,
+  names=[...])``'s entry, else its ``name`` attribute (Keras and TF variables have one);
+  NumPy arrays have none, so name them in ``build``. Excluded variables step as a
+  second param group of the same fused engine.
 - ``clipnorm`` (each gradient to at most this 2-norm), ``clipvalue`` (each element to
   [-clipvalue, clipvalue]) or ``global_clipnorm`` (all gradients together); only one.
   ``clipvalue`` runs inside the element; ``global_clipnorm`` is one reduction pass and a
-  gradient scale; ``clipnorm`` is one per-tensor reduction pass and a per-tensor
-  gradient scale.
+  gradient scale; ``clipnorm`` is one per-tensor reduction pass and per-tensor scales.
+- ``loss_scale_factor``: gradients are divided by it before anything else (a scale the
+  kernel applies as it reads them); ``scale_loss(loss)`` multiplies a loss by it.
+- ``gradient_accumulation_steps=n`` (n >= 2): every call adds ``g / loss_scale_factor``
+  to per-variable accumulators (one fused pass); every n-th call steps with ``(g +
+  accumulated) / n`` (clipped, decayed, then the update) and zeroes them. ``iterations``
+  counts real steps (calls // n) and drives bias corrections and EMA; learning-rate
+  schedules see the call count, as in Keras.
+- ``use_ema``: after every call, the averages ``a = m a + (1 - m) w`` (``m =
+  ema_momentum``, 0 at iteration 0 so the first average is the variables), one fused
+  pass (:class:`fastopt.EMA`); with ``ema_overwrite_frequency=k`` the variables take the
+  averages whenever ``(iterations + 1) % k == 0``; ``finalize_variable_values()`` copies
+  them at the end.
 - one global ``iterations`` count (bias corrections use it for every variable, as Keras).
 
-An optimizer is created without variables and built on its first ``apply`` (or by
-``build``); ``apply(grads, variables)``, ``apply_gradients(zip(grads, variables))`` and
-the plain ``step(grads)`` (``step()`` for a FlatParams) all run one fused step.
-SGD also takes sparse row gradients (``fastopt.sparse.SparseGrad``, or any object with
-``indices`` and ``values`` like ``tf.IndexedSlices``): duplicate rows are summed, which
-is Keras's scatter-add without momentum and its deduplication with momentum.
+Sparse gradients (``fastopt.sparse.SparseGrad``, or any object with ``indices`` and
+``values`` like ``tf.IndexedSlices``) are taken by every optimizer with Keras's result:
+the dense step on the gradient scattered into zeros, duplicate rows summed (Keras's test
+``test_sparse_correctness``). SGD and Adagrad (without weight decay on that variable)
+update only the rows that change, as Keras's scatter updates do; the others, and any
+variable weight decay applies to, run the dense fused step on the scattered gradient.
 """
 from __future__ import annotations
 
 import math
 import numbers
+import operator
+import re
 
 import numpy as np
 
 from . import _backend
 from . import _validate as v
+from ._state import _host, _to_like
+from .ema import EMA
 from .flat import FlatParams
 from .kernels import keras as _k
 from .kernels import reference
 from .optimizer import Optimizer
-from .sparse import rows_seen_so_far
 from .schedules import LearningRateSchedule
-from .sparse import SparseGrad
+from .sparse import SparseGrad, check as _check_sparse_grad, rows_seen_so_far
 
 __all__ = ["SGD", "RMSprop", "Adagrad", "Adam", "AdamW", "Adamax", "Nadam", "Adadelta"]
 
 _CLIPS = ("clipnorm", "clipvalue", "global_clipnorm")
+_ROW_SPARSE = ("SGD", "Adagrad")    # sparse rows update in place; the others are densified
+_TORCH_NAMES = {"Nadam": "NAdam"}   # fastopt's torch-style class of the same optimizer
 
 
 def _optional_positive(name, value, where):
@@ -85,12 +115,34 @@ def _check_keras(kind, hp, where=""):
             v.flag("amsgrad", hp["amsgrad"], where=where)
 
 
-class _Engine(Optimizer):
-    """The fused step of one Keras optimizer over its variables (one param group).
+def _is_int(x) -> bool:
+    return isinstance(x, (numbers.Integral, np.integer)) and not isinstance(x, (bool, np.bool_))
 
-    Keras's semantics differ from torch's in ways the base class leaves to hooks: one
-    global iteration count for every variable, a learning rate resolved per step, and
-    gradient clipping before the update.
+
+def _check_options(opts):
+    """Validate the base options beyond the hyperparameters (Keras's rules and messages)."""
+    v.flag("use_ema", opts["use_ema"])
+    if opts["use_ema"]:             # Keras checks these only when EMA is on
+        v.number("ema_momentum", opts["ema_momentum"], low=0.0, high=1.0)
+        freq = opts["ema_overwrite_frequency"]
+        if freq is not None and (not _is_int(freq) or freq < 1):
+            raise ValueError(f"ema_overwrite_frequency must be an integer >= 1 or None, got {freq!r}")
+    if opts["loss_scale_factor"] is not None:
+        v.number("loss_scale_factor", opts["loss_scale_factor"], low=0.0, low_open=True)
+    n = opts["gradient_accumulation_steps"]
+    if n is not None and (not _is_int(n) or n < 2):
+        raise ValueError(f"gradient_accumulation_steps must be an integer >= 2 or None, got {n!r}")
+
+
+class _Engine(Optimizer):
+    """The fused step of one Keras optimizer over its variables.
+
+    One param group, or two when some variables are excluded from weight decay (the
+    second has ``weight_decay=None``). Keras's semantics differ from torch's in ways the
+    base class leaves to hooks: one global iteration count for every variable, a
+    learning rate resolved per step, gradient clipping before the update, and Keras's
+    global-norm coefficient over every group (``global_clipnorm`` is held as the base
+    class's ``max_grad_norm`` so that its reduction pass runs before the step).
     """
 
     has_step_state = False
@@ -99,11 +151,11 @@ class _Engine(Optimizer):
         self.kind = kind
         self.element = _k.ELEMENTS[kind]
         self.slot_names = tuple(s for s in _k.SLOTS[kind] if s is not None)
-        self.supports_sparse = kind == "SGD"
-        self.iterations = 0         # completed steps (the owner advances it)
+        self.supports_sparse = kind in _ROW_SPARSE
         self.lr_now = 0.0           # this step's learning rate (the owner sets it)
         self.u_product = 1.0        # Nadam: u_1 ... u_t for this step (the owner sets it)
-        super().__init__(params, hp, backend)
+        self.grad_factor = 1.0      # 1 / loss_scale_factor or 1 / accumulation steps (the owner)
+        super().__init__(params, hp, backend, max_grad_norm=hp["global_clipnorm"] or None)
 
     # -- hooks (instance methods: they depend on the optimizer kind and the step) -------
     def _check_group(self, group, where):
@@ -163,28 +215,58 @@ class _Engine(Optimizer):
         # into lr_now before each step; the base class's "lr" schedules do not apply.
         return group
 
-    # -- sparse rows (SGD) ----------------------------------------------------------------
+    def _grad_multiplier(self, plans, sparse, backend_name, grad_scale):
+        """With ``global_clipnorm``: Keras's coefficient (not torch's) for the 2-norm of
+        every gradient of every group as the step sees them (times ``grad_scale`` and
+        ``grad_factor``), from one reduction pass; None skips the step (``grad_scale``
+        given and a non-finite gradient, as the base class)."""
+        if self.max_grad_norm is None:
+            return super()._grad_multiplier(plans, sparse, backend_name, grad_scale)
+        from . import clip as norms
+        grads = [g for plan, _ in plans for g in plan.grads if g is not None]
+        grads += [sg.rows for _, _, sg in sparse.values()]
+        norm = norms._total_norm(self._norm_prepared(grads), 2.0, backend_name, "step")
+        if grad_scale is not None and not math.isfinite(norm):
+            return None
+        scale = 1.0 if grad_scale is None else grad_scale
+        self.last_grad_norm = norm * scale * self.grad_factor
+        return scale * _k.global_clip_factor(self.last_grad_norm, self.max_grad_norm)
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        self.max_grad_norm = self.param_groups[0]["global_clipnorm"] or None
+
+    # -- sparse rows (SGD, Adagrad) ---------------------------------------------------------
     def _check_sparse_group(self, group, where):
-        for name in ("weight_decay",) + _CLIPS:
-            if group[name]:
-                raise ValueError(f"{where}: {name} is not supported with sparse gradients "
-                                 f"(Keras applies it to the whole variable), got {group[name]}")
+        if group["weight_decay"]:
+            raise ValueError(f"{where}: sparse row updates cannot apply weight_decay (Keras decays "
+                             "the whole variable); pass the dense gradient")
 
     def _sparse_scalars(self, group, step, cast):
         return self._scalars(group, step, cast)
 
     def _sparse_rows(self, i, param, sg):
-        if self.param_groups[0]["momentum"] == 0:
+        if self.kind != "SGD" or self.param_groups[0]["momentum"] == 0:
             return sg.indices, sg.rows
         return rows_seen_so_far(self.__dict__.setdefault("_sparse_seen", {}), i, param, sg)
+
+    def _run_sparse(self, i, group, param, sg, backend_name, scale=1.0):
+        scale *= self.grad_factor
+        if group["clipnorm"]:
+            # The rows are coalesced: their norm is the scattered gradient's.
+            norm = math.sqrt(float(np.sum(np.square(sg.rows, dtype=np.float64)))) * scale
+            scale *= float(group["clipnorm"] / np.maximum(norm, group["clipnorm"]))
+        super()._run_sparse(i, group, param, sg, backend_name, scale)
 
     def _sparse_reference(self, group, step, param, index, rows, slots):
         dense = np.zeros_like(param)
         dense[index] = rows
+        dense = reference.keras_clip([dense], clipvalue=group["clipvalue"])[0]
         self._reference(group, step, [param], [dense], tuple(None if s is None else [s] for s in slots))
 
     # -- the step ---------------------------------------------------------------------------
     def _run_group(self, group, plan, backend_name, scale=1.0):
+        scale *= self.grad_factor
         buckets = [b for b in plan.buckets if len(b.indices)]
         if backend_name == "numpy":
             self._run_reference(group, buckets, scale)
@@ -195,8 +277,8 @@ class _Engine(Optimizer):
 
     def _run_reference(self, group, buckets, scale):
         grads = [g * g.dtype.type(scale) if scale != 1.0 else g for b in buckets for g in b.grads]
-        clipped = reference.keras_clip(grads, clipnorm=group["clipnorm"], clipvalue=group["clipvalue"],
-                                       global_clipnorm=group["global_clipnorm"])
+        # global_clipnorm is already in ``scale`` (_grad_multiplier: it spans every group).
+        clipped = reference.keras_clip(grads, clipnorm=group["clipnorm"], clipvalue=group["clipvalue"])
         k = 0
         for b in buckets:
             n = len(b.grads)
@@ -204,29 +286,17 @@ class _Engine(Optimizer):
             k += n
 
     def _run_kernels(self, group, buckets, backend_name, scale):
-        from .kernels import cpu, per_tensor
+        from .kernels import per_tensor
         be = _backend.get(backend_name)
         per_tensor_clip = bool(group["clipnorm"])
         for b in buckets:
             if b.table is None:
                 b.table = (per_tensor.table(b.params, b.grads, b.slots, be) if per_tensor_clip
                            else be.table(b.params, b.grads, b.slots))
-        squares = _k.SquareScalars
-        if group["global_clipnorm"]:
-            reduce = cpu.reduce_chunks if backend_name == "cpu" else be.reduce_chunks
-            total = 0.0
-            for b in buckets:
-                cast = np.dtype(b.params[0].dtype).type
-                total += float(reduce(_k.grad_square, b.table, squares(cast(0)))[:, 0].sum())
-            norm = math.sqrt(total) * scale
-            clip = float(group["global_clipnorm"])
-            with np.errstate(divide="ignore", invalid="ignore"):
-                factor = clip * min(np.float64(1.0) / norm, 1.0 / clip) + (norm - norm)
-            scale = scale * float(factor)
         for b in buckets:
             scalars = self._scalars(group, None, np.dtype(b.params[0].dtype).type)
             if per_tensor_clip:
-                sums = per_tensor.row_sums(_k.grad_square, b.table, squares(scalars.lr * 0), be)
+                sums = per_tensor.row_sums(_k.grad_square, b.table, _k.SquareScalars(scalars.lr * 0), be)
                 norms = np.sqrt(sums[:, 0]) * scale
                 clip = float(group["clipnorm"])
                 with np.errstate(invalid="ignore"):
@@ -235,6 +305,82 @@ class _Engine(Optimizer):
                                backend=be)
             else:
                 be.run(self.element, b.table, scalars, scale)
+
+
+class _GradientAccumulators:
+    """Keras's gradient accumulators: one zero array per variable, views of one buffer per
+    dtype (a FlatParams: of one buffer) so that zeroing them is one fill each; a call adds
+    its gradients with one fused pass per dtype (the accumulators in the driver's params
+    column, the gradients in its grads column)."""
+
+    def __init__(self, variables, flat, backend):
+        self.variables = variables
+        self.backend = backend
+        if flat is not None:
+            self.buffers = [flat.new_buffer(0.0)]
+            self.arrays = flat.views_of(self.buffers[0])
+        else:
+            self.buffers, self.arrays = _zero_views(variables)
+        self._tables: dict = {}
+
+    def add(self, grads, factor) -> None:
+        """``acc += g * factor`` for every gradient given (checked first, then added)."""
+        dense, sparse = {}, []
+        for i, (g, w) in enumerate(zip(grads, self.variables)):
+            if isinstance(g, SparseGrad):
+                sparse.append((i, _check_sparse_grad(g, w, i)))
+            elif g is not None:
+                dense.setdefault(np.dtype(w.dtype), []).append((i, v.grad(g, w, i)))
+        name = _backend.resolve(self.backend, self.variables[0])
+        for dtype, entries in dense.items():
+            idx = tuple(i for i, _ in entries)
+            accs, gs = [self.arrays[i] for i in idx], [grads[i] for i in idx]
+            if name == "numpy":
+                for a, g in zip(accs, gs):
+                    a += g * dtype.type(factor)
+                continue
+            be = _backend.get(name)
+            cached = self._tables.get((name, idx))
+            if cached is None:
+                table = be.table(accs, gs, (None, None, None))
+            elif all(map(operator.is_, cached[0], gs)):
+                table = cached[1]
+            else:
+                table = cached[1].with_grads(gs, [address for _, address in entries])
+            self._tables[(name, idx)] = (gs, table)
+            be.run(_k.accumulate_element, table, _k.AccumulateScalars(dtype.type(0)), factor)
+        for i, sg in sparse:
+            acc = self.arrays[i]
+            acc[sg.indices] += sg.rows * acc.dtype.type(factor)
+
+    def zero(self) -> None:
+        for b in self.buffers:
+            b.fill(0)
+
+
+def _zero_views(variables):
+    """Zero buffers, one per (array module, dtype), and a view of one per variable."""
+    sizes: dict = {}
+    for w in variables:
+        key = (isinstance(w, np.ndarray), np.dtype(w.dtype))
+        sizes[key] = sizes.get(key, 0) + int(w.size)
+    buffers = {}
+    for (host, dtype), n in sizes.items():
+        xp = np if host else _cupy()
+        buffers[host, dtype] = xp.zeros(n, dtype=dtype)
+    used = dict.fromkeys(buffers, 0)
+    views = []
+    for w in variables:
+        key = (isinstance(w, np.ndarray), np.dtype(w.dtype))
+        start = used[key]
+        used[key] = start + int(w.size)
+        views.append(buffers[key][start:start + int(w.size)].reshape(w.shape))
+    return list(buffers.values()), views
+
+
+def _cupy():
+    import cupy
+    return cupy
 
 
 def _is_sparse(g) -> bool:
@@ -248,13 +394,39 @@ def _as_sparse(g):
     return SparseGrad(np.asarray(g.indices).reshape(-1), np.asarray(g.values))
 
 
+def _looks_like_variables(x) -> bool:
+    """What a torch-style ``Adam(params, ...)`` passes where Keras takes learning_rate."""
+    return (isinstance(x, (FlatParams, list, tuple, dict)) or v.is_array(x)
+            or v.is_torch_tensor(x) or hasattr(x, "__next__"))
+
+
+def _forward(arguments: dict) -> dict:
+    """A subclass's ``__init__`` arguments (``locals()``), passed on to the base class."""
+    return {k: val for k, val in arguments.items() if k not in ("self", "__class__")}
+
+
 class _KerasOptimizer:
     """Base of the Keras-style optimizers: config, lazy build, Keras's apply methods."""
 
     _kind = ""
 
+    def __new__(cls, *args, **kwargs):
+        # Python raises "got multiple values for argument 'learning_rate'" for the torch
+        # habit Adam(params, learning_rate=...) before __init__ runs; say what to write.
+        if args and _looks_like_variables(args[0]):
+            name = cls.__name__
+            raise TypeError(
+                f"fastopt.keras.{name}() got variables where Keras takes learning_rate: Keras "
+                f"optimizers are created without variables. Write opt = fastopt.keras.{name}("
+                f"learning_rate=1e-3), then opt.apply(grads, variables) each step (or "
+                f"opt.apply_gradients(zip(grads, variables))); fastopt.{_TORCH_NAMES.get(name, name)}"
+                f"(params, lr=...) is the torch-style class that takes the params")
+        return super().__new__(cls)
+
     def __init__(self, learning_rate, *, weight_decay=None, clipnorm=None, clipvalue=None,
-                 global_clipnorm=None, name=None, backend=None, **hyperparameters):
+                 global_clipnorm=None, use_ema=False, ema_momentum=0.99,
+                 ema_overwrite_frequency=None, loss_scale_factor=None,
+                 gradient_accumulation_steps=None, name=None, backend=None, **hyperparameters):
         if backend is not None:
             _backend._check_name(backend, "backend")
         self.name = name or type(self).__name__.lower()
@@ -262,31 +434,116 @@ class _KerasOptimizer:
         self._hp = dict(learning_rate=learning_rate, weight_decay=weight_decay, clipnorm=clipnorm,
                         clipvalue=clipvalue, global_clipnorm=global_clipnorm, **hyperparameters)
         _check_keras(self._kind, self._hp)
+        self._options = dict(use_ema=use_ema, ema_momentum=ema_momentum,
+                             ema_overwrite_frequency=ema_overwrite_frequency or None,
+                             loss_scale_factor=loss_scale_factor,
+                             gradient_accumulation_steps=gradient_accumulation_steps or None)
+        _check_options(self._options)
+        self._built = False
+        self._variables: list = []
+        self._flat: FlatParams | None = None
         self._engine: _Engine | None = None
-        self._iterations = 0
+        self._order: list | None = None       # engine position -> build index (None: same)
+        self._ema: EMA | None = None
+        self._accumulators: _GradientAccumulators | None = None
+        self._dense: dict = {}                # build index -> zeros a sparse gradient scatters into
+        self._exclude = ([], None)            # exclude_from_weight_decay: (variables, pattern)
+        self._position: dict = {}             # id(variable) -> build index
+        self._row_sparse: list = []           # per variable: sparse rows step in place
+        self._iterations = 0                  # apply() calls (Keras's _iterations)
         self._u_product = 1.0
 
     # -- Keras's interface ------------------------------------------------------------------
     @property
     def built(self) -> bool:
-        return self._engine is not None
+        return self._built
 
-    def build(self, variables) -> None:
-        """Create the optimizer over ``variables`` (a list of arrays or a FlatParams)."""
-        if self._engine is not None:
+    def build(self, variables, names=None) -> None:
+        """Create the optimizer over ``variables`` (a list of arrays, possibly empty, or a
+        FlatParams). ``names`` (one string per variable) name them for
+        ``exclude_from_weight_decay(var_names=...)``; by default a variable's ``name``
+        attribute is used. A second call is a no-op."""
+        if self._built:
             return
-        if not isinstance(variables, FlatParams):
-            variables = list(variables)
-        self._engine = _Engine(variables, self._kind, dict(self._hp), self.backend)
+        flat = variables if isinstance(variables, FlatParams) else None
+        if flat is None and v.is_array(variables):
+            raise TypeError("build() takes a list of variables or a FlatParams, got a single array; "
+                            "wrap it in a list")
+        variables = list(flat.params if flat is not None else variables)
+        decayed = self._decayed(variables, names)
+        excluded = sorted(set(range(len(variables))) - set(decayed))
+        engine = order = ema = accumulators = None
+        if variables:
+            groups = [{"params": [variables[b] for b in decayed]}] if decayed else []
+            if excluded:
+                groups.append({"params": [variables[b] for b in excluded], "weight_decay": None})
+            if excluded and decayed:
+                order = decayed + excluded
+            engine = _Engine(groups, self._kind, dict(self._hp), self.backend)
+            if self._options["use_ema"]:
+                ema = EMA(flat if flat is not None else variables,
+                          decay=self._options["ema_momentum"], backend=self.backend)
+            if self._options["gradient_accumulation_steps"]:
+                accumulators = _GradientAccumulators(variables, flat, self.backend)
+        self._variables, self._flat, self._engine, self._order = variables, flat, engine, order
+        self._ema, self._accumulators = ema, accumulators
+        self._position = {id(w): b for b, w in enumerate(variables)}
+        # Sparse rows step in place where no weight decay applies (Keras decays whole variables).
+        no_decay = set(excluded) if self._hp["weight_decay"] else set(range(len(variables)))
+        self._row_sparse = [self._kind in _ROW_SPARSE and b in no_decay for b in range(len(variables))]
+        self._built = True
+
+    def exclude_from_weight_decay(self, var_list=None, var_names=None) -> None:
+        """Exempt variables from weight decay (Keras's method; call it before ``build``).
+
+        Args:
+          var_list: variables to exclude (matched by identity).
+          var_names: strings (regular expressions); a variable whose name contains any of
+            them is excluded, e.g. ``["bias"]``. Names come from ``build(variables,
+            names=...)`` or the variables' ``name`` attribute.
+        """
+        if self._built:
+            raise ValueError("exclude_from_weight_decay() can only be configured before the "
+                             "optimizer is built")
+        if isinstance(var_names, str) or (var_names is not None and
+                                          not all(isinstance(n, str) for n in var_names)):
+            raise TypeError(f"var_names must be a list of strings, got {var_names!r}")
+        pattern = re.compile("|".join(sorted(set(var_names)))) if var_names else None
+        self._exclude = (list(var_list or ()), pattern)
+
+    def _decayed(self, variables, names) -> list:
+        """Build indices of the variables not excluded from weight decay (all of them
+        without exclusions, or without weight decay)."""
+        if names is not None:
+            names = list(names)
+            if len(names) != len(variables) or not all(isinstance(n, str) for n in names):
+                raise ValueError(f"names must be {len(variables)} strings, one per variable, "
+                                 f"got {names!r}")
+        excluded_vars, pattern = self._exclude
+        if not self._hp["weight_decay"] or (not excluded_vars and pattern is None):
+            return list(range(len(variables)))
+        if names is None:
+            names = [getattr(w, "name", None) for w in variables]
+            unnamed = [b for b, n in enumerate(names) if not isinstance(n, str)]
+            if pattern is not None and unnamed:
+                raise ValueError(
+                    f"exclude_from_weight_decay(var_names=...) matches variables by name, but "
+                    f"variables {unnamed} have none (NumPy arrays have no name): pass "
+                    "build(variables, names=[...]) before the first apply")
+        excluded_ids = {id(w) for w in excluded_vars}
+        return [b for b, w in enumerate(variables)
+                if id(w) not in excluded_ids and not (pattern is not None and pattern.search(names[b]))]
 
     @property
     def iterations(self) -> int:
-        """Steps applied so far (Keras's ``optimizer.iterations``)."""
-        return self._iterations
+        """Steps applied so far (Keras's ``optimizer.iterations``: with
+        ``gradient_accumulation_steps``, calls // steps)."""
+        steps = self._options["gradient_accumulation_steps"]
+        return self._iterations // steps if steps else self._iterations
 
     @property
     def learning_rate(self) -> float:
-        """This iteration's learning rate (a schedule evaluated at ``iterations``)."""
+        """This iteration's learning rate (a schedule evaluated at the call count)."""
         return self._current_lr()
 
     @learning_rate.setter
@@ -298,21 +555,44 @@ class _KerasOptimizer:
         _check_keras(self._kind, hp)
         self._hp = hp
         if self._engine is not None:
-            self._engine.param_groups[0]["learning_rate"] = value
+            for group in self._engine.param_groups:
+                group["learning_rate"] = value
 
     @property
     def variables(self) -> list:
-        """The state arrays created so far, variable by variable (live arrays)."""
-        if self._engine is None:
-            return []
-        st = self._engine.state
-        return [st[i][n] for i in sorted(st) for n in self._engine.slot_names if n in st[i]]
+        """The optimizer's arrays (live), in Keras's order: the EMA averages, the gradient
+        accumulators, then each variable's state created so far, variable by variable."""
+        out = list(self._ema.shadow) if self._ema is not None else []
+        if self._accumulators is not None:
+            out += self._accumulators.arrays
+        if self._engine is not None:
+            st = self._engine.state
+            for i in self._engine_positions():
+                if i in st:
+                    out += [st[i][n] for n in self._engine.slot_names if n in st[i]]
+        return out
 
     def get_config(self) -> dict:
-        return dict(self._hp, name=self.name)
+        return dict(self._hp, **self._options, name=self.name)
+
+    @classmethod
+    def from_config(cls, config):
+        """The optimizer ``get_config()`` describes (without state)."""
+        return cls(**config)
+
+    def scale_loss(self, loss):
+        """``loss * loss_scale_factor`` (the loss unchanged without one)."""
+        factor = self._options["loss_scale_factor"]
+        return loss if factor is None else loss * factor
+
+    def finalize_variable_values(self, var_list=None) -> None:
+        """With ``use_ema``: write the averages into the variables (``var_list``: other
+        arrays aligned with the built variables). Without EMA, nothing to do."""
+        if self._ema is not None:
+            self._ema.copy_to(None if var_list is None else list(var_list))
 
     def apply_gradients(self, grads_and_vars) -> int:
-        """Apply ``zip(grads, variables)``; returns ``iterations`` (as tf.keras)."""
+        """Apply ``zip(grads, variables)``; returns the call count (as tf.keras)."""
         pairs = list(grads_and_vars)
         self.apply([g for g, _ in pairs], [w for _, w in pairs])
         return self._iterations
@@ -325,7 +605,7 @@ class _KerasOptimizer:
         if not grads:
             return
         if trainable_variables is None:
-            if self._engine is None:
+            if not self._built:
                 raise ValueError("when passing grads without variables, the optimizer must already "
                                  "be built on a list of variables; call build(variables) first")
             aligned = grads
@@ -336,7 +616,7 @@ class _KerasOptimizer:
             variables = list(trainable_variables)
             if len(variables) != len(grads):
                 raise ValueError(f"got {len(grads)} gradients for {len(variables)} variables")
-            if self._engine is None:
+            if not self._built:
                 self.build(variables)
             aligned = self._align(grads, variables)
         if all(g is None for g in aligned):
@@ -344,64 +624,191 @@ class _KerasOptimizer:
         self.step(aligned)
 
     def step(self, grads=None, *, grad_scale=None) -> bool:
-        """One fused step; ``grads`` aligned with the built variables (None for a
-        FlatParams: its ``grads`` are read). Returns True when applied."""
-        eng = self._engine
-        if eng is None:
+        """One call: ``grads`` aligned with the built variables (None for a FlatParams: its
+        ``grads`` are read). Returns True when applied (with gradient accumulation, also
+        for the calls that only accumulate); False when ``grad_scale`` found a non-finite
+        gradient and skipped the step."""
+        if not self._built:
             raise ValueError(f"{type(self).__name__} is not built: call build(variables) or "
                              "apply(grads, variables) first")
-        if grads is not None:
+        n = len(self._variables)
+        if grads is None:
+            if self._flat is None:
+                raise ValueError("step() without grads reads a FlatParams' grads, but this optimizer "
+                                 "was built on a list of variables; pass grads=[...]")
+        else:
+            if v.is_array(grads):
+                raise TypeError("grads must be a list aligned with the variables, got a single array")
             grads = [_as_sparse(g) if g is not None and _is_sparse(g) else g for g in grads]
+            if len(grads) != n:
+                raise ValueError(f"got {len(grads)} gradients for the {n} variables this optimizer "
+                                 "was built with")
+        if n == 0:
+            return False
         lr = self._current_lr()
-        eng.iterations = self._iterations
+        unscale = 1.0 / self._options["loss_scale_factor"] if self._options["loss_scale_factor"] else 1.0
+        if self._accumulators is None:
+            applied = self._update(grads, lr, grad_scale, unscale)
+        else:
+            if grad_scale is not None:
+                raise TypeError("grad_scale (unscale and skip non-finite steps) does not combine with "
+                                "gradient_accumulation_steps; use loss_scale_factor")
+            applied = self._accumulate(grads, lr, unscale)
+        if applied:
+            self._after_call()
+        return applied
+
+    def _accumulate(self, grads, lr, unscale) -> bool:
+        """Keras's gradient accumulation: add; every n-th call, step on the mean and zero."""
+        steps = self._options["gradient_accumulation_steps"]
+        source = list(self._flat.grads) if grads is None else grads
+        self._accumulators.add(source, unscale)
+        if (self._iterations + 1) % steps == 0:
+            accumulated = [a if g is not None else None for a, g in zip(self._accumulators.arrays, source)]
+            self._update(accumulated, lr, None, 1.0 / steps)
+            self._accumulators.zero()
+        return True
+
+    def _update(self, grads, lr, grad_scale, factor) -> bool:
+        """The fused step on ``grads`` (build order; None: the FlatParams' grads), each
+        multiplied by ``factor`` as the kernel reads it."""
+        eng = self._engine
+        eng.iterations = self.iterations
         eng.lr_now = lr
+        eng.grad_factor = factor
         u_product = self._u_product
         if self._kind == "Nadam":
-            u_product = self._u_product * _k.nadam_u(self._iterations + 1, self._hp["beta_1"])
+            u_product = self._u_product * _k.nadam_u(self.iterations + 1, self._hp["beta_1"])
         eng.u_product = u_product
-        applied = eng.step(grads, grad_scale=grad_scale) if grad_scale is not None else eng.step(grads)
+        scattered = []
+        if grads is not None:
+            grads = self._densified(grads, scattered)
+            if self._order is not None:
+                grads = [grads[b] for b in self._order]
+        try:
+            applied = eng.step(grads, grad_scale=grad_scale) if grad_scale is not None else eng.step(grads)
+        finally:
+            for dense, index in scattered:
+                dense[index] = 0
         if applied:
-            self._iterations += 1
             self._u_product = u_product
         return applied
 
+    def _densified(self, grads, scattered) -> list:
+        """Sparse gradients that do not step as rows, scattered into zeros (kept per
+        variable and zeroed again after the step: no allocation per step)."""
+        out = list(grads)
+        for b, g in enumerate(grads):
+            if isinstance(g, SparseGrad) and not self._row_sparse[b]:
+                w = self._variables[b]
+                sg = _check_sparse_grad(g, w, b)
+                dense = self._dense.get(b)
+                if dense is None:
+                    dense = self._dense[b] = np.zeros_like(w)
+                dense[sg.indices] = sg.rows
+                scattered.append((dense, sg.indices))
+                out[b] = dense
+        return out
+
+    def _after_call(self) -> None:
+        """Keras's end of apply(): the EMA update (and overwrite), then count the call."""
+        ema = self._ema
+        if ema is not None:
+            it = self.iterations
+            # Keras: momentum 0 at iteration 0, so the first average is the variables.
+            ema.decay = 0.0 if it == 0 else float(self._options["ema_momentum"])
+            ema.update()
+            freq = self._options["ema_overwrite_frequency"]
+            if freq and (it + 1) % freq == 0:
+                ema.copy_to()
+        self._iterations += 1
+
     def state_dict(self) -> dict:
-        """The engine's state dict (torch layout, Keras's state names) with
-        ``iterations`` (and Nadam's ``u_product``)."""
-        if self._engine is None:
+        """The engine's state dict (torch layout, Keras's state names, ids = positions in
+        the built variables) with ``iterations`` (the call count), Nadam's ``u_product``,
+        and with the options on, ``average`` (EMA) and ``gradient_accumulator`` (lists
+        aligned with the variables)."""
+        if not self._built:
             raise ValueError(f"{type(self).__name__} is not built: it has no state yet")
-        sd = self._engine.state_dict()
+        if self._engine is None:
+            sd = {"state": {}, "param_groups": []}
+        else:
+            sd = self._engine.state_dict()
+            if self._order is not None:
+                sd["state"] = {self._order[i]: st for i, st in sd["state"].items()}
+                for g in sd["param_groups"]:
+                    g["params"] = [self._order[i] for i in g["params"]]
         sd["iterations"] = self._iterations
         if self._kind == "Nadam":
             sd["u_product"] = self._u_product
+        for key, arrays in self._extra_state().items():
+            sd[key] = [_host(a) for a in arrays]
         return sd
 
     def load_state_dict(self, state_dict) -> None:
-        if self._engine is None:
+        """Load a state dict from :meth:`state_dict` (same options and exclusions);
+        everything is checked before anything changes."""
+        if not self._built:
             raise ValueError(f"{type(self).__name__} is not built: call build(variables) first")
-        iterations = state_dict.get("iterations") if isinstance(state_dict, dict) else None
-        if isinstance(iterations, bool) or not isinstance(iterations, (numbers.Integral, np.integer)) \
-                or iterations < 0:
+        if not isinstance(state_dict, dict):
+            raise ValueError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        iterations = state_dict.get("iterations")
+        if not _is_int(iterations) or iterations < 0:
             raise ValueError(f"state_dict['iterations'] must be a non-negative integer, got {iterations!r}")
         u_product = 1.0
         if self._kind == "Nadam":
             u_product = v.number("state_dict['u_product']", state_dict.get("u_product"), low=0.0, high=1.0)
-        self._engine.load_state_dict(state_dict)
-        self._hp = {k: self._engine.param_groups[0][k] for k in self._hp}
+        extra = self._extra_state()
+        for key in ("average", "gradient_accumulator"):
+            if key in state_dict and key not in extra:
+                raise ValueError(f"state_dict has {key!r}, which this optimizer's options do not use")
+        for key, arrays in extra.items():
+            saved = state_dict.get(key)
+            if not isinstance(saved, (list, tuple)) or len(saved) != len(arrays):
+                raise ValueError(f"state_dict[{key!r}] must be a list of {len(arrays)} arrays, "
+                                 f"got {saved!r:.80}")
+            for b, (src, dst) in enumerate(zip(saved, arrays)):
+                v.state_array(src, dst, f"state_dict[{key!r}][{b}]", f"variables[{b}]")
+        if self._engine is None:
+            if state_dict.get("state"):
+                raise ValueError("state_dict has state, but this optimizer was built with no variables")
+        else:
+            self._engine.load_state_dict(state_dict)
+            group = self._engine.param_groups[0]
+            self._hp = {k: (val if k == "weight_decay" else group[k]) for k, val in self._hp.items()}
+        for key, arrays in extra.items():
+            for src, dst in zip(state_dict[key], arrays):
+                dst[...] = _to_like(dst, np.asarray(src) if isinstance(dst, np.ndarray) else src)
         self._iterations = int(iterations)
         self._u_product = u_product
 
     # -- helpers ----------------------------------------------------------------------------
+    def _extra_state(self) -> dict:
+        extra = {}
+        if self._ema is not None:
+            extra["average"] = self._ema.shadow
+        if self._accumulators is not None:
+            extra["gradient_accumulator"] = self._accumulators.arrays
+        return extra
+
+    def _engine_positions(self) -> list:
+        """The engine's index of each built variable, in build order."""
+        n = len(self._variables)
+        if self._order is None:
+            return list(range(n))
+        position = [0] * n
+        for i, b in enumerate(self._order):
+            position[b] = i
+        return position
+
     def _align(self, grads, variables):
-        params = [p for g in self._engine.param_groups for p in g["params"]]
-        position = {id(p): k for k, p in enumerate(params)}
-        aligned = [None] * len(params)
+        aligned = [None] * len(self._variables)
         for g, w in zip(grads, variables):
-            k = position.get(id(w))
-            if k is None:
+            b = self._position.get(id(w))
+            if b is None:
                 raise ValueError("unknown variable: this optimizer can only be called for the "
                                  "variables it was built with")
-            aligned[k] = g
+            aligned[b] = g
         return aligned
 
     def _current_lr(self) -> float:
@@ -418,6 +825,8 @@ class _KerasOptimizer:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.get_config().items())})"
 
 
+# The classes: Keras's signatures (its positional order, then the base options); the
+# bodies pass every argument on to _KerasOptimizer.
 class SGD(_KerasOptimizer):
     """keras.optimizers.SGD: ``v = momentum v - lr g``, ``w += v`` (Nesterov:
     ``w += momentum v - lr g``). State: ``momentum`` (when momentum != 0)."""
@@ -425,10 +834,10 @@ class SGD(_KerasOptimizer):
     _kind = "SGD"
 
     def __init__(self, learning_rate=0.01, momentum=0.0, nesterov=False, weight_decay=None,
-                 clipnorm=None, clipvalue=None, global_clipnorm=None, *, name="SGD", backend=None):
-        super().__init__(learning_rate, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                         clipnorm=clipnorm, clipvalue=clipvalue, global_clipnorm=global_clipnorm,
-                         name=name, backend=backend)
+                 clipnorm=None, clipvalue=None, global_clipnorm=None, use_ema=False,
+                 ema_momentum=0.99, ema_overwrite_frequency=None, loss_scale_factor=None,
+                 gradient_accumulation_steps=None, *, name="SGD", backend=None):
+        super().__init__(**_forward(locals()))
 
 
 class RMSprop(_KerasOptimizer):
@@ -438,11 +847,11 @@ class RMSprop(_KerasOptimizer):
     _kind = "RMSprop"
 
     def __init__(self, learning_rate=0.001, rho=0.9, momentum=0.0, epsilon=1e-7, centered=False,
-                 weight_decay=None, clipnorm=None, clipvalue=None, global_clipnorm=None, *,
-                 name="rmsprop", backend=None):
-        super().__init__(learning_rate, rho=rho, momentum=momentum, epsilon=epsilon, centered=centered,
-                         weight_decay=weight_decay, clipnorm=clipnorm, clipvalue=clipvalue,
-                         global_clipnorm=global_clipnorm, name=name, backend=backend)
+                 weight_decay=None, clipnorm=None, clipvalue=None, global_clipnorm=None,
+                 use_ema=False, ema_momentum=0.99, ema_overwrite_frequency=None,
+                 loss_scale_factor=None, gradient_accumulation_steps=None, *, name="rmsprop",
+                 backend=None):
+        super().__init__(**_forward(locals()))
 
 
 class Adagrad(_KerasOptimizer):
@@ -452,12 +861,11 @@ class Adagrad(_KerasOptimizer):
     _kind = "Adagrad"
 
     def __init__(self, learning_rate=0.001, initial_accumulator_value=0.1, epsilon=1e-7,
-                 weight_decay=None, clipnorm=None, clipvalue=None, global_clipnorm=None, *,
-                 name="adagrad", backend=None):
-        super().__init__(learning_rate, initial_accumulator_value=initial_accumulator_value,
-                         epsilon=epsilon, weight_decay=weight_decay, clipnorm=clipnorm,
-                         clipvalue=clipvalue, global_clipnorm=global_clipnorm, name=name,
-                         backend=backend)
+                 weight_decay=None, clipnorm=None, clipvalue=None, global_clipnorm=None,
+                 use_ema=False, ema_momentum=0.99, ema_overwrite_frequency=None,
+                 loss_scale_factor=None, gradient_accumulation_steps=None, *, name="adagrad",
+                 backend=None):
+        super().__init__(**_forward(locals()))
 
 
 class Adam(_KerasOptimizer):
@@ -467,11 +875,11 @@ class Adam(_KerasOptimizer):
     _kind = "Adam"
 
     def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, amsgrad=False,
-                 weight_decay=None, clipnorm=None, clipvalue=None, global_clipnorm=None, *,
-                 name="adam", backend=None):
-        super().__init__(learning_rate, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon, amsgrad=amsgrad,
-                         weight_decay=weight_decay, clipnorm=clipnorm, clipvalue=clipvalue,
-                         global_clipnorm=global_clipnorm, name=name, backend=backend)
+                 weight_decay=None, clipnorm=None, clipvalue=None, global_clipnorm=None,
+                 use_ema=False, ema_momentum=0.99, ema_overwrite_frequency=None,
+                 loss_scale_factor=None, gradient_accumulation_steps=None, *, name="adam",
+                 backend=None):
+        super().__init__(**_forward(locals()))
 
 
 class AdamW(Adam):
@@ -479,12 +887,12 @@ class AdamW(Adam):
 
     def __init__(self, learning_rate=0.001, weight_decay=0.004, beta_1=0.9, beta_2=0.999,
                  epsilon=1e-7, amsgrad=False, clipnorm=None, clipvalue=None, global_clipnorm=None,
-                 *, name="adamw", backend=None):
+                 use_ema=False, ema_momentum=0.99, ema_overwrite_frequency=None,
+                 loss_scale_factor=None, gradient_accumulation_steps=None, *, name="adamw",
+                 backend=None):
         if weight_decay is None:
             raise ValueError("weight_decay must be a float for AdamW, got None")
-        super().__init__(learning_rate, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon, amsgrad=amsgrad,
-                         weight_decay=weight_decay, clipnorm=clipnorm, clipvalue=clipvalue,
-                         global_clipnorm=global_clipnorm, name=name, backend=backend)
+        super().__init__(**_forward(locals()))
 
 
 class Adamax(_KerasOptimizer):
@@ -494,11 +902,11 @@ class Adamax(_KerasOptimizer):
     _kind = "Adamax"
 
     def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
-                 weight_decay=None, clipnorm=None, clipvalue=None, global_clipnorm=None, *,
-                 name="adamax", backend=None):
-        super().__init__(learning_rate, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon,
-                         weight_decay=weight_decay, clipnorm=clipnorm, clipvalue=clipvalue,
-                         global_clipnorm=global_clipnorm, name=name, backend=backend)
+                 weight_decay=None, clipnorm=None, clipvalue=None, global_clipnorm=None,
+                 use_ema=False, ema_momentum=0.99, ema_overwrite_frequency=None,
+                 loss_scale_factor=None, gradient_accumulation_steps=None, *, name="adamax",
+                 backend=None):
+        super().__init__(**_forward(locals()))
 
 
 class Nadam(_KerasOptimizer):
@@ -508,11 +916,11 @@ class Nadam(_KerasOptimizer):
     _kind = "Nadam"
 
     def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
-                 weight_decay=None, clipnorm=None, clipvalue=None, global_clipnorm=None, *,
-                 name="nadam", backend=None):
-        super().__init__(learning_rate, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon,
-                         weight_decay=weight_decay, clipnorm=clipnorm, clipvalue=clipvalue,
-                         global_clipnorm=global_clipnorm, name=name, backend=backend)
+                 weight_decay=None, clipnorm=None, clipvalue=None, global_clipnorm=None,
+                 use_ema=False, ema_momentum=0.99, ema_overwrite_frequency=None,
+                 loss_scale_factor=None, gradient_accumulation_steps=None, *, name="nadam",
+                 backend=None):
+        super().__init__(**_forward(locals()))
 
 
 class Adadelta(_KerasOptimizer):
@@ -522,8 +930,7 @@ class Adadelta(_KerasOptimizer):
     _kind = "Adadelta"
 
     def __init__(self, learning_rate=0.001, rho=0.95, epsilon=1e-7, weight_decay=None,
-                 clipnorm=None, clipvalue=None, global_clipnorm=None, *, name="adadelta",
-                 backend=None):
-        super().__init__(learning_rate, rho=rho, epsilon=epsilon, weight_decay=weight_decay,
-                         clipnorm=clipnorm, clipvalue=clipvalue, global_clipnorm=global_clipnorm,
-                         name=name, backend=backend)
+                 clipnorm=None, clipvalue=None, global_clipnorm=None, use_ema=False,
+                 ema_momentum=0.99, ema_overwrite_frequency=None, loss_scale_factor=None,
+                 gradient_accumulation_steps=None, *, name="adadelta", backend=None):
+        super().__init__(**_forward(locals()))

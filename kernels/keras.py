@@ -17,12 +17,19 @@ They differ from torch.optim's in placement, not in spirit:
 Every element starts with Keras's base-optimizer prologue: ``clipvalue`` (the gradient
 clipped to [-clipvalue, clipvalue]) and decoupled weight decay ``w -= w * wd * lr``
 applied before the update. ``clipnorm`` and ``global_clipnorm`` are gradient scales the
-driver applies as it reads the gradient (per tensor or for the whole step).
+driver applies as it reads the gradient (per tensor or for the whole step), as is
+``loss_scale_factor``'s ``1 / loss_scale_factor``.
+
+Beside the optimizers: :func:`accumulate_element`, the pass of
+``gradient_accumulation_steps`` (``acc += g / loss_scale_factor``), and
+:func:`global_clip_factor`, Keras's ``clip_by_global_norm`` coefficient (host math).
 """
 from __future__ import annotations
 
 import math
 from typing import NamedTuple
+
+import numpy as np
 
 # State names per optimizer, in the element's three state positions (Keras's variable names).
 SLOTS = {
@@ -298,6 +305,23 @@ def keras_scalars(kind, hp, step, lr, cast, u_product=1.0):
         return KerasAdadeltaScalars(lr=cast(lr), rho=cast(hp["rho"]), one_minus_rho=cast(1.0 - hp["rho"]),
                                     eps=cast(hp["epsilon"]), **common)
     raise ValueError(f"unknown Keras optimizer {kind!r}")
+
+
+def global_clip_factor(norm, clip):
+    """Keras's ``clip_by_global_norm`` coefficient: ``clip * min(1 / norm, 1 / clip)``
+    plus ``norm - norm``, so a non-finite norm gives NaN (Keras's rule; a zero norm gives 1)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(clip * min(np.float64(1.0) / norm, 1.0 / clip) + (norm - norm))
+
+
+class AccumulateScalars(NamedTuple):
+    zero: float                # unused: the driver's grad_scale carries 1 / loss_scale_factor
+
+
+def accumulate_element(acc, g, s0, s1, s2, h):
+    """Gradient accumulation: the accumulators run in the params column, the gradients
+    (already multiplied by the driver's grad_scale) in the grads column; ``acc + g``."""
+    return acc + g, s0, s1, s2
 
 
 class SquareScalars(NamedTuple):

@@ -207,7 +207,7 @@ def test_flat_params_float64_and_schedules(k):
     assert oa.learning_rate == pytest.approx(kw["learning_rate"] * 0.5 ** 4)
 
 
-# -- sparse rows (SGD) ---------------------------------------------------------------------------
+# -- sparse gradients ------------------------------------------------------------------------------
 @pytest.mark.parametrize("momentum,nesterov", [(0.0, False), (0.9, False), (0.9, True)])
 def test_sgd_sparse_rows_with_duplicates_equal_the_dense_step(momentum, nesterov):
     """Without momentum duplicates scatter-add; with momentum the gradient is deduplicated
@@ -239,14 +239,23 @@ def test_sgd_sparse_accepts_indexed_slices_like_objects():
     np.testing.assert_allclose(w, [[-2, -2], [0, 0], [-1, -1], [0, 0]])
 
 
-def test_sparse_rows_refuse_options_keras_applies_to_the_whole_variable():
-    w = np.zeros((4, 2))
-    opt = fk.SGD(learning_rate=1.0, weight_decay=0.1)
-    with pytest.raises(ValueError, match="weight_decay"):
-        opt.apply([SparseGrad(np.array([0]), np.ones((1, 2)))], [w])
-    assert np.array_equal(w, np.zeros((4, 2)))
-    with pytest.raises(TypeError, match="sparse"):
-        fk.Adam().apply([SparseGrad(np.array([0]), np.ones((1, 2)))], [w])
+@pytest.mark.parametrize("cls", [fk.SGD, fk.RMSprop, fk.Adagrad, fk.Adam, fk.AdamW, fk.Adamax,
+                                 fk.Nadam, fk.Adadelta], ids=lambda c: c.__name__)
+def test_every_optimizer_takes_sparse_gradients_as_keras(cls):
+    """Keras 3 takes sparse gradients in every optimizer, with the dense step's result
+    (its test_sparse_correctness); checked here on the NumPy reference, with weight decay."""
+    w_sparse, w_dense = np.ones((5, 2)), np.ones((5, 2))
+    opt_s = cls(learning_rate=0.1, weight_decay=0.01, backend="numpy")
+    opt_d = cls(learning_rate=0.1, weight_decay=0.01, backend="numpy")
+    for k in range(3):
+        idx = np.array([0, 3, 0]) if k != 1 else np.array([2])
+        rows = np.full((idx.size, 2), 0.5 + k)
+        dense = np.zeros((5, 2))
+        np.add.at(dense, idx, rows)
+        opt_s.apply([SparseGrad(idx, rows)], [w_sparse])
+        opt_d.apply([dense], [w_dense])
+    np.testing.assert_allclose(w_sparse, w_dense, rtol=1e-14)
+    assert not np.array_equal(w_sparse, np.ones((5, 2)))
 
 
 # -- the Keras interface -------------------------------------------------------------------------
