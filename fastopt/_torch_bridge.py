@@ -1,9 +1,12 @@
 """fastopt.torch's plumbing: zero-copy views between torch tensors and the arrays fastopt's
-kernels take, CUDA stream ordering, and ``opt.state`` as live views of fastopt's state.
+kernels take, CUDA stream ordering, torch's constructor signatures and implementation
+switches, hyperparameters given as tensors, and ``opt.state`` as live views of fastopt's state.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib
+import inspect
 from collections.abc import MutableMapping
 
 import numpy as np
@@ -56,12 +59,98 @@ def _on_torch_stream(device):
     return stream
 
 
-def plain(v):
-    """Hyperparameters as fastopt takes them: tensors (torch allows tensor lr) to numbers."""
+# -- torch's constructor signatures and implementation switches ----------------------------
+# torch.optim's arguments that choose an implementation, not the math, with torch's defaults.
+# fastopt runs its own fused pass whatever foreach and fused say; capturable and
+# differentiable promise what it cannot do, so only their defaults are accepted.
+IMPLEMENTATION_OPTIONS = {"foreach": None, "fused": None, "capturable": False,
+                          "differentiable": False}
+_REFUSED = {
+    "capturable": "fastopt computes each step's scalars (bias corrections, lr) on the host "
+                  "in Python, so a CUDA graph capturing the step would replay the captured "
+                  "step's scalars forever",
+    "differentiable": "fastopt's step updates the tensors' memory in place outside autograd, "
+                      "so no graph is recorded through it",
+}
+_KW = inspect.Parameter.KEYWORD_ONLY
+_REQUIRED = getattr(importlib.import_module("torch.optim.optimizer"), "required", None)
+
+
+def torch_signature(name: str, fo_cls: type) -> tuple[inspect.Signature, dict]:
+    """fastopt.torch.<name>'s constructor signature and its torch-only options.
+
+    When torch.optim has the class: torch.optim.<name>'s parameters with torch's order,
+    kinds and defaults (positional calls bind as in torch), then fastopt's hyperparameters
+    the installed torch lacks, then ``backend``, ``flat`` and fastopt's ``**options``, all
+    keyword-only. Otherwise fastopt's signature with torch's implementation switches added
+    keyword-only. Returns ``(signature, {torch-only option: default})``: the options that
+    are not fastopt hyperparameters (foreach, fused, capturable, differentiable).
+    """
+    fo_params = inspect.signature(fo_cls).parameters
+    tail = [p for n, p in fo_params.items() if n == "backend" or p.kind == p.VAR_KEYWORD]
+    hyper = {n: p for n, p in fo_params.items() if n != "params" and p not in tail}
+    torch_cls = getattr(torch.optim, name, None)
+    if isinstance(torch_cls, type) and issubclass(torch_cls, torch.optim.Optimizer):
+        params, options = [], {}
+        for n, p in inspect.signature(torch_cls).parameters.items():
+            if n in hyper and p.default is _REQUIRED:       # (an older torch's SGD lr)
+                p = p.replace(default=hyper[n].default)
+            elif n != "params" and n not in hyper:
+                options[n] = p.default
+            params.append(p)
+        torch_names = {p.name for p in params}
+        params += [p.replace(kind=_KW) for n, p in hyper.items() if n not in torch_names]
+    else:
+        options = dict(IMPLEMENTATION_OPTIONS)
+        params = [fo_params["params"], *hyper.values()]
+        params += [inspect.Parameter(n, _KW, default=d) for n, d in options.items()]
+    flat = inspect.Parameter("flat", _KW, default=False)
+    return inspect.Signature([*params, tail[0], flat, *tail[1:]]), options
+
+
+def check_options(group: dict, defaults: dict, where: str = "") -> None:
+    """Refuse torch options fastopt cannot honour, naming them; ``fused`` with ``foreach``
+    raises torch's RuntimeError."""
+    prefix = f"{where}: " if where else ""
+    for name, default in defaults.items():
+        value = group.get(name, default)
+        if value is default:
+            continue
+        if name in ("foreach", "fused"):
+            if value is not None and not isinstance(value, bool):
+                raise TypeError(f"{prefix}{name} must be None or a bool, got {value!r}")
+        elif name in _REFUSED:
+            if value:
+                raise ValueError(f"{prefix}{name}={value!r} is not supported by fastopt.torch: "
+                                 f"{_REFUSED[name]}; use {name}=False (the default)")
+        elif value != default:
+            raise ValueError(f"{prefix}torch's option {name}={value!r} is not supported by "
+                             f"fastopt.torch; leave it at its default {default!r}")
+    if group.get("fused") and group.get("foreach"):
+        raise RuntimeError(f"{prefix}`fused` and `foreach` cannot be `True` together.")
+
+
+def host_value(v, where: str, key: str, index: int | None = None):
+    """A hyperparameter as fastopt's host arithmetic takes it (torch accepts tensors).
+
+    A 1-element CPU tensor becomes its Python number (read anew at every step: a tensor
+    lr may change in place); tuples and lists element-wise; anything else is returned as it
+    is, for fastopt's checks. Other tensors raise, naming ``where[key][index]``.
+    """
     if isinstance(v, torch.Tensor):
+        if v.numel() != 1 or v.device.type != "cpu":
+            label = f"{where}[{key!r}]" if where else key
+            label += "" if index is None else f"[{index}]"
+            if v.numel() != 1:
+                raise ValueError(f"{label} must be a number or a 1-element tensor, got a tensor "
+                                 f"of shape {tuple(v.shape)}")
+            raise ValueError(f"{label} is a tensor on {v.device}: fastopt computes each step's "
+                             "scalars on the host, so a tensor hyperparameter must be on the "
+                             "CPU (reading a device tensor would synchronise every step); pass "
+                             "a float or a CPU tensor")
         return v.item()
-    if isinstance(v, (tuple, list)):
-        return tuple(plain(x) for x in v)
+    if isinstance(v, (tuple, list)) and index is None:
+        return tuple(host_value(x, where, key, k) for k, x in enumerate(v))
     return v
 
 
@@ -138,13 +227,19 @@ class ParamState(dict):
         return (dict, (dict(self),))
 
 
+# Per-param scalar state fastopt keeps on the host beside 'step': the fastopt attribute
+# holding it as an array over params, so opt.state views it live, as torch's tensor is.
+_HOST_SCALAR_STORES = {"mu_product": "_mu_product"}
+
+
 class StateView(MutableMapping):
     """``opt.state``: {param: {key: tensor}}, live zero-copy views of fastopt's state.
 
     Tensors share memory with the state the kernels update; ``'step'`` is a 0-d view of a
-    float32 array refreshed after every step. Assigning (``opt.state[p] = {...}``, as
-    ZeroRedundancyOptimizer.load_state_dict does) or writing a key is recorded and loaded
-    into fastopt, validated, before the next step or state_dict().
+    float32 array (float64 under a float64 default dtype) refreshed after every step, and
+    NAdam's ``'mu_product'`` a 0-d view of fastopt's float32 product. Assigning
+    (``opt.state[p] = {...}``, as ZeroRedundancyOptimizer.load_state_dict does) or writing a
+    key is recorded and loaded into fastopt, validated, before the next step or state_dict().
     """
 
     def __init__(self, opt):
@@ -172,6 +267,12 @@ class StateView(MutableMapping):
         items = {k: tensor_view(a, device) for k, a in st.items()}
         if opt._fo.has_step_state:
             items["step"] = torch.from_numpy(opt._step_store[i:i + 1]).view(())
+        for key, value in opt._fo._state_of(i).items():     # host scalars: NAdam's mu_product
+            if key not in items:
+                attr = _HOST_SCALAR_STORES.get(key)
+                store = getattr(opt._fo, attr, None) if attr else None
+                items[key] = (torch.from_numpy(store[i:i + 1]).view(())
+                              if isinstance(store, np.ndarray) else torch.tensor(value))
         view = ParamState(self, p, items)
         self._views[i] = (st, len(st), view)
         return view

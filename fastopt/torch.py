@@ -40,10 +40,41 @@ Without ``flat``, a param whose ``.data`` is rebound (e.g. by
 ``ZeroRedundancyOptimizer(parameters_as_bucket_view=True)``) is followed: the next step
 re-targets its state at the new memory.
 
-``opt.state[p]`` holds live torch views of fastopt's state (``'step'`` included); assigning
-or writing entries is loaded, validated, before the next step. ``state_dict()`` returns
-copies (torch's returns references), and optimizers can't be pickled or deep-copied:
-checkpoint through the state dict.
+``opt.state[p]`` holds live torch views of fastopt's state (``'step'`` and NAdam's
+``'mu_product'`` included); assigning or writing entries is loaded, validated, before the
+next step. ``state_dict()`` returns copies (torch's returns references), and optimizers
+can't be pickled or deep-copied: checkpoint through the state dict.
+
+Conformance with torch.optim, and where fastopt.torch differs (on purpose):
+
+- Signatures are the installed torch.optim class's (names, positional order, kinds,
+  defaults; e.g. RMSprop's positional ``capturable, foreach, maximize, differentiable``),
+  followed by keyword-only ``backend=``, ``flat=`` and fastopt's options (``max_grad_norm=``,
+  ...). A fastopt hyperparameter an older torch lacks is keyword-only.
+- Param groups and ``state_dict()['param_groups']`` carry torch's keys, the implementation
+  switches included, with torch's defaults. ``foreach`` and ``fused`` are recorded and
+  change nothing (every step is fastopt's one fused pass); both True raise torch's
+  RuntimeError, also for a group added later (torch checks only the constructor's).
+- ``capturable=True`` (fastopt computes each step's scalars on the host, so a captured CUDA
+  graph would replay stale ones) and ``differentiable=True`` (the step runs outside
+  autograd) raise ValueError naming the option: at construction, in ``add_param_group``,
+  and at the next step when set into a param group.
+- Any hyperparameter may be a 1-element CPU tensor (at construction, in
+  ``add_param_group``, assigned into ``param_groups``, in a loaded state dict). It stays in
+  ``param_groups`` as given and is read with ``.item()`` at every step, so in-place changes
+  are seen. A tensor on another device or with more than one element raises ValueError
+  naming the group and key. Beyond torch: also with ``foreach=True``, and Adam's betas may
+  mix floats and tensors. The step's scalars are computed in float64 from the tensor's
+  value, where torch computes in the tensor's dtype (float32 tensors: last-digit differences).
+- Adagrad creates every param's state at construction (``requires_grad=False`` params
+  included), as torch does; a group's own ``initial_accumulator_value`` is honoured (torch
+  fills every group's ``sum`` with the constructor's value).
+- ``load_state_dict`` keeps this optimizer's implementation switches (torch takes the saved
+  ones): they say how the saved optimizer ran, not what it learned, and a checkpoint from a
+  ``capturable=True`` run loads.
+- ``opt.state[p]`` for a param without state is an empty dict that is not inserted (torch's
+  defaultdict inserts it, and its state dict then lists ``{}`` for that param); such empty
+  entries in a loaded state dict are accepted.
 """
 from __future__ import annotations
 
@@ -54,11 +85,17 @@ import inspect
 import operator
 
 import numpy as np
-import torch
+
+try:
+    import torch
+except ImportError as err:          # (a broken torch install is an ImportError too)
+    raise ImportError("fastopt.torch needs PyTorch, which could not be imported "
+                      f"({err}): pip install fastopt[torch]") from err
 
 from . import optimizer as _fo_optimizer
-from ._torch_bridge import (StateView, array_view, check_param, plain, scalar_dtype,
-                            stream_context, tensor_view, to_numpy)
+from ._torch_bridge import (StateView, array_view, check_options, check_param, host_value,
+                            scalar_dtype, stream_context, tensor_view, to_numpy,
+                            torch_signature)
 from .flat import FlatParams
 
 __all__ = ["TorchOptimizer", "FlatParamsError", "OPTIMIZERS"]
@@ -68,6 +105,10 @@ _DATA_PTR = torch.Tensor.data_ptr
 _IMMUTABLE = (float, int, bool, str, type(None))
 # Group keys newer torch versions added; a state dict from an older torch lacks them.
 _LATE_KEYS = ("maximize", "decoupled_weight_decay")
+# The options every fastopt optimizer takes beside its hyperparameters (max_grad_norm=, ...).
+_FASTOPT_OPTIONS = frozenset(
+    n for n, p in inspect.signature(_fo_optimizer.Optimizer.__init__).parameters.items()
+    if p.kind == p.KEYWORD_ONLY)
 
 
 class FlatParamsError(RuntimeError):
@@ -77,9 +118,13 @@ class FlatParamsError(RuntimeError):
 class TorchOptimizer(torch.optim.Optimizer):
     """Base of fastopt.torch's optimizers: a torch.optim.Optimizer stepped by fastopt.
 
-    Subclasses set ``_fastopt_class`` (a :class:`fastopt.Optimizer` subclass); the
-    constructor takes that class's arguments (torch.optim's names and defaults) plus
-    ``flat`` and ignores torch's implementation switches ``foreach`` and ``fused``.
+    Subclasses set ``_fastopt_class`` (a :class:`fastopt.Optimizer` subclass),
+    ``_signature`` and ``_torch_options`` (from :func:`torch_signature`): the constructor
+    takes torch.optim's arguments (positional order included), then fastopt's ``backend``,
+    ``flat`` and options. Hyperparameters may be 1-element CPU tensors (read as numbers at
+    every step). Of torch's implementation switches, ``foreach`` and ``fused`` are recorded
+    and change nothing (``fused=True`` with ``foreach=True`` raises, as in torch);
+    ``capturable=True`` and ``differentiable=True`` raise ValueError.
 
     Args:
       params: an iterable of tensors, of (name, tensor) pairs, or of param-group dicts.
@@ -87,19 +132,34 @@ class TorchOptimizer(torch.optim.Optimizer):
     """
 
     _fastopt_class: type | None = None
+    _signature: inspect.Signature | None = None
+    _torch_options: dict = {}        # torch-only options (foreach, fused, ...) -> torch's default
+    _eager_state: bool = False       # torch creates every param's state at construction
 
-    def __init__(self, params, *args, flat: bool = False, foreach=None, fused=None,
-                 capturable: bool = False, differentiable: bool = False, **kwargs):
+    def __init__(self, *args, **kwargs):
         cls = self._fastopt_class
         if cls is None:
             raise TypeError("TorchOptimizer is a base class; use fastopt.torch.Adam, ...")
-        if capturable or differentiable:
-            raise ValueError(f"{type(self).__name__}: capturable=True and differentiable=True "
-                             "are not supported by fastopt.torch")
+        bound = self._signature.bind(*args, **kwargs)       # torch's TypeErrors for bad calls
+        bound.apply_defaults()
+        hyper = dict(bound.arguments)
+        options = {}                    # fastopt's **options (max_grad_norm=, ...)
+        for name, p in self._signature.parameters.items():
+            if p.kind == p.VAR_KEYWORD:
+                options = hyper.pop(name)
+        params, flat = hyper.pop("params"), hyper.pop("flat")
+        unknown = sorted(set(options) - _FASTOPT_OPTIONS)
+        if unknown:
+            raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument "
+                            f"{unknown[0]!r}")
+        switches = {k: hyper.pop(k) for k in self._torch_options}
+        check_options(switches, self._torch_options)
         if not isinstance(flat, bool):
             raise TypeError(f"flat must be a bool, got {type(flat).__name__} {flat!r}")
-        probe = cls([np.zeros(1, np.float32)], *args, **kwargs)   # validates the arguments
-        self._ctor = (args, kwargs)
+        fo_kwargs = {k: host_value(v, "", k) for k, v in hyper.items()}
+        fo_kwargs.update(options)
+        probe = cls([np.zeros(1, np.float32)], **fo_kwargs)   # validates the arguments
+        self._fo_kwargs = fo_kwargs      # the fastopt class's arguments (numbers, options)
         self._hp_keys = tuple(probe.defaults)
         self._flat = flat
         self._fo = None                  # the fastopt optimizer over views of the params
@@ -111,12 +171,19 @@ class TorchOptimizer(torch.optim.Optimizer):
         self._flat_grad: list = []       # flat=True: the param's grad view (else None)
         self._data_ptrs: list = []       # each param's data_ptr() when last seen
         self._hp_seen: list = []         # per fastopt group: the torch values last copied
-        self._step_store = np.zeros(0, np.float32)   # 'step' of each param, viewed by opt.state
+        self._step_dtype = np.float64 if scalar_dtype() == torch.float64 else np.float32
+        self._step_store = np.zeros(0, self._step_dtype)   # 'step' per param, viewed by opt.state
         self._step_bytes = b""
         self._flat_buffers: list = []    # (FlatParams, grad tensor) per flat buffer
         self._cuda = False
-        super().__init__(params, dict(probe.defaults))
+        defaults = dict(probe.defaults)
+        # torch's groups keep the values as given (tensors included)
+        defaults.update((k, v) for k, v in hyper.items() if k in defaults)
+        defaults.update(switches)
+        super().__init__(params, defaults)
         self.state = StateView(self)
+        if self._eager_state and self._fo is not None:
+            self._create_state()
 
     # -- construction ---------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
@@ -132,6 +199,7 @@ class TorchOptimizer(torch.optim.Optimizer):
     def _attach(self, group, gi):
         params = group["params"]
         where = f"param_groups[{gi}]"
+        check_options(group, self._torch_options, where)
         for k, p in enumerate(params):
             check_param(p, f"{where}['params'][{k}]")
         if not params:                 # ZeroRedundancyOptimizer gives a rank empty groups
@@ -146,10 +214,10 @@ class TorchOptimizer(torch.optim.Optimizer):
             for k, p in enumerate(params):
                 if arrays[k] is None:
                     arrays[k] = array_view(p)
-            fo_group = {"params": arrays, **{key: plain(group[key]) for key in self._hp_keys}}
+            fo_group = {"params": arrays,
+                        **{key: host_value(group[key], where, key) for key in self._hp_keys}}
             if self._fo is None:
-                args, kwargs = self._ctor
-                fo = self._fastopt_class([fo_group], *args, **kwargs)
+                fo = self._fastopt_class([fo_group], **self._fo_kwargs)
             else:
                 fo = self._fo
                 fo.add_param_group(fo_group)
@@ -165,7 +233,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         self._flat_grad.extend(flat_grad)
         self._data_ptrs.extend(p.data_ptr() for p in params)
         self._hp_seen.append({})
-        self._step_store = np.zeros(len(self._params), np.float32)
+        self._step_store = np.zeros(len(self._params), self._step_dtype)
         self._sync_steps()
         if isinstance(self.state, StateView):   # (torch's constructor adds groups before it exists)
             self.state._views.clear()
@@ -195,6 +263,17 @@ class TorchOptimizer(torch.optim.Optimizer):
                 flat_grad[k] = g
             self._flat_buffers.append((flat, grad))
 
+    def _create_state(self):
+        """Every param's state now, before any step (torch's Adagrad does this), with the
+        step count 0; ``requires_grad=False`` params included."""
+        fo = self._fo
+        for fg, start in zip(fo.param_groups, np.cumsum([0] + fo._group_sizes)):
+            slots = tuple(n for n in fo._active_slots(fg) if n is not None)
+            with self._stream():
+                for k, a in enumerate(fg["params"]):
+                    fo._ensure_state(int(start) + k, a, fg, slots)
+        self.state._views.clear()
+
     def _index_of(self, p) -> int:
         i = self._index.get(id(p))
         if i is None:
@@ -215,13 +294,17 @@ class TorchOptimizer(torch.optim.Optimizer):
         self._import_state()
         fo = self._fo
         seen = self._hp_seen
-        for tg, fi in zip(self.param_groups, self._fo_group_of):
+        switches = self._torch_options
+        for gi, (tg, fi) in enumerate(zip(self.param_groups, self._fo_group_of)):
             if fi is not None:
+                if switches:
+                    check_options(tg, switches, f"param_groups[{gi}]")
                 fg, last = fo.param_groups[fi], seen[fi]
                 for key in self._hp_keys:
                     v = tg[key]
                     if v is not last.get(key) or type(v) not in _IMMUTABLE:
-                        fg[key] = plain(v)             # (a tensor lr may change in place)
+                        # (a tensor lr may change in place: read at every step)
+                        fg[key] = host_value(v, f"param_groups[{gi}]", key)
                         last[key] = v
         steps = self._step_store
         if steps.tobytes() != self._step_bytes:
@@ -314,9 +397,8 @@ class TorchOptimizer(torch.optim.Optimizer):
                 if start + k in moved_set:
                     g["params"][k] = array_view(self._params[start + k])
             start += len(g["params"])
-        args, kwargs = self._ctor
         with self._stream():
-            new = self._fastopt_class(groups, *args, **kwargs)
+            new = self._fastopt_class(groups, **self._fo_kwargs)
             new.load_state_dict(sd)
         self._fo = new
         self._data_ptrs = ptrs
@@ -373,10 +455,15 @@ class TorchOptimizer(torch.optim.Optimizer):
             self._import_state()
             with self._stream():
                 fo_state = self._fo.state_dict()["state"]
+            fused = self._fused_params()
             for i, st in fo_state.items():
                 device = self._params[i].device
-                state[i] = {k: (torch.tensor(float(v), dtype=scalar_dtype()) if k == "step"
-                                else torch.from_numpy(v).to(device)) for k, v in st.items()}
+                # 0-d entries ('step', NAdam's 'mu_product') are CPU scalars, as torch keeps them
+                # (a fused group's 'step' is float32 whatever the default dtype)
+                step_dtype = torch.float32 if i in fused else scalar_dtype()
+                state[i] = {k: (torch.from_numpy(v).to(device) if np.ndim(v) else
+                                torch.tensor(float(v), dtype=step_dtype if k == "step" else scalar_dtype()))
+                            for k, v in st.items()}
         groups, start = [], 0
         for g in self.param_groups:
             packed = {k: v for k, v in g.items() if k != "params"}
@@ -390,10 +477,21 @@ class TorchOptimizer(torch.optim.Optimizer):
                 sd = result
         return sd
 
+    def _fused_params(self) -> set:
+        """Global indices of the params in groups with ``fused=True``."""
+        out, start = set(), 0
+        for g in self.param_groups:
+            if g.get("fused"):
+                out.update(range(start, start + len(g["params"])))
+            start += len(g["params"])
+        return out
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict from this class or from torch.optim's class of the same name.
 
         Everything is validated before anything changes (fastopt's all-or-nothing load).
+        The implementation switches (foreach, fused, capturable, differentiable) stay this
+        optimizer's: they say how the saved optimizer ran, not what it learned.
         """
         state_dict = state_dict.copy()
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
@@ -404,19 +502,26 @@ class TorchOptimizer(torch.optim.Optimizer):
         if len(saved) != len(self.param_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
         fo_groups = []
-        for g, sg in zip(self.param_groups, saved):
+        for gi, (g, sg) in enumerate(zip(self.param_groups, saved)):
             if len(sg["params"]) != len(g["params"]):
                 raise ValueError("loaded state dict contains a parameter group that doesn't "
                                  "match the size of optimizer's group")
             for key in _LATE_KEYS:
                 if key in g and key not in sg:
                     sg[key] = g[key]
+            for key in self._torch_options:
+                if key in g:
+                    sg[key] = g[key]
+                else:
+                    sg.pop(key, None)
             if g["params"]:
-                fo_groups.append({k: (v if k == "params" else plain(v)) for k, v in sg.items()
-                                  if k == "params" or k in self._hp_keys})
+                where = f"state_dict['param_groups'][{gi}]"
+                fo_groups.append({k: (v if k == "params" else host_value(v, where, k))
+                                  for k, v in sg.items() if k == "params" or k in self._hp_keys})
         if self._fo is not None:
+            # (an empty entry: torch's defaultdict state looked up for a param without state)
             state = {pid: {k: to_numpy(v) for k, v in st.items()}
-                     for pid, st in state_dict["state"].items()}
+                     for pid, st in state_dict["state"].items() if not isinstance(st, dict) or st}
             with self._stream():
                 self._fo.load_state_dict({"state": state, "param_groups": fo_groups})
             self.state._written.clear()
@@ -457,20 +562,29 @@ def _fastopt_classes() -> dict:
     return found
 
 
+# torch creates these optimizers' state for every param at construction (lazily otherwise).
+_EAGER_STATE = frozenset({"Adagrad"})
+
+
 def _make_class(name: str, fo_cls: type) -> type:
-    sig = inspect.signature(fo_cls)
-    params = list(sig.parameters.values())
-    params.append(inspect.Parameter("flat", inspect.Parameter.KEYWORD_ONLY, default=False))
-    params.sort(key=lambda p: p.kind)         # stable: keyword-only ones after the rest
+    sig, options = torch_signature(name, fo_cls)
     doc = (f"{name} as a torch.optim.Optimizer stepped by fastopt's fused kernel.\n\n"
-           f"Arguments, defaults, state keys and state dicts are torch.optim.{name}'s (see "
-           f"fastopt.{name}), plus ``flat=True`` to step the model from flat buffers "
-           "(fastopt.torch's module docstring lists the rules).\n\n"
-           + (inspect.getdoc(fo_cls) or ""))
-    cls = type(name, (TorchOptimizer,), {"_fastopt_class": fo_cls, "__doc__": doc,
-                                         "__module__": __name__, "__qualname__": name})
-    cls.__signature__ = sig.replace(parameters=params)
-    return cls
+           f"Arguments (positional order included), defaults, state keys and state dicts are "
+           f"torch.optim.{name}'s (see fastopt.{name}), plus ``flat=True`` to step the model "
+           "from flat buffers and fastopt's ``backend=`` and options (``max_grad_norm=``); "
+           "fastopt.torch's module docstring lists the rules and where it differs from torch."
+           "\n\n" + (inspect.getdoc(fo_cls) or ""))
+
+    def __init__(self, *args, **kwargs):
+        TorchOptimizer.__init__(self, *args, **kwargs)
+
+    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    __init__.__signature__ = sig.replace(parameters=[self_param, *sig.parameters.values()])
+    __init__.__qualname__ = f"{name}.__init__"
+    return type(name, (TorchOptimizer,), {
+        "_fastopt_class": fo_cls, "_signature": sig, "_torch_options": options,
+        "_eager_state": name in _EAGER_STATE, "__init__": __init__, "__doc__": doc,
+        "__module__": __name__, "__qualname__": name})
 
 
 OPTIMIZERS: dict = {}
