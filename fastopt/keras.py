@@ -632,6 +632,7 @@ class _KerasOptimizer:
             raise ValueError(f"{type(self).__name__} is not built: call build(variables) or "
                              "apply(grads, variables) first")
         n = len(self._variables)
+        sparse = []                           # build indices of the sparse gradients
         if grads is None:
             if self._flat is None:
                 raise ValueError("step() without grads reads a FlatParams' grads, but this optimizer "
@@ -639,7 +640,10 @@ class _KerasOptimizer:
         else:
             if v.is_array(grads):
                 raise TypeError("grads must be a list aligned with the variables, got a single array")
-            grads = [_as_sparse(g) if g is not None and _is_sparse(g) else g for g in grads]
+            grads = list(grads)
+            sparse = [b for b, g in enumerate(grads) if g is not None and _is_sparse(g)]
+            for b in sparse:
+                grads[b] = _as_sparse(grads[b])
             if len(grads) != n:
                 raise ValueError(f"got {len(grads)} gradients for the {n} variables this optimizer "
                                  "was built with")
@@ -648,7 +652,7 @@ class _KerasOptimizer:
         lr = self._current_lr()
         unscale = 1.0 / self._options["loss_scale_factor"] if self._options["loss_scale_factor"] else 1.0
         if self._accumulators is None:
-            applied = self._update(grads, lr, grad_scale, unscale)
+            applied = self._update(grads, lr, grad_scale, unscale, sparse)
         else:
             if grad_scale is not None:
                 raise TypeError("grad_scale (unscale and skip non-finite steps) does not combine with "
@@ -669,9 +673,10 @@ class _KerasOptimizer:
             self._accumulators.zero()
         return True
 
-    def _update(self, grads, lr, grad_scale, factor) -> bool:
-        """The fused step on ``grads`` (build order; None: the FlatParams' grads), each
-        multiplied by ``factor`` as the kernel reads it."""
+    def _update(self, grads, lr, grad_scale, factor, sparse=()) -> bool:
+        """The fused step on ``grads`` (build order; None: the FlatParams' grads; ``sparse``:
+        the indices of the SparseGrad entries), each multiplied by ``factor`` as the kernel
+        reads it."""
         eng = self._engine
         eng.iterations = self.iterations
         eng.lr_now = lr
@@ -682,7 +687,8 @@ class _KerasOptimizer:
         eng.u_product = u_product
         scattered = []
         if grads is not None:
-            grads = self._densified(grads, scattered)
+            if sparse:
+                grads = self._densified(grads, sparse, scattered)
             if self._order is not None:
                 grads = [grads[b] for b in self._order]
         try:
@@ -694,14 +700,14 @@ class _KerasOptimizer:
             self._u_product = u_product
         return applied
 
-    def _densified(self, grads, scattered) -> list:
+    def _densified(self, grads, sparse, scattered) -> list:
         """Sparse gradients that do not step as rows, scattered into zeros (kept per
         variable and zeroed again after the step: no allocation per step)."""
         out = list(grads)
-        for b, g in enumerate(grads):
-            if isinstance(g, SparseGrad) and not self._row_sparse[b]:
+        for b in sparse:
+            if not self._row_sparse[b]:
                 w = self._variables[b]
-                sg = _check_sparse_grad(g, w, b)
+                sg = _check_sparse_grad(grads[b], w, b)
                 dense = self._dense.get(b)
                 if dense is None:
                     dense = self._dense[b] = np.zeros_like(w)
