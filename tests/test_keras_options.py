@@ -152,6 +152,14 @@ def test_loss_scale_factor_divides_gradients_before_clipping():
     np.testing.assert_allclose(w, expected, rtol=1e-5)
 
 
+def test_global_clipnorm_of_a_non_finite_norm_is_nan_as_keras():
+    """Keras's clip_by_global_norm adds norm - norm: an infinite gradient makes every
+    variable NaN (no silent skip; LossScaleOptimizer is the skipping tool)."""
+    w = [np.zeros(2), np.ones(2)]
+    fk.SGD(learning_rate=1.0, global_clipnorm=1.0).apply([np.array([np.inf, 0.0]), np.ones(2)], w)
+    assert np.isnan(w[0]).all() and np.isnan(w[1]).all()
+
+
 # -- gradient accumulation ------------------------------------------------------------------------------
 def test_gradient_accumulation_is_one_step_on_the_mean_every_n_calls():
     """Adam, n = 3, loss_scale_factor 4, lr from a schedule of the call count: calls 1-2
