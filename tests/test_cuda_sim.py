@@ -1,6 +1,7 @@
 """The CUDA backend against the NumPy reference: under the CUDA simulator, or on a GPU.
 
-``.ci/run`` runs this file in its own process with ``NUMBA_ENABLE_CUDASIM=1``: the
+``tests/test_cuda_simulator.py`` runs this file in its own process with
+``NUMBA_ENABLE_CUDASIM=1``: the
 kernels run on the CPU with NumPy arrays standing in for device memory (small shapes,
 tiny blocks and chunks, so every chunk and block boundary is crossed). On a machine
 with a GPU (``bench/gpu_check.sh``) the same tests run for real on CuPy arrays, plus
@@ -45,7 +46,8 @@ GPU, _WHY = _gpu_present()
 if os.environ.get("FASTOPT_REQUIRE_GPU") == "1" and not GPU:
     # bench/gpu_check.sh sets this: a GPU run that silently skipped everything would lie.
     raise RuntimeError(f"FASTOPT_REQUIRE_GPU=1 but no usable GPU: {_WHY}")
-needs_cuda = pytest.mark.skipif(not (SIM or GPU), reason="no GPU and NUMBA_ENABLE_CUDASIM is not set")
+needs_cuda = pytest.mark.skipif(
+    not (SIM or GPU), reason="no GPU: these run under the CUDA simulator in tests/test_cuda_simulator.py")
 gpu_only = pytest.mark.skipif(not GPU, reason="needs a real GPU")
 
 SHAPES = [(0,), (1,), (5, 3), (37,)]          # empty, single, 2-D, odd: chunk edges everywhere

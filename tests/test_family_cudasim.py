@@ -20,7 +20,7 @@ from cases import RTOL, rel_err
 
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 pytestmark = [pytest.mark.cudasim,
-              pytest.mark.skipif(not SIM, reason="NUMBA_ENABLE_CUDASIM=1 is not set")]
+              pytest.mark.skipif(not SIM, reason="run under the CUDA simulator by tests/test_cuda_simulator.py")]
 if SIM:
     # A module global: the simulator swaps numba.cuda for its own module in a kernel's
     # globals (a plain run never imports numba.cuda here).
@@ -53,6 +53,7 @@ def _elements():
         ("lars", lars.lars_element, lars.lars_scalars(0.1, 0.9, 1e-4, True, f), 4),
         ("lars_norms", lars.lars_norms, lars.lars_scalars(0.1, 0.9, 1e-4, True, f), 2),
         ("keras_square", keras.grad_square, keras.SquareScalars(f(0)), 2),
+        ("keras_accumulate", keras.accumulate_element, keras.AccumulateScalars(f(0)), 4),
     ]
     hp = dict(momentum=0.9, nesterov=True, rho=0.9, epsilon=1e-7, centered=True, amsgrad=True,
               beta_1=0.9, beta_2=0.999, clipvalue=0.5, weight_decay=0.01)
