@@ -12,12 +12,17 @@ Three ways to run "clip the global 2-norm, then Adam" on one FlatParams:
 Clipping scales the gradients down, so each step first resets them from a copy (else
 later steps would find nothing to clip). That copy is timed alone too and subtracted:
 the figures are for clipping and stepping only.
+
+``fastopt bench`` runs this comparison when ``adam`` is among its optimizers (float32).
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from .runner import Target, time_interleaved
+from .cases import format_count
+from .runner import Target, ratio_is_uncertain, time_interleaved
 
 MAX_NORM = 1.0
 
@@ -28,8 +33,12 @@ def _bytes(itemsize: int) -> dict:
             "torch clip + fused": step + 3 * itemsize}
 
 
-def clip_targets(n_params: int, dtype="float32", seed: int = 0) -> dict:
-    """Ready-to-time steps for the three variants over the same data."""
+VARIANTS = ("fused", "clip-then-step", "torch clip + fused")
+
+
+def clip_targets(n_params: int, dtype="float32", seed: int = 0, torch: bool = True) -> dict:
+    """Ready-to-time steps for the three variants over the same data (the torch one only
+    with ``torch=True`` and torch importable), and the gradient reset ``"reset"``."""
     import fastopt as fo
 
     rng = np.random.default_rng(seed)
@@ -56,6 +65,8 @@ def clip_targets(n_params: int, dtype="float32", seed: int = 0) -> dict:
         plain_opt.step()
     targets["clip-then-step"] = Target(clip_then_step, keep=(plain, plain_opt))
 
+    if not torch:
+        return targets
     try:
         import torch
     except ImportError:
@@ -73,32 +84,47 @@ def clip_targets(n_params: int, dtype="float32", seed: int = 0) -> dict:
     return targets
 
 
-def run_clip_comparison(n_params: int, dtype="float32", repeats: int = 9, max_time_s=2.0) -> list:
-    """Rows ``{variant, bytes_per_param, ms, gb_per_s, vs_fused}`` (median per-step times)."""
-    targets = clip_targets(n_params, dtype)
+def _half_iqr(times) -> float:
+    q25, q75 = np.percentile(times, [25, 75])
+    return float(q75 - q25) / 2
+
+
+def run_clip_comparison(n_params: int, dtype="float32", repeats: int = 9, max_time_s=2.0,
+                        torch: bool = True) -> list:
+    """Rows ``{variant, bytes_per_param, ms, spread, gb_per_s, reset_ms, fused_speedup,
+    uncertain}``: median per-step times less the gradient reset; ``spread`` is half the
+    interquartile range (of the variant and of the reset, combined) over ``ms``;
+    ``uncertain`` says the ratio to the fused variant is within the noise
+    (:func:`~fastopt.benchmark.runner.ratio_is_uncertain`)."""
+    targets = clip_targets(n_params, dtype, torch=torch)
     for t in targets.values():           # compile / warm up outside the timing
         t.step()
     samples = time_interleaved(list(targets.values()), repeats, max_time_s=max_time_s)
-    medians = {name: float(np.median(times)) * 1e3 for name, (times, _) in zip(targets, samples)}
-    reset_ms = medians.pop("reset")
+    times = {name: times for name, (times, _) in zip(targets, samples)}
+    reset = times.pop("reset")
+    reset_ms, reset_iqr = float(np.median(reset)) * 1e3, _half_iqr(reset) * 1e3
     sizes = _bytes(np.dtype(dtype).itemsize)
     rows = []
-    for name, total in medians.items():
-        ms = max(total - reset_ms, 1e-6)
+    for name, t in times.items():
+        ms = max(float(np.median(t)) * 1e3 - reset_ms, 1e-6)
         rows.append({"variant": name, "bytes_per_param": sizes[name], "ms": ms,
+                     "spread": math.hypot(_half_iqr(t) * 1e3, reset_iqr) / ms,
                      "gb_per_s": sizes[name] * n_params / (ms * 1e6), "reset_ms": reset_ms})
-    fused_ms = rows[0]["ms"]
+    fused = rows[0]
     for r in rows:
-        r["fused_speedup"] = r["ms"] / fused_ms
+        r["fused_speedup"] = r["ms"] / fused["ms"]
+        r["uncertain"] = r is not fused and ratio_is_uncertain(r["fused_speedup"], r["spread"],
+                                                               fused["spread"])
     return rows
 
 
 def format_clip_rows(rows, n_params: int) -> str:
-    lines = [f"== global-norm clipping + Adam: {n_params / 1e6:g}M params, FlatParams "
+    lines = [f"== global-norm clipping + Adam: {format_count(n_params)} params, FlatParams "
              f"(max_norm {MAX_NORM}; the per-step grad reset, {rows[0]['reset_ms']:.2f} ms, "
              "is subtracted) ==",
-             f"{'variant':20} {'B/p':>4} {'ms/step':>9} {'GB/s':>6} {'fused is':>9}"]
+             f"{'variant':20} {'B/p':>4} {'ms/step':>9} {'+-':>4} {'GB/s':>6} {'fused is':>9}"]
     for r in rows:
+        ratio = f"{'~' if r.get('uncertain') else ''}{r['fused_speedup']:.2f}x"
         lines.append(f"{r['variant']:20} {r['bytes_per_param']:>4} {r['ms']:>9.2f} "
-                     f"{r['gb_per_s']:>6.1f} {r['fused_speedup']:>8.2f}x")
+                     f"{r.get('spread', 0) * 100:>3.0f}% {r['gb_per_s']:>6.1f} {ratio:>9}")
     return "\n".join(lines)

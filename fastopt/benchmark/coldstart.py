@@ -94,47 +94,61 @@ def warmup_cases(names=None) -> list[tuple[OptimizerCase, dict]]:
     return out
 
 
-def warmup(names=None, dtypes=("float32", "float64"), roof=True, progress=None) -> list[dict]:
+def warmup_plan(names=None, dtypes=("float32", "float64"), roof=True) -> list[tuple]:
+    """The drivers :func:`warmup` compiles, in order: ``(case, overrides, dtype)`` for an
+    optimizer setting, ``(None, mask, dtype)`` for the roof kernel of a slot mask."""
+    plan, done_roofs = [], set()
+    for case, overrides in warmup_cases(names):
+        mask = tuple(s is not None for s in case.active_slots(**overrides))
+        for dtype in dtypes:
+            plan.append((case, overrides, dtype))
+            if roof and (mask, dtype) not in done_roofs:
+                done_roofs.add((mask, dtype))
+                plan.append((None, mask, dtype))
+    return plan
+
+
+def warmup(names=None, dtypes=("float32", "float64"), roof=True, progress=None, plan=None) -> list[dict]:
     """Compile (or load) every optimizer's CPU drivers into Numba's on-disk cache.
 
     Args:
       names: optimizer CLI names (default: every available row of the table).
       dtypes: storage dtypes to compile for.
       roof: also compile the roof kernels the benchmark uses.
-      progress: optional callable ``progress(description)`` called before each compile.
+      progress: optional callable ``progress(description)`` called before each driver.
+      plan: the drivers, as :func:`warmup_plan` returns them (default: its plan for
+        ``names``, ``dtypes`` and ``roof``).
     Returns:
-      One dict per driver: ``optimizer``, ``overrides``, ``dtype``, ``slots``, ``seconds``,
-      ``how`` ("compiled", "cache" or "process").
+      One dict per driver: ``optimizer`` ("roof" for a roof kernel), ``overrides``,
+      ``dtype``, ``slots``, ``seconds``, ``how`` ("compiled", "cache" or "process").
     """
     from fastopt.kernels import cpu
     from fastopt.kernels import roof as roof_kernels
 
     from .runner import _cache_probe
     rows = []
-    done_roofs = set()
-    for case, overrides in warmup_cases(names):
-        mask = tuple(s is not None for s in case.active_slots(**overrides))
-        for dtype in dtypes:
+    for case, what, dtype in (warmup_plan(names, dtypes, roof) if plan is None else plan):
+        probe = _cache_probe()
+        if case is None:                  # the roof kernel of slot mask `what`
             if progress is not None:
-                progress(f"{case.name} {overrides or ''} {dtype}".replace("  ", " "))
-            probe = _cache_probe()
-            a = np.ones(8, dtype=dtype)
+                progress(f"roof {'+'.join(f's{k}' for k, m in enumerate(what) if m) or 'p, g'} {dtype}")
+            slots = tuple([np.zeros(8, dtype)] if m else None for m in what)
+            table = cpu.ChunkTable([np.ones(8, dtype)], [np.ones(8, dtype)], slots)
             t0 = time.perf_counter()
-            case.make([a], backend="cpu", **overrides).step([np.full(8, 1e-3, dtype=dtype)])
-            rows.append(dict(optimizer=case.name, overrides=overrides, dtype=dtype,
-                             slots=[s for s in case.active_slots(**overrides) if s],
+            cpu.run(roof_kernels.roof_element, table, roof_kernels.roof_scalars(np.dtype(dtype).type))
+            rows.append(dict(optimizer="roof", overrides={}, dtype=dtype,
+                             slots=[f"s{k}" for k, live in enumerate(what) if live],
                              seconds=time.perf_counter() - t0, how=probe()))
-            if roof and (mask, dtype) not in done_roofs:
-                done_roofs.add((mask, dtype))
-                probe = _cache_probe()
-                slots = tuple([np.zeros(8, dtype)] if m else None for m in mask)
-                table = cpu.ChunkTable([np.ones(8, dtype)], [np.ones(8, dtype)], slots)
-                t0 = time.perf_counter()
-                cpu.run(roof_kernels.roof_element, table, roof_kernels.roof_scalars(np.dtype(dtype).type))
-                rows.append(dict(optimizer="roof", overrides={}, dtype=dtype,
-                                 slots=[f"s{k}" for k, live in enumerate(mask) if live],
-                                 seconds=time.perf_counter() - t0, how=probe()))
+            continue
+        if progress is not None:
+            progress(f"{case.name} {what or ''} {dtype}".replace("  ", " "))
+        a = np.ones(8, dtype=dtype)
+        t0 = time.perf_counter()
+        case.make([a], backend="cpu", **what).step([np.full(8, 1e-3, dtype=dtype)])
+        rows.append(dict(optimizer=case.name, overrides=what, dtype=dtype,
+                         slots=[s for s in case.active_slots(**what) if s],
+                         seconds=time.perf_counter() - t0, how=probe()))
     return rows
 
 
-__all__ = ["cold_start", "warmup", "warmup_cases", "OPTIMIZERS"]
+__all__ = ["cold_start", "warmup", "warmup_cases", "warmup_plan", "OPTIMIZERS"]

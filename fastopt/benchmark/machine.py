@@ -98,6 +98,8 @@ def machine_info(import_torch=True) -> dict:
     import psutil
 
     import fastopt
+    import fastopt.kernels.cpu  # noqa: F401  (pins the threading layer before
+    #                             numba.get_num_threads below starts the pool)
 
     from .gpu import gpu_available
     gpu_ok, gpu = gpu_available()

@@ -21,12 +21,17 @@ JSON record (``fastopt bench --json PATH``), ``schema: "fastopt-bench/1"``:
   ``compiled`` (fastopt CPU drivers: compiled / cache / process), ``peak_alloc_bytes``
   (tracemalloc), ``peak_rss_bytes``, ``wall_s`` (the whole group the row was timed in: roof and
   fastopt rows are timed together, interleaved), ``error`` (null when
-  the row ran).
+  the row ran), ``uncertain`` (the ratios among ``roof_fraction``, ``speedup_vs_numpy``,
+  ``speedup_vs_torch`` that are within the noise, printed with a ``~``: the two rows'
+  spreads combined exceed 15 %, or the ratio is within that combined spread of 1).
 - ``cold_start``: per optimizer and cache state (empty, warm): ``import_s`` (import
   numpy and fastopt), ``setup_s`` (build the FlatParams and the optimizer),
   ``first_step_s``, ``second_step_s``, ``process_s`` (the whole child), ``n_params``,
   ``dtype``; ``error`` if the child failed.
 - ``notes``: rows skipped and why.
+- ``clipping`` (when the run included the clipping comparison): per variant
+  ``variant``, ``bytes_per_param``, ``ms``, ``spread``, ``gb_per_s``, ``reset_ms``,
+  ``fused_speedup`` (its time over the fused variant's), ``uncertain``.
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ import os
 import sys
 
 from .cases import LAYOUT_TITLES, format_count
+from .runner import NOISY_SPREAD
 
 SCHEMA = "fastopt-bench/1"
 
@@ -52,12 +58,19 @@ def row_label(r) -> str:
 
 
 def _bytes(n) -> str:
-    if n is None:
-        return "-"
-    for unit, scale in (("G", 2**30), ("M", 2**20), ("k", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return str(int(n))
+    """Bytes in binary units, as counts are written: 843, 32.4k, 30.5M."""
+    return "-" if n is None else format_count(n, 1024, ("", "k", "M", "G", "T"))
+
+
+UNCERTAIN_MARK = "~"
+UNCERTAIN_NOTE = (f"{UNCERTAIN_MARK}: a ratio within the noise, not a firm figure: its two rows' "
+                  f"spreads (+-) combined exceed {NOISY_SPREAD:.0%}, or it is within their "
+                  "combined spread of 1 (no measurable difference); rerun on a quieter machine "
+                  "before quoting it.")
+
+
+def _mark(text: str, uncertain: bool) -> str:
+    return UNCERTAIN_MARK + text if uncertain and text != "-" else text
 
 
 def _num(x, fmt) -> str:
@@ -96,7 +109,7 @@ def machine_line(m: dict) -> str:
 def format_run(run) -> str:
     """The text report: one table per layout, then first calls, cold start and notes."""
     cfg = run.config
-    out = [f"fastopt bench: {cfg.dtype}, {format_count(cfg.size)} parameters "
+    out = [f"fastopt bench: {cfg.dtype}, {format_count(cfg.size)} params "
            f"(many-small: 2000 x 512), {len(cfg.optimizers)} optimizers",
            f"machine: {machine_line(run.machine)}",
            "ms/step: median of the samples; +-: half the interquartile range; GB/s at the "
@@ -106,6 +119,7 @@ def format_run(run) -> str:
     header = ["optimizer", "B/p", "backend", "ms/step", "+-", "Mparam/s", "GB/s", "roof",
               "vs numpy", "vs torch", "alloc", "RSS+"]
     align = "<><>>>>>>>>>"
+    marked = 0
     for layout in cfg.layouts:
         rows = [r for r in run.results if r.layout == layout]
         if not rows:
@@ -121,12 +135,23 @@ def format_run(run) -> str:
                 table.append([r.optimizer, str(r.bytes_per_param), row_label(r), "error", "", "",
                               "", "", "", "", "", ""])
                 continue
+            unsure = set(r.uncertain)
+            marked += bool(unsure)
             table.append([r.optimizer, str(r.bytes_per_param), row_label(r), _ms(r.median_s * 1e3),
                           f"{r.spread * 100:.0f}%", f"{r.params_per_s / 1e6:.0f}",
-                          f"{r.gb_per_s:.1f}", _num(r.roof_fraction, ".2f"),
-                          _ratio(r.speedup_vs_numpy), _ratio(r.speedup_vs_torch),
+                          f"{r.gb_per_s:.1f}",
+                          _mark(_num(r.roof_fraction, ".2f"), "roof_fraction" in unsure),
+                          _mark(_ratio(r.speedup_vs_numpy), "speedup_vs_numpy" in unsure),
+                          _mark(_ratio(r.speedup_vs_torch), "speedup_vs_torch" in unsure),
                           _bytes(r.peak_alloc_bytes), _bytes(r.peak_rss_bytes)])
         out += _table(header, table, align) + [""]
+    clip_rows = run.extra.get("clipping")
+    if clip_rows:
+        from .clipping import format_clip_rows
+        out += [format_clip_rows(clip_rows, cfg.size), ""]
+        marked += any(r.get("uncertain") for r in clip_rows)
+    if marked:
+        out += [UNCERTAIN_NOTE, ""]
 
     firsts = [r for r in run.results if r.compiled in ("compiled", "cache")]
     if firsts:
@@ -151,7 +176,9 @@ def format_run(run) -> str:
                        "process s"], table, "<<>>>>>") + [""]
     for note in run.notes:
         out.append(f"note: {note}")
-    out.append(f"total {run.total_s:.1f} s")
+    first = sum(r.first_call_s or 0.0 for r in run.results)
+    out.append(f"total {run.total_s:.1f} s, {first:.1f} s of it in first calls (compiling or "
+               "loading drivers, torch's first steps)")
     return "\n".join(out)
 
 

@@ -46,6 +46,9 @@ class Result:
     speedup_vs_torch: float | None = None
     error: str | None = None
     wall_s: float | None = None          # the row's group: setup, warm-up, memory, timing
+    # Ratios among roof_fraction, speedup_vs_numpy, speedup_vs_torch that are not firm
+    # figures (see :func:`ratio_is_uncertain`); set by :func:`compare`.
+    uncertain: list = dataclasses.field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -361,6 +364,22 @@ def measure(result: Result, target: Target, repeats: int, *, memory=True,
 # ------------------------------------------------------------------------ comparison
 _ROOF_OF = {"cpu": ("roof",), "cuda": ("roof-cuda", "copy-cuda")}
 
+# A ratio of two rows' medians is printed as a firm figure only when the two rows' combined
+# spread is at most this (half the interquartile range over the median, added in
+# quadrature): on a loaded machine a row at +-43% once printed "vs torch 4143x".
+NOISY_SPREAD = 0.15
+
+
+def ratio_is_uncertain(ratio: float, spread_a: float, spread_b: float,
+                       limit: float = NOISY_SPREAD) -> bool:
+    """Whether the ratio of two medians, each with its relative spread, is not a firm
+    figure: their combined spread ``sqrt(a² + b²)`` exceeds ``limit``, or the ratio lies
+    within that spread of 1 (no measurable difference: a "1.05x speed-up" at +-8%)."""
+    combined = math.hypot(spread_a, spread_b)
+    if combined > limit:
+        return True
+    return ratio > 0 and abs(math.log(ratio)) < math.log1p(combined)
+
 
 def compare(results: list[Result]) -> list[Result]:
     """Set each row's fraction of the roof and its speed-ups over NumPy and torch.
@@ -369,7 +388,9 @@ def compare(results: list[Result]) -> list[Result]:
     the roof moves the row's own bytes (multi-pass steps too), so it is the time ratio. Rows are compared within (optimizer,
     layout, dtype): the roof of the row's device
     (the roof kernel; on CUDA the device-to-device copy where the CUDA roof is missing),
-    the NumPy reference and torch on the same device.
+    the NumPy reference and torch on the same device. A ratio whose two rows are too noisy
+    to quote (:func:`ratio_is_uncertain`) is named in the row's ``uncertain`` list; a row's
+    ratio to itself (the roof's 1.00) never is.
     """
     groups: dict = {}
     for r in results:
@@ -381,10 +402,14 @@ def compare(results: list[Result]) -> list[Result]:
         for r in rows:
             roof = next((by[(b, r.device)] for b in _ROOF_OF[r.device] if (b, r.device) in by), None)
             torch_row = by.get(("torch-cuda" if r.device == "cuda" else "torch", r.device))
-            if roof is not None and r.backend != "copy-cuda":
-                r.roof_fraction = r.gb_per_s / roof.gb_per_s
-            if numpy_row is not None:
-                r.speedup_vs_numpy = numpy_row.median_s / r.median_s
-            if torch_row is not None:
-                r.speedup_vs_torch = torch_row.median_s / r.median_s
+            r.uncertain = []
+            for name, other in (("roof_fraction", roof), ("speedup_vs_numpy", numpy_row),
+                                ("speedup_vs_torch", torch_row)):
+                if other is None or (name == "roof_fraction" and r.backend == "copy-cuda"):
+                    continue
+                ratio = (r.gb_per_s / other.gb_per_s if name == "roof_fraction"
+                         else other.median_s / r.median_s)
+                setattr(r, name, ratio)
+                if other is not r and ratio_is_uncertain(ratio, r.spread, other.spread):
+                    r.uncertain.append(name)
     return results

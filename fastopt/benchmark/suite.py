@@ -7,6 +7,8 @@ ratio to torch survive a machine whose speed drifts); then the NumPy reference a
 (fewer repeats: it is slow); then the CUDA rows when a GPU is present. Each group builds
 its own arrays from the layout's shared initial values and frees them before the next:
 peak memory is about four copies of one optimizer's arrays plus the initial values.
+Then, inside the same progress bar and total, the cold-start children and the fused
+clipping comparison (:mod:`.clipping`, when ``adam`` is among the optimizers).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import numpy as np
 import psutil
 
 from .cases import LAYOUTS, OptimizerCase, available_optimizers, parse_layouts, parse_size
+from .clipping import VARIANTS, run_clip_comparison
 from .roof import copy_cuda_target, roof_bytes_per_param, roof_cuda_target, roof_target
 from .runner import (LayoutData, Result, compare, fastopt_target, numpy_target, time_together,
                      torch_target, warm_up)
@@ -45,10 +48,17 @@ class BenchConfig:
     cold_start_size: int = 1 << 20
     threads: int | None = None
     seed: int = 0
+    clip: bool = True                       # the clipping comparison, where it applies
 
     def __post_init__(self):
         if self.optimizers is None:
             self.optimizers = available_optimizers()
+        if self.threads is not None:
+            import numba
+            top = numba.config.NUMBA_NUM_THREADS
+            if not 1 <= int(self.threads) <= top:
+                raise ValueError(f"threads must be between 1 and {top} (Numba's "
+                                 f"NUMBA_NUM_THREADS on this machine), got {self.threads}")
         self.layouts = parse_layouts(self.layouts)
         self.size = parse_size(self.size)
         self.dtype = str(np.dtype(self.dtype))
@@ -62,6 +72,16 @@ class BenchConfig:
             raise ValueError(f"unknown modes {sorted(bad)}; choose from flat, list")
         if self.repeats < 1 or self.numpy_repeats < 1:
             raise ValueError("repeats must be at least 1")
+        if not self.max_time_s > 0:
+            raise ValueError(f"max_time_s must be positive, got {self.max_time_s}")
+
+    @property
+    def clip_applies(self) -> bool:
+        """Whether the run includes the clipping comparison: it is Adam's (fused global-norm
+        clipping against clip-then-step and torch), so it runs when ``adam`` is among the
+        optimizers, fastopt among the backends, in float32, and ``clip`` is on."""
+        return (self.clip and self.dtype == "float32" and "fastopt" in self.backends
+                and any(c.name == "adam" for c in self.optimizers))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -84,6 +104,7 @@ class BenchRun:
     total_s: float
     layout_info: dict
     extra: dict = dataclasses.field(default_factory=dict)   # further sections (clipping)
+    early_notes: int = 0                    # notes[:early_notes] were known before the run
 
 
 def _torch_status(wanted: bool, notes: list) -> bool:
@@ -187,8 +208,18 @@ def _run_group(config, layout, case, rows, data, notes) -> list:
     return out
 
 
-def run_bench(config: BenchConfig, progress: bool = True) -> BenchRun:
-    """Run every planned row (and the cold-start children); returns a :class:`BenchRun`."""
+def run_bench(config: BenchConfig, progress: bool = True, log=None) -> BenchRun:
+    """Run every planned row, the cold-start children and the clipping comparison.
+
+    Args:
+      config: what to run.
+      progress: show a progress bar (stderr) over every stage.
+      log: optional ``log(line)`` called before any timing with each note already known
+        (torch or CUDA missing, optimizers without a torch counterpart), so the user
+        learns of a missing backend at the start, not after the run.
+    Returns:
+      A :class:`BenchRun`.
+    """
     from tqdm import tqdm
 
     from . import gpu
@@ -210,11 +241,16 @@ def run_bench(config: BenchConfig, progress: bool = True) -> BenchRun:
     for case in config.optimizers:
         if "torch" in config.backends and torch_ok and case.torch_class() is None:
             notes.append(f"{case.name}: torch.optim has no counterpart; no torch row")
+    early_notes = len(notes)
+    if log is not None:
+        for note in notes:
+            log(f"note: {note}")
 
     plan = _plan(config, torch_ok, gpu_ok, torch_cuda)
     n_rows = sum(len(rows) for _, _, rows in plan)
     n_cold = len(config.cold_start or [])
-    bar = tqdm(total=n_rows + n_cold, desc="fastopt bench", unit="row", file=sys.stderr,
+    n_clip = (len(VARIANTS) - (not torch_ok)) if config.clip_applies else 0
+    bar = tqdm(total=n_rows + n_cold + n_clip, desc="fastopt bench", unit="row", file=sys.stderr,
                disable=not progress, dynamic_ncols=True, leave=False)
     results: list = []
     layout_info: dict = {}
@@ -248,8 +284,18 @@ def run_bench(config: BenchConfig, progress: bool = True) -> BenchRun:
             notes += [f"cold start {c['optimizer']} ({c['cache']} cache): {c['error']}"
                       for c in cold if "error" in c]
             bar.update(n_cold)
+        extra = {}
+        if n_clip:
+            bar.set_postfix_str("clipping + adam: fused, clip-then-step"
+                                + (", torch" if torch_ok else ""))
+            try:
+                extra["clipping"] = run_clip_comparison(config.size, config.dtype, torch=torch_ok)
+            except Exception as exc:  # like a row: reported, the run goes on
+                notes.append(f"clipping comparison: {type(exc).__name__}: {exc}")
+            gc.collect()
+            bar.update(n_clip)
     finally:
         bar.close()
     compare(results)
     return BenchRun(config, results, cold, machine_info(import_torch=torch_ok), notes,
-                    time.perf_counter() - t_start, layout_info)
+                    time.perf_counter() - t_start, layout_info, extra, early_notes)
