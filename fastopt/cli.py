@@ -1,6 +1,6 @@
 """The ``fastopt`` command line: ``bench`` (the main job), ``info``, ``warmup``, ``demo``.
 
-    fastopt bench                      # quick default run (< 2 min on 2 cores), prints a table
+    fastopt bench                      # quick default run (about a minute on 2 cores), prints a table
     fastopt bench --size 64M --optimizers adam,adamw,sgd-momentum,adagrad --json out.json --plot out.png
     fastopt bench --list               # the optimizer table with bytes per parameter
     fastopt info                       # versions, CPU, threading layer, backends, GPU
@@ -12,12 +12,64 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import time
 
 
 def _csv(text: str) -> list[str]:
     return [t.strip().lower() for t in text.split(",") if t.strip()]
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _threads(text: str) -> int:
+    """1 .. Numba's thread ceiling (NUMBA_NUM_THREADS, the usable cores unless set)."""
+    import numba
+    top = numba.config.NUMBA_NUM_THREADS
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 1 <= value <= top:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {top} (Numba's most on this "
+                                         f"machine, NUMBA_NUM_THREADS), got {value}")
+    return value
+
+
+def check_output_path(flag: str, path: str) -> None:
+    """Raise ValueError unless ``path`` can be written: not a folder, its folder exists
+    and is writable, and an existing file there is writable."""
+    full = os.path.abspath(path)
+    if os.path.isdir(full):
+        raise ValueError(f"{flag} {path}: is a folder; give a file name inside it")
+    folder = os.path.dirname(full)
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: folder {folder} is not writable")
+    if os.path.exists(full) and not os.access(full, os.W_OK):
+        raise ValueError(f"{flag} {path}: the file exists and is not writable")
 
 
 class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
@@ -37,7 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="throughput against the NumPy reference, torch and the roof",
                        description="Time every optimizer step on three layouts against the roof "
                        "kernel, the NumPy reference and torch; print a table. The default run "
-                       "finishes in under 2 minutes on 2 cores, first-time compilation included.",
+                       "(4 optimizers) takes about a minute on 2 cores, first-time compilation "
+                       "included; '--optimizers all' about three times as long. Every flag "
+                       "and output path is checked before anything is timed.",
                        formatter_class=_Defaults)
     b.add_argument("--optimizers", default=None,
                    help="comma-separated optimizer names, or 'all'; when omitted, the table's "
@@ -47,27 +101,35 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma-separated: large (one tensor), transformer (GPT-like mix), "
                         "small (2000 x 512)")
     b.add_argument("--size", default="8M",
-                   help="parameters of the large and transformer layouts (8M, 64M, 500k: decimal)")
+                   help="parameters of the large and transformer layouts (8M, 64M, 500k, 1.5M: "
+                        "decimal units)")
     b.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     b.add_argument("--backends", default="roof,fastopt,numpy,torch,cuda",
                    help="comma-separated subset of roof,fastopt,numpy,torch,cuda "
                         "(unavailable ones are skipped with a note)")
     b.add_argument("--modes", default="flat,list", help="fastopt modes: flat (FlatParams), list")
-    b.add_argument("--repeats", type=int, default=15, help="timed samples per row")
-    b.add_argument("--numpy-repeats", type=int, default=3, help="timed samples of the NumPy reference")
-    b.add_argument("--max-time", type=float, default=1.0,
+    b.add_argument("--repeats", type=_int_at_least(1), default=15, help="timed samples per row")
+    b.add_argument("--numpy-repeats", type=_int_at_least(1), default=3,
+                   help="timed samples of the NumPy reference")
+    b.add_argument("--max-time", type=_positive_float, default=1.0,
                    help="seconds of sampling per row before stopping early (at least 3 samples)")
     b.add_argument("--cold-start", default="adam",
                    help="optimizers to time in fresh processes with an empty and a warm Numba "
                         "cache: names, 'all' or 'none'")
-    b.add_argument("--threads", type=int, default=None, help="Numba and torch threads (when omitted: all cores)")
+    b.add_argument("--threads", type=_threads, default=None,
+                   help="Numba and torch threads, 1 to Numba's most (when omitted: all cores)")
     b.add_argument("--no-memory", action="store_true", help="skip the per-step memory measurement")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--json", metavar="PATH", help="write the machine-readable record here")
-    b.add_argument("--plot", metavar="PATH", help="write a PNG chart (GB/s against the roof) here")
+    b.add_argument("--plot", metavar="PATH",
+                   help="write a chart (GB/s of fastopt over FlatParams against the roof and "
+                        "torch) here; PNG unless the extension says .svg or .pdf; needs "
+                        "matplotlib (pip install 'fastopt[plot]')")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.add_argument("--no-clip", action="store_true",
-                   help="skip the fused-clipping comparison (Adam + global-norm clipping)")
+                   help="skip the fused-clipping comparison (Adam with global-norm clipping "
+                        "fused, against clip-then-step and torch); it runs only when adam is "
+                        "among --optimizers (as by default), in float32")
 
     i = sub.add_parser("info", help="versions, CPU, threading layer, backends, GPU")
     i.add_argument("--json", action="store_true", help="print the information as JSON")
@@ -85,6 +147,11 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("demo", help="run fastopt.demo (arguments are passed on)", add_help=False)
     return p
+
+
+# Measured with an empty cache on the shared 2-core machine (62 drivers, 2 dtypes): said
+# up front by `fastopt warmup`, which otherwise runs for minutes with no word of why.
+WARMUP_SECONDS_PER_DRIVER = "2 to 7"
 
 
 def main(argv=None) -> int:
@@ -119,8 +186,18 @@ def _bench(args) -> int:
                   f"{r['bytes_per_param']:>17}  {str(r['torch'] or '-'):11}  "
                   f"{', '.join(r['slots']) or '-'}; {kw}")
         return 0
-    from .benchmark.suite import BenchConfig, run_bench
+    from .benchmark import suite
 
+    # Everything is checked before any work: a bad path or a missing matplotlib must not
+    # cost the run (they used to surface after it, as a traceback).
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is not None:
+            check_output_path(flag, path)
+    if args.json and args.plot and os.path.abspath(args.json) == os.path.abspath(args.plot):
+        raise ValueError(f"--json and --plot name the same file, {args.json}")
+    if args.plot:
+        from .benchmark.plot import check_plot_path
+        check_plot_path(args.plot)
     optimizers = available_optimizers(args.optimizers) if args.optimizers else None
     cold = []
     if args.cold_start.strip().lower() not in ("none", ""):
@@ -129,22 +206,15 @@ def _bench(args) -> int:
         except ValueError:
             if args.cold_start != "adam":     # the default may name an absent optimizer
                 raise
-    config = BenchConfig(optimizers=optimizers, layouts=args.layouts, size=args.size,
-                         dtype=args.dtype, backends=tuple(_csv(args.backends)),
-                         modes=tuple(_csv(args.modes)), repeats=args.repeats,
-                         numpy_repeats=args.numpy_repeats, max_time_s=args.max_time,
-                         memory=not args.no_memory, cold_start=cold, threads=args.threads,
-                         seed=args.seed)
-    if args.plot:                               # fail before the run, not after it
-        importlib.import_module("matplotlib")
-    run = run_bench(config, progress=not args.quiet)
+    config = suite.BenchConfig(optimizers=optimizers, layouts=args.layouts, size=args.size,
+                               dtype=args.dtype, backends=tuple(_csv(args.backends)),
+                               modes=tuple(_csv(args.modes)), repeats=args.repeats,
+                               numpy_repeats=args.numpy_repeats, max_time_s=args.max_time,
+                               memory=not args.no_memory, cold_start=cold, threads=args.threads,
+                               seed=args.seed, clip=not args.no_clip)
+    run = suite.run_bench(config, progress=not args.quiet, log=lambda line: print(line, flush=True))
     from .benchmark.report import format_run, write_json
     print(format_run(run))
-    if not args.no_clip and args.dtype == "float32":
-        from .benchmark.clipping import format_clip_rows, run_clip_comparison
-        clip_rows = run_clip_comparison(config.size, args.dtype)
-        print(format_clip_rows(clip_rows, config.size))
-        run.extra["clipping"] = clip_rows
     if args.json:
         write_json(run, args.json, args.argv)
         print(f"wrote {args.json}")
@@ -189,25 +259,42 @@ def _info(args) -> int:
 
 # ---------------------------------------------------------------------------- warmup
 def _warmup(args) -> int:
+    import numba
     from tqdm import tqdm
 
-    from .benchmark.coldstart import warmup, warmup_cases
+    from .benchmark.coldstart import warmup, warmup_cases, warmup_plan
 
     dtypes = tuple(_csv(args.dtypes))
     for d in dtypes:
         if d not in ("float32", "float64"):
             raise ValueError(f"dtypes must be float32 or float64, got {d!r}")
-    n = len(warmup_cases(args.optimizers)) * len(dtypes)
-    bar = tqdm(total=n, desc="fastopt warmup", unit="driver", file=sys.stderr,
-               disable=args.quiet, leave=False)
+    plan = warmup_plan(args.optimizers, dtypes, roof=not args.no_roof)
+    n_settings = len(warmup_cases(args.optimizers))
+    n_roofs = sum(case is None for case, _, _ in plan)
+    where = numba.config.CACHE_DIR or "next to fastopt's kernels (__pycache__)"
+    def count(n, what):
+        return f"{n} {what}{'' if n == 1 else 's'}"
+    roofs = " + " + count(n_roofs, "roof kernel") if n_roofs else ""
+    print(f"fastopt warmup: {count(len(plan), 'CPU driver')} ({count(n_settings, 'optimizer setting')}"
+          f" x {count(len(dtypes), 'dtype')}{roofs})"
+          f" into Numba's on-disk cache, {where}. Compiling takes {WARMUP_SECONDS_PER_DRIVER} s "
+          "per driver on 2 cores (minutes for all of them); drivers already in the cache load "
+          "in a fraction of a second.", flush=True)
+    bar = tqdm(total=len(plan), desc="fastopt warmup", unit="driver", file=sys.stderr,
+               disable=args.quiet, leave=False, dynamic_ncols=True)
     t0 = time.perf_counter()
 
-    def progress(desc):
+    started = []
+
+    def progress(desc):                    # called before each driver: count the one before
+        if started:
+            bar.update()
+        started.append(desc)
         bar.set_postfix_str(desc)
-        bar.update()
 
     try:
-        rows = warmup(args.optimizers, dtypes, roof=not args.no_roof, progress=progress)
+        rows = warmup(plan=plan, progress=progress)
+        bar.update(bar.total - bar.n)
     finally:
         bar.close()
     total = time.perf_counter() - t0

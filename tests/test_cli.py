@@ -19,6 +19,7 @@ RESULT_FIELDS = {
     "bytes_per_param", "times_s", "repeats", "ms_median", "ms_min", "ms_p25", "ms_p75", "spread",
     "params_per_s", "gb_per_s", "roof_fraction", "speedup_vs_numpy", "speedup_vs_torch",
     "first_call_s", "compiled", "peak_alloc_bytes", "peak_rss_bytes", "wall_s", "error",
+    "uncertain",
 }
 
 
@@ -76,8 +77,11 @@ def test_every_row_names_a_known_torch_class_or_none():
 
 
 def test_default_and_unknown_optimizer_names():
+    # the default run: one row per access pattern torch also fuses, plus AdamW (about a
+    # minute on 2 cores); every row with --optimizers all
     names = [c.name for c in cases.available_optimizers()]
-    assert {"sgd", "sgd-momentum", "adagrad", "rmsprop", "adam", "adamw"} <= set(names)
+    assert names == ["sgd", "sgd-momentum", "adam", "adamw"]
+    assert len(cases.available_optimizers("all")) > 12
     with pytest.raises(ValueError, match="unknown optimizer 'nosuch'"):
         cases.available_optimizers("adam,nosuch")
 
@@ -153,7 +157,14 @@ def test_bench_json_has_the_documented_fields(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "== one large tensor: 200k params in 1 tensor ==" in out
     assert "transformer-like" in out and "fastopt flat" in out and "numpy ref" in out
+    # adam is among the optimizers: the clipping comparison is part of the run and report
+    assert "== global-norm clipping + Adam: 200k params, FlatParams" in out
+    assert out.index("global-norm clipping") < out.index("\ntotal ")
     record = json.loads(path.read_text())
+    variants = [r["variant"] for r in record["clipping"]]
+    assert variants == ["fused", "clip-then-step"] + (["torch clip + fused"] if _have("torch") else [])
+    for r in record["clipping"]:
+        assert r["ms"] > 0 and r["spread"] >= 0 and isinstance(r["uncertain"], bool)
     assert record["schema"] == "fastopt-bench/1"
     m = record["machine"]
     for key in ("cpu_model", "logical_cores", "threading_layer", "numba_threads", "versions", "gpu"):
@@ -208,7 +219,7 @@ def test_a_failing_row_is_reported_and_the_others_still_run(monkeypatch):
     assert any("injected failure" in n for n in run.notes)
 
 
-def test_bench_plot_writes_a_png(tmp_path):
+def test_bench_plot_writes_a_png(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     path = tmp_path / "bench.png"
     rc = cli.main(["bench", "--size", "50k", "--optimizers", "sgd", "--layouts", "large",
@@ -216,6 +227,78 @@ def test_bench_plot_writes_a_png(tmp_path):
                    "--no-memory", "--quiet", "--plot", str(path)])
     assert rc == 0
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+    out = capsys.readouterr().out
+    assert "clipping" not in out            # Adam's comparison: not run for --optimizers sgd
+    assert "1 tensor ==" in out and f"wrote {path}" in out
+
+
+# ------------------------------------------------- every flag checked before any work
+@pytest.fixture
+def no_run(monkeypatch):
+    """Fails the test if the bench starts timing anything."""
+    from fastopt.benchmark import suite
+
+    def refuse(*a, **k):
+        raise AssertionError("the bench ran although a flag was bad")
+    monkeypatch.setattr(suite, "run_bench", refuse)
+    monkeypatch.setattr(suite, "time_together", refuse)
+
+
+def _bench(*extra):
+    return ["bench", "--size", "1k", "--optimizers", "sgd", "--layouts", "large", "--backends",
+            "roof,fastopt", "--repeats", "1", "--cold-start", "none", "--quiet", *extra]
+
+
+@pytest.mark.parametrize("flag", ["--json", "--plot"])
+def test_bad_output_paths_fail_before_the_run(flag, tmp_path, no_run, capsys):
+    if flag == "--plot":
+        pytest.importorskip("matplotlib")
+    missing = tmp_path / "no" / "such" / "folder" / "out.x"
+    assert cli.main(_bench(flag, str(missing))) == 2
+    err = capsys.readouterr().err
+    assert f"fastopt bench: error: {flag} {missing}: folder" in err and "does not exist" in err
+    assert cli.main(_bench(flag, str(tmp_path))) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_plot_path_checks(tmp_path, no_run, capsys):
+    pytest.importorskip("matplotlib")
+    assert cli.main(_bench("--plot", str(tmp_path / "chart.xyz"))) == 2
+    assert "matplotlib cannot write .xyz files" in capsys.readouterr().err
+    same = str(tmp_path / "out.png")
+    assert cli.main(_bench("--plot", same, "--json", same)) == 2
+    assert "name the same file" in capsys.readouterr().err
+
+
+def test_plot_without_matplotlib_says_what_to_install(tmp_path):
+    """matplotlib blocked in a fresh process: a clear message, exit 2, no traceback, nothing
+    timed (the bench prints nothing to stdout before its run)."""
+    code = ("import sys; sys.modules['matplotlib'] = None\n"
+            "from fastopt.cli import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", code, *_bench("--plot", str(tmp_path / "c.png"))],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "--plot needs matplotlib" in proc.stderr and "pip install 'fastopt[plot]'" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert not (tmp_path / "c.png").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "100000", "two"])
+def test_threads_out_of_range_is_refused(value, no_run, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(_bench("--threads", value))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "fastopt bench: error: argument --threads:" in err
+    assert ("must be between 1 and" in err) if value != "two" else ("whole number" in err)
+
+
+@pytest.mark.parametrize("flag,value", [("--repeats", "0"), ("--numpy-repeats", "-2"),
+                                        ("--max-time", "0")])
+def test_counts_and_times_must_be_positive(flag, value, no_run, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(_bench(flag, value))
+    assert f"argument {flag}:" in capsys.readouterr().err
 
 
 def test_bench_list(capsys):
@@ -264,6 +347,10 @@ def test_warmup_fills_the_cache_and_the_next_process_loads_it(tmp_path):
     first = _fastopt(args, env)
     assert first.returncode == 0, first.stderr
     assert "sgd" in first.stdout and "compiled" in first.stdout
+    # what it does, how much and how long, said before it starts
+    head = first.stdout.splitlines()[0]
+    assert head.startswith("fastopt warmup: 1 CPU driver (1 optimizer setting x 1 dtype)")
+    assert str(tmp_path) in head and "s per driver on 2 cores" in head
     assert list(tmp_path.rglob("*.nbi")), "warmup wrote nothing to NUMBA_CACHE_DIR"
     second = _fastopt(args, env)
     assert second.returncode == 0, second.stderr
