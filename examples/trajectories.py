@@ -70,6 +70,7 @@ def trajectory(fn, start, steps, cls, hp):
 
 
 def plot(results, path):
+    """Draw both problems' trajectories over their contours; save to ``path``, return the Figure."""
     from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure
     fig = Figure(figsize=(14, 5.6), layout="constrained")
@@ -85,15 +86,18 @@ def plot(results, path):
             style = {"lw": 1.3, **STYLE[name.split(" 0.")[0]]}
             ax.plot(tr[:, 0], tr[:, 1], marker="o", ms=2.5, markevery=every, **style,
                     label=f"{name}: f = {r['final'][name]:.2g} after {len(tr) - 1} steps")
-        ax.plot(*r["start"], "o", color="green", ms=7)
-        ax.plot(*r["minimum"], "*", color="gold", mec="black", ms=14)
+        ax.plot(*r["start"], "o", color="green", ms=7, label="start")
+        ax.plot(*r["minimum"], "*", color="gold", mec="black", ms=14, label="minimum")
         ax.set_xlim(x0, x1)
         ax.set_ylim(y0, y1)
+        ax.set_xlabel("x (first parameter)")
+        ax.set_ylabel("y (second parameter)")
         ax.set_title(title)
         ax.legend(fontsize=8, loc="lower right" if "quadratic" in title else "upper right")
     fig.suptitle("Gradient descent zig-zags across the ravine; momentum and adaptive steps run along it"
-                 " (dots every few steps show the pace)")
+                 " (dots every few steps show the pace; grey lines: contours of f)")
     fig.savefig(path, dpi=100)
+    return fig
 
 
 def run(out_dir=".", steps_scale=1.0) -> dict:

@@ -15,10 +15,19 @@ def assert_png(path, min_bytes=20_000):
     assert data[:8] == PNG_MAGIC and len(data) >= min_bytes, f"{path} is not a plotted PNG"
 
 
-def test_trajectories_momentum_and_adaptive_beat_gradient_descent(tmp_path, capsys):
-    r = demo.load_example("trajectories").main(["--out", str(tmp_path)])
+def test_trajectories_momentum_and_adaptive_beat_gradient_descent(tmp_path, capsys, monkeypatch):
+    module = demo.load_example("trajectories")
+    figures = []
+    real_plot = module.plot
+    monkeypatch.setattr(module, "plot", lambda *a: figures.append(real_plot(*a)) or figures[-1])
+    r = module.main(["--out", str(tmp_path)])
     assert_png(tmp_path / "trajectories.png")
     assert "wrote" in capsys.readouterr().out
+    fig, = figures
+    axes = [ax for ax in fig.axes if ax.get_title()]
+    assert len(axes) == 2
+    for ax in axes:                                     # both panels say what x and y are
+        assert ax.get_xlabel().startswith("x") and ax.get_ylabel().startswith("y")
     problems = [k for k in r if k != "png"]
     assert len(problems) == 2
     for title in problems:
@@ -40,9 +49,16 @@ def test_numpy_mlp_trains_with_every_optimizer(tmp_path):
 
 
 def test_torch_digits_fastopt_flat_follows_torch_adam(tmp_path):
-    pytest.importorskip("torch")
+    torch = pytest.importorskip("torch")
     pytest.importorskip("sklearn")
-    r = demo.load_example("torch_digits").run(str(tmp_path), epochs=2, hidden=32, layers=2, lr=5e-3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        r = demo.load_example("torch_digits").run(str(tmp_path), epochs=2, hidden=32, layers=2,
+                                                  lr=5e-3)
+        assert torch.get_num_threads() == 2          # 1 while training, then restored
+    finally:
+        torch.set_num_threads(threads)
     assert_png(tmp_path / "torch_digits.png")
     for name, loss in r["final_loss"].items():
         assert loss < 0.5 * r["first_loss"], name
@@ -56,11 +72,36 @@ def test_demo_quick_writes_pngs_and_skips_what_is_missing(tmp_path, capsys, monk
     assert demo.main(["--quick", "--out", str(tmp_path), "--only", "trajectories",
                       "--only", "numpy_mlp"]) == 0
     out = capsys.readouterr().out
-    assert "[trajectories]" in out and "[numpy_mlp]" in out and "done in" in out
+    assert "[trajectories]" in out and "[numpy_mlp]" in out
+    assert f"fastopt demo: wrote 2 of 2 pictures to {tmp_path} in" in out
     assert_png(tmp_path / "trajectories.png")
     assert_png(tmp_path / "numpy_mlp.png")
     monkeypatch.setitem(demo.NEEDS, "torch_digits", ("a_module_that_is_not_installed",))
     assert demo.main(["--quick", "--out", str(tmp_path), "--only", "torch_digits"]) == 0
-    assert "skipped: needs a_module_that_is_not_installed" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "skipped: needs a_module_that_is_not_installed" in out
+    assert "pip install a_module_that_is_not_installed" in out and "fastopt[examples]" in out
+    assert "wrote 0 of 1 pictures" in out and "torch_digits skipped" in out
     with pytest.raises(ValueError, match="unknown example"):
         demo.load_example("nope")
+
+
+def test_demo_says_where_an_example_failed_and_what_a_missing_package_is(tmp_path, capsys,
+                                                                          monkeypatch):
+    import types
+
+    def broken(out_dir, **kw):
+        raise AttributeError("module 'torch.optim' has no attribute 'optimizer'")
+
+    def needs_more(out_dir, **kw):
+        raise ModuleNotFoundError("No module named 'scipy'", name="scipy")
+
+    fakes = {"trajectories": broken, "numpy_mlp": needs_more}
+    monkeypatch.setattr(demo, "load_example", lambda name: types.SimpleNamespace(run=fakes[name]))
+    rc = demo.main(["--out", str(tmp_path), "--only", "trajectories", "--only", "numpy_mlp"])
+    out = capsys.readouterr().out
+    assert rc == 1                                      # a failure is not a skip
+    assert "[trajectories] failed: AttributeError: module 'torch.optim'" in out
+    assert "(at tests/test_examples.py:" in out         # the file and line it failed at
+    assert "[numpy_mlp] skipped: No module named 'scipy'; pip install scipy" in out
+    assert "wrote 0 of 2 pictures" in out and "trajectories failed" in out
