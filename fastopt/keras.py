@@ -50,7 +50,6 @@ variable weight decay applies to, run the dense fused step on the scattered grad
 from __future__ import annotations
 
 from ._keras_base import _KerasOptimizer
-from .kernels import keras as _k  # noqa: F401  (tests read fastopt.keras._k.SLOTS)
 
 __all__ = ["SGD", "RMSprop", "Adagrad", "Adam", "AdamW", "Adamax", "Nadam", "Adadelta"]
 

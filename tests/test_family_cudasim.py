@@ -261,7 +261,8 @@ def test_keras_clipnorm_on_the_cuda_backend(name, kw, dtype, mode):
             return self.opt._engine.state
 
     runs, init = _per_tensor_run(Stepper, dtype, mode, grad_sd=CLIP_SD)
-    _check_runs(runs, init, dtype, [n for n in keras._k.SLOTS[name] if n])
+    from fastopt.kernels import keras as keras_kernels
+    _check_runs(runs, init, dtype, [n for n in keras_kernels.SLOTS[name] if n])
 
 
 def test_two_dtypes_in_one_group_are_two_reductions_and_two_steps():
