@@ -1,6 +1,6 @@
 """The ``fastopt`` command line: ``bench`` (the main job), ``info``, ``warmup``, ``demo``.
 
-    fastopt bench                      # quick default run (about a minute on 2 cores), prints a table
+    fastopt bench                      # quick default run (under a minute on 2 cores), prints a table
     fastopt bench --size 64M --optimizers adam,adamw,sgd-momentum,adagrad --json out.json --plot out.png
     fastopt bench --list               # the optimizer table with bytes per parameter
     fastopt info                       # versions, CPU, threading layer, backends, GPU
@@ -89,9 +89,10 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="throughput against the NumPy reference, torch and the roof",
                        description="Time every optimizer step on three layouts against the roof "
                        "kernel, the NumPy reference and torch; print a table. The default run "
-                       "(4 optimizers) takes about a minute on 2 cores, first-time compilation "
-                       "included; '--optimizers all' about three times as long. Every flag "
-                       "and output path is checked before anything is timed.",
+                       "(4 optimizers) takes under a minute on 2 cores, first-time compilation "
+                       "included (41 s measured on an idle machine, two to three times that on "
+                       "a busy one); each further optimizer adds about 6 s. Every flag and "
+                       "output path is checked before anything is timed.",
                        formatter_class=_Defaults)
     b.add_argument("--optimizers", default=None,
                    help="comma-separated optimizer names, or 'all'; when omitted, the table's "
@@ -139,7 +140,8 @@ def _parser() -> argparse.ArgumentParser:
                        description="Compile (or load) the CPU drivers of every optimizer in "
                        "the bench table, with the table's settings and variants (each set of "
                        "state slots and flags), into Numba's on-disk cache, so later processes "
-                       "start stepping without compiling.")
+                       "start stepping without compiling. All of them (62 drivers) take about "
+                       "1.5 minutes on an idle 2-core machine, several times that on a busy one.")
     w.add_argument("--optimizers", default=None, help="comma-separated names (default: all)")
     w.add_argument("--dtypes", default="float32,float64", help="comma-separated storage dtypes")
     w.add_argument("--no-roof", action="store_true", help="skip the benchmark's roof kernels")
@@ -149,9 +151,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-# Measured with an empty cache on the shared 2-core machine (62 drivers, 2 dtypes): said
-# up front by `fastopt warmup`, which otherwise runs for minutes with no word of why.
-WARMUP_SECONDS_PER_DRIVER = "2 to 7"
+# Compile time per driver, measured with an empty cache on the idle 2-core machine (all 62
+# drivers in 91 s; several times that while other jobs load it). `fastopt warmup` says
+# up front what it compiles and about how long it takes.
+WARMUP_SECONDS_PER_DRIVER = 1.5
 
 
 def main(argv=None) -> int:
@@ -275,11 +278,13 @@ def _warmup(args) -> int:
     def count(n, what):
         return f"{n} {what}{'' if n == 1 else 's'}"
     roofs = " + " + count(n_roofs, "roof kernel") if n_roofs else ""
+    estimate = len(plan) * WARMUP_SECONDS_PER_DRIVER
     print(f"fastopt warmup: {count(len(plan), 'CPU driver')} ({count(n_settings, 'optimizer setting')}"
           f" x {count(len(dtypes), 'dtype')}{roofs})"
-          f" into Numba's on-disk cache, {where}. Compiling takes {WARMUP_SECONDS_PER_DRIVER} s "
-          "per driver on 2 cores (minutes for all of them); drivers already in the cache load "
-          "in a fraction of a second.", flush=True)
+          f" into Numba's on-disk cache, {where}. Compiling takes about "
+          f"{WARMUP_SECONDS_PER_DRIVER:g} s per driver on 2 cores ({_duration(estimate)} for "
+          "these when idle, several times that on a busy machine); drivers already in the cache "
+          "load in a fraction of a second.", flush=True)
     bar = tqdm(total=len(plan), desc="fastopt warmup", unit="driver", file=sys.stderr,
                disable=args.quiet, leave=False, dynamic_ncols=True)
     t0 = time.perf_counter()
@@ -307,6 +312,12 @@ def _warmup(args) -> int:
     print(f"fastopt warmup: {len(rows)} drivers ready ({compiled} compiled, "
           f"{sum(r['how'] == 'cache' for r in rows)} loaded from the cache) in {total:.1f} s")
     return 0
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"about {seconds:.0f} s"
+    return f"about {seconds / 60:.1f} minutes"
 
 
 # ------------------------------------------------------------------------------ demo

@@ -1,7 +1,8 @@
 """``fastopt demo``: run the three examples and write their PNGs.
 
-About a minute on 2 cores with a cold Numba cache, most of it compiling the optimizers'
-drivers; ``--quick`` takes seconds once they are compiled.
+With a cold Numba cache it took 23 s on an idle 2-core machine (most of it compiling the
+optimizers' drivers), about three times that while other jobs loaded the machine;
+``--quick`` takes seconds once they are compiled.
 
 1. ``trajectories``: GD, momentum, Nesterov, RMSprop and Adam on an ill-conditioned
    quadratic and on Rosenbrock's valley (NumPy + fastopt).

@@ -156,9 +156,10 @@ def _case(name, fastopt, kwargs=None, torch=None, **extra) -> OptimizerCase:
 # slots exist (momentum, centered, amsgrad) get rows of their own because they change
 # the bytes moved. Rows for optimizers fastopt does not have yet are skipped.
 # The default run (``default=True``) is one row per access pattern that torch also has
-# fused (12, 20 and 28 B/param) plus AdamW, the usual transformer optimizer: about a minute
-# on 2 cores with a cold Numba cache. Every row (``--optimizers all``) takes about three
-# times as long, most of it compiling and timing torch's foreach paths.
+# fused (12, 20 and 28 B/param) plus AdamW, the usual transformer optimizer. Measured on
+# the idle 2-core machine with a cold Numba cache: 41 s for these 4, 87 s for the 13
+# non-Keras rows (each optimizer adds about 6 s: compiling, torch's first step, timing);
+# two to three times that while other jobs load the machine.
 OPTIMIZERS: tuple[OptimizerCase, ...] = (
     _case("sgd", "SGD", dict(lr=1e-2), "SGD"),
     _case("sgd-momentum", "SGD", dict(lr=1e-2, momentum=0.9), "SGD"),
