@@ -94,9 +94,11 @@ def _parser() -> argparse.ArgumentParser:
                        "a busy one); each further optimizer adds about 6 s. Every flag and "
                        "output path is checked before anything is timed.",
                        formatter_class=_Defaults)
+    from .benchmark.cases import OPTIMIZERS
     b.add_argument("--optimizers", default=None,
                    help="comma-separated optimizer names, or 'all'; when omitted, the table's "
-                        "default rows (see --list)")
+                        f"default rows: {', '.join(c.name for c in OPTIMIZERS if c.default)} "
+                        "(see --list)")
     b.add_argument("--list", action="store_true", help="print the optimizer table and exit")
     b.add_argument("--layouts", default="large,transformer,small",
                    help="comma-separated: large (one tensor), transformer (GPT-like mix), "
