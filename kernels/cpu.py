@@ -31,9 +31,9 @@ CHUNK = 1 << 16
 
 
 
-# Numba's threading layer: TBB unless someone chose already; every parallel call below
-# goes through threads.launch, which keeps thread- and fork-safety on the layer in use.
-threads.configure()
+# Numba's threading layer is TBB unless someone chose before fastopt was imported
+# (kernels/threads.py); every parallel call below goes through threads.launch, which
+# keeps thread- and fork-safety on the layer in use.
 
 
 @intrinsic

@@ -14,7 +14,7 @@ layer          thread-safe   fork-safe
 ``workqueue``  no            yes
 =============  ============  ==========================================
 
-:func:`configure` (at import of the CPU driver) asks for TBB ("safe") only when nobody
+:func:`configure` (at ``import fastopt``) asks for TBB ("safe") only when nobody
 chose yet: not when ``NUMBA_THREADING_LAYER`` is set, not when the host assigned
 ``numba.config.THREADING_LAYER`` in code, not when Numba's pool already runs. The first
 :func:`launch` then reads the layer actually in use and keeps the promises on it:
@@ -82,9 +82,12 @@ chosen_by = None
 
 
 def configure() -> str:
-    """Ask Numba for the TBB layer unless someone chose already; say who chose."""
+    """Ask Numba for the TBB layer unless someone chose already; say who chose.
+    Runs once, when ``import fastopt`` imports this module."""
     global chosen_by
-    if "NUMBA_THREADING_LAYER" in os.environ:
+    if chosen_by is not None:
+        pass
+    elif "NUMBA_THREADING_LAYER" in os.environ:
         chosen_by = "environment"
     elif _parallel._is_initialized:
         chosen_by = "host pool"
@@ -99,6 +102,8 @@ def configure() -> str:
             chosen_by = "numba default"
     return chosen_by
 
+
+configure()
 
 # The layer in use, read after the first parallel call (None until then).
 _layer = None

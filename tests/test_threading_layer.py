@@ -27,6 +27,8 @@ SCRIPT = textwrap.dedent("""
     import fastopt as fo
     if setup == "host-code-late":     # ... or after importing fastopt, before any step
         numba.config.THREADING_LAYER = "workqueue"
+    elif setup == "host-pool-after-import":  # the host's pool starts after import fastopt
+        numba.get_num_threads()
     n = 3 * 65536 + 5
     opts = [fo.Adam([np.zeros(n, np.float32)], lr=0.1) for _ in range(3)]
     g = [np.ones(n, np.float32)]
@@ -69,8 +71,9 @@ def run_setup(setup, env_layer=None):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_fastopt_pins_tbb_when_nobody_chose():
-    out = run_setup("none")
+@pytest.mark.parametrize("setup", ["none", "host-pool-after-import"])
+def test_fastopt_pins_tbb_when_nobody_chose(setup):
+    out = run_setup(setup)
     assert out["layer"] == "tbb"
     assert out["warnings"] == []
     assert out["child"] == 0, "a step in a forked child must run on TBB"
