@@ -75,10 +75,13 @@ def _tbb_loadable() -> bool:
     return True
 
 
-# How the layer was chosen, for `fastopt info` and the warnings: "fastopt" (TBB pinned
-# here), "environment", "host code", "host pool" (Numba's pool ran before fastopt), or
-# "numba default" (no TBB to pin).
+# Who chose the layer, for `fastopt info` and the warnings (None until configure runs).
 chosen_by = None
+FASTOPT = "fastopt"
+ENVIRONMENT = "the environment (NUMBA_THREADING_LAYER)"
+HOST_CODE = "the host's code (numba.config.THREADING_LAYER)"
+HOST_POOL = "the host: Numba's pool started before fastopt was imported"
+NUMBA_DEFAULT = "Numba's default (TBB could not be loaded)"
 
 
 def configure() -> str:
@@ -88,18 +91,18 @@ def configure() -> str:
     if chosen_by is not None:
         pass
     elif "NUMBA_THREADING_LAYER" in os.environ:
-        chosen_by = "environment"
+        chosen_by = ENVIRONMENT
     elif _parallel._is_initialized:
-        chosen_by = "host pool"
+        chosen_by = HOST_POOL
     elif str(numba.config.THREADING_LAYER).lower() != "default":
-        chosen_by = "host code"
+        chosen_by = HOST_CODE
     else:
         _preload_tbb()
         if _tbb_loadable():
             numba.config.THREADING_LAYER = "safe"
-            chosen_by = "fastopt"
+            chosen_by = FASTOPT
         else:
-            chosen_by = "numba default"
+            chosen_by = NUMBA_DEFAULT
     return chosen_by
 
 
@@ -144,13 +147,12 @@ def _read_layer() -> None:
     if layer == "omp" and _gnu_openmp():
         _fork_unsafe = True
         warnings.warn(
-            f"fastopt: Numba's threading layer is GNU OpenMP ('omp', chosen by the "
-            f"{chosen_by}), which cannot run in a fork()-ed child: a step there raises "
+            f"fastopt: Numba's threading layer is GNU OpenMP X, which cannot run in a fork()-ed child: a step there raises "
             f"ThreadingLayerError. Use multiprocessing's 'spawn' or 'forkserver' start "
             f"method, or {HOW_TO_GET_TBB}.", ThreadingLayerWarning, stacklevel=4)
     elif layer == "workqueue":
         warnings.warn(
-            f"fastopt: Numba's threading layer is 'workqueue' (chosen by the {chosen_by}), "
+            f"fastopt: Numba's threading layer is 'workqueue' (chosen by {chosen_by}), "
             f"which aborts on parallel calls from several threads at once: fastopt "
             f"serialises its steps process-wide. For concurrent steps, {HOW_TO_GET_TBB}.",
             ThreadingLayerWarning, stacklevel=4)
@@ -181,8 +183,8 @@ def describe() -> str:
     """One line for `fastopt info`: the layer, who chose it, what it promises."""
     layer = in_use()
     if layer is None:
-        return f"{numba.config.THREADING_LAYER} (not started yet; chosen by the {chosen_by})"
+        return f"{numba.config.THREADING_LAYER} (not started yet; chosen by {chosen_by})"
     safety = {"tbb": "thread- and fork-safe",
               "omp": "thread-safe; not fork-safe" if _gnu_openmp() else "thread- and fork-safe",
               "workqueue": "fork-safe; steps serialised (not thread-safe)"}.get(layer, "")
-    return f"{layer} ({safety}; chosen by the {chosen_by})"
+    return f"{layer} ({safety}; chosen by {chosen_by})"

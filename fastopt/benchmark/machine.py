@@ -41,10 +41,10 @@ def cpu_features() -> dict:
 
 def threading_layer() -> str:
     """Numba's threading layer: the one in use once a parallel kernel ran, else the one
-    configured (fastopt pins TBB, "safe", unless NUMBA_THREADING_LAYER is set)."""
+    configured (``import fastopt`` asks for TBB unless someone chose: kernels/threads.py)."""
     import numba
 
-    import fastopt.kernels.cpu  # noqa: F401  (pins the layer on import)
+    import fastopt  # noqa: F401  (chooses the layer on import)
     try:
         return numba.threading_layer()
     except ValueError:
@@ -77,7 +77,8 @@ def backend_status() -> dict:
     from fastopt import _backend
 
     from .gpu import gpu_available
-    out = {"cpu": f"available (Numba, threading layer {threading_layer()})",
+    from fastopt.kernels import threads
+    out = {"cpu": f"available (Numba, threading layer {threads.describe()})",
            "numpy": "available (reference)"}
     ok, why = gpu_available()
     if not ok:
