@@ -147,7 +147,8 @@ def _read_layer() -> None:
     if layer == "omp" and _gnu_openmp():
         _fork_unsafe = True
         warnings.warn(
-            f"fastopt: Numba's threading layer is GNU OpenMP X, which cannot run in a fork()-ed child: a step there raises "
+            f"fastopt: Numba's threading layer is GNU OpenMP ('omp', chosen by {chosen_by}), "
+            f"which cannot run in a fork()-ed child: a step there raises "
             f"ThreadingLayerError. Use multiprocessing's 'spawn' or 'forkserver' start "
             f"method, or {HOW_TO_GET_TBB}.", ThreadingLayerWarning, stacklevel=4)
     elif layer == "workqueue":
