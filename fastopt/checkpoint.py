@@ -6,34 +6,46 @@ Loading parses each ``.npy`` member itself: object dtypes are refused before any
 is read (nothing is ever unpickled), the declared shape must match the member's size
 before anything is allocated, and every member is read to its end so its CRC-32 is
 checked. Saving writes a temporary file beside the target, fsyncs it and renames it, so
-a crash never leaves half a file under the real name.
+a crash never leaves half a file under the real name; the file gets the umask's mode when
+new and keeps its mode when overwritten.
 """
 from __future__ import annotations
 
 import json
 import os
+import reprlib
+import secrets
+import stat
 import struct
-import tempfile
 import zipfile
 
 import numpy as np
+
+from . import _validate
 
 _SKELETON = "__fastopt_skeleton__"
 FORMAT = 1
 
 
-def _encode(obj, arrays):
+def _key(k) -> str:
+    return f"[{k!r}]"
+
+
+def _encode(obj, arrays, where="state_dict"):
+    """The JSON skeleton of ``obj``; arrays go to ``arrays``. ``where`` is the path of
+    ``obj`` in the tree (``state_dict['state'][0]['exp_avg']``), for messages."""
     if isinstance(obj, dict):
         pairs = []
         for k, v in obj.items():
             if not isinstance(k, (str, int)) or isinstance(k, bool):
-                raise TypeError(f"save: dict keys must be str or int, got {type(k).__name__} {k!r}")
-            pairs.append([k, _encode(v, arrays)])
+                raise TypeError(f"save: {where} has a key {reprlib.repr(k)} of type {type(k).__name__}; "
+                                "dict keys must be str or int")
+            pairs.append([k, _encode(v, arrays, where + _key(k))])
         return {"dict": pairs}
     if isinstance(obj, tuple):
-        return {"tuple": [_encode(v, arrays) for v in obj]}
+        return {"tuple": [_encode(v, arrays, f"{where}[{i}]") for i, v in enumerate(obj)]}
     if isinstance(obj, list):
-        return {"list": [_encode(v, arrays) for v in obj]}
+        return {"list": [_encode(v, arrays, f"{where}[{i}]") for i, v in enumerate(obj)]}
     if obj is None or isinstance(obj, (bool, str)):
         return {"value": obj}
     if isinstance(obj, (int, float, np.integer, np.floating, np.bool_)) and np.ndim(obj) == 0 \
@@ -43,21 +55,39 @@ def _encode(obj, arrays):
         obj = obj.get()
     if isinstance(obj, np.ndarray):
         if obj.dtype.kind not in "biuf":
-            raise TypeError(f"save: arrays must be numeric, got dtype {obj.dtype}")
+            raise TypeError(f"save: {where} has dtype {obj.dtype}; checkpoints store numeric arrays "
+                            "(bool, integer, float) only")
         name = f"a{len(arrays)}"
         arrays[name] = obj
         return {"array": name}
-    raise TypeError(f"save: cannot store {type(obj).__name__} {obj!r} without pickle")
+    if _validate.is_torch_tensor(obj):
+        raise TypeError(f"save: {where} is a torch {type(obj).__name__} (shape {tuple(obj.shape)}); "
+                        "fastopt checkpoints store NumPy arrays, never pickles. Save a torch state "
+                        "dict with torch.save, or convert its tensors first "
+                        "(t.detach().cpu().numpy()): fastopt optimizers load those")
+    raise TypeError(f"save: {where} is of type {type(obj).__name__} ({reprlib.repr(obj)}), which "
+                    "cannot be stored without pickle; checkpoints hold dicts, lists, tuples, "
+                    "numbers, strings, None and numeric arrays")
 
 
 def save(path, state_dict) -> None:
-    """Write ``state_dict`` (an optimizer's, or any tree of them) to ``path`` (.npz)."""
+    """Write ``state_dict`` (an optimizer's, or any tree of them) to ``path`` (.npz).
+
+    A new file gets the mode the umask gives any new file (0o644 under umask 022); an
+    overwritten file keeps its mode.
+    """
     arrays: dict = {}
     skeleton = json.dumps({"format": FORMAT, "tree": _encode(state_dict, arrays)})
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".fastopt-", suffix=".npz.tmp", dir=directory)
     try:
+        old_mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:                  # no file yet (or none we can stat): umask's mode
+        old_mode = None
+    fd, tmp = _create_temp(directory)
+    try:
+        if old_mode is not None:
+            _chmod(fd, tmp, old_mode)
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **{_SKELETON: np.array(skeleton)}, **arrays)
             f.flush()
@@ -68,6 +98,27 @@ def save(path, state_dict) -> None:
             os.unlink(tmp)
         raise
     _fsync_directory(directory)
+
+
+def _create_temp(directory):
+    """A new ``.fastopt-*.npz.tmp`` beside the target, created with mode 0o666 so the
+    kernel applies the umask (and a directory's default ACL) as to any new file;
+    tempfile.mkstemp would make it 0o600 whatever the umask."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = os.path.join(directory, f".fastopt-{secrets.token_hex(6)}.npz.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"save: no free temporary file name in {directory}")
+
+
+def _chmod(fd, path, mode) -> None:
+    if hasattr(os, "fchmod"):
+        os.fchmod(fd, mode)
+    else:                            # Windows
+        os.chmod(path, mode)
 
 
 def _fsync_directory(directory) -> None:
