@@ -5,6 +5,8 @@ the tensor index) and what was expected.
 """
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 import numbers
 
@@ -67,6 +69,19 @@ def is_array(a) -> bool:
     return isinstance(a, np.ndarray) or is_device_array(a)
 
 
+def is_torch_tensor(a) -> bool:
+    """A torch.Tensor or nn.Parameter, recognised without importing torch."""
+    return type(a).__module__.split(".", 1)[0] == "torch" and hasattr(a, "detach")
+
+
+def torch_hint(owner=None) -> str:
+    """Where torch tensors go instead: fastopt.torch's class of the same name."""
+    cls = f"fastopt.torch.{owner}" if owner else "the fastopt.torch class of the same name"
+    return (f"fastopt's own optimizers step NumPy and CUDA arrays; for torch tensors use {cls}"
+            "(model.parameters(), ...) (a torch.optim.Optimizer with the same arguments), "
+            "or pass tensor.numpy() views")
+
+
 def _contiguous(a) -> bool:
     flags = getattr(a, "flags", None)
     return bool(flags["C_CONTIGUOUS"]) if flags is not None else True
@@ -86,10 +101,13 @@ def low_precision_dtypes() -> tuple:
     return (np.dtype(np.float16),) + ((bf16,) if bf16 is not None else ())
 
 
-def param(p, label, allow_low_precision=False):
+def param(p, label, allow_low_precision=False, owner=None):
     """A parameter: a writeable, C-contiguous float32/float64 array (or float16/bfloat16
-    when the optimizer keeps float32 master weights)."""
+    when the optimizer keeps float32 master weights). ``owner`` (the optimizer's class
+    name) only makes the message for torch tensors name the class to use."""
     if not is_array(p):
+        if is_torch_tensor(p):
+            raise TypeError(f"{label} is a torch {type(p).__name__}; {torch_hint(owner)}")
         raise TypeError(f"{label} must be a NumPy array or a CUDA array, got {type(p).__name__}")
     dt = np.dtype(p.dtype)
     if dt not in FLOAT_DTYPES:
@@ -166,6 +184,10 @@ def grad(g, p, index, p_address=None, where="", p_sig=None) -> int:
         return ga
     label, param_label = f"{where}grads[{index}]", f"params[{index}]"
     if not is_array(g):
+        if is_torch_tensor(g):
+            raise TypeError(f"{label} is a torch {type(g).__name__}; pass grads as NumPy arrays "
+                            "(tensor.numpy() shares memory), or step torch params with the "
+                            "fastopt.torch class of the same name")
         raise TypeError(f"{label} must be an array or None, got {type(g).__name__}")
     if is_device_array(g) != is_device_array(p):
         raise TypeError(f"{label} is a {'device' if is_device_array(g) else 'host'} array but "
@@ -176,7 +198,10 @@ def grad(g, p, index, p_address=None, where="", p_sig=None) -> int:
     if np.dtype(g.dtype) != np.dtype(p.dtype):
         raise TypeError(f"{label} has dtype {g.dtype}, expected {p.dtype} like {param_label}")
     if not _contiguous(g):
-        raise ValueError(f"{label} is not C-contiguous")
+        xp = "cupy" if is_device_array(g) else "np"
+        raise ValueError(f"{label} is not C-contiguous (strides {getattr(g, 'strides', '?')}); "
+                         f"pass {xp}.ascontiguousarray(grads[{index}]) instead (steps read "
+                         "gradients in place and never copy one behind your back)")
     ga, pa = address(g), address(p)
     if g.size and ga < pa + nbytes(p) and pa < ga + nbytes(g):
         raise ValueError(f"{label} is {param_label} itself or overlaps its memory; "
@@ -194,3 +219,50 @@ def state_array(s, p, label, param_label):
     dt = np.dtype(s.dtype) if hasattr(s, "dtype") else None
     if dt is None or dt.kind != "f":
         raise TypeError(f"{label} has dtype {dt}, expected a floating dtype")
+
+
+# Names other libraries give a torch.optim argument: {name: (torch.optim's name, the fix)}.
+_RENAMED = {
+    "learning_rate": ("lr", "lr= (torch.optim's name; fastopt.keras classes take learning_rate=)"),
+    "epsilon": ("eps", "eps= (torch.optim's name; fastopt.keras classes take epsilon=)"),
+    "beta_1": ("betas", "betas=(beta1, beta2) (fastopt.keras classes take beta_1= and beta_2=)"),
+    "beta_2": ("betas", "betas=(beta1, beta2) (fastopt.keras classes take beta_1= and beta_2=)"),
+    "global_clipnorm": ("max_grad_norm", "max_grad_norm= (the global 2-norm clip, fused into the step)"),
+    "clipnorm": ("max_grad_norm", "max_grad_norm= for a global-norm clip (fastopt.keras classes "
+                                  "take clipnorm=)"),
+}
+# torch.optim's implementation switches: every fastopt step is already one fused pass.
+_TORCH_IMPL_FLAGS = ("foreach", "fused", "capturable", "differentiable")
+
+
+def did_you_mean(names, known) -> str:
+    """`` (did you mean 'a' -> 'b'?)`` for the unknown ``names`` with a likely spelling."""
+    hints = []
+    for name in sorted(names):
+        renamed = _RENAMED.get(name, (None,))[0]
+        close = [renamed] if renamed in known else difflib.get_close_matches(name, list(known), n=1)
+        if close:
+            hints.append(f"{name!r} -> {close[0]!r}")
+    return f" (did you mean {', '.join(hints)}?)" if hints else ""
+
+
+def unexpected_keywords(cls, unexpected, defaults):
+    """Raise TypeError for keyword arguments ``cls`` does not take, naming the fix."""
+    name = cls.__name__
+    try:
+        sig = inspect.signature(cls).parameters.items()
+        known = [n for n, p in sig if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n != "params"]
+    except (TypeError, ValueError):
+        known = []
+    known = list(dict.fromkeys(known + list(defaults) + ["backend", "max_grad_norm", "master_weights",
+                                                         "stochastic_rounding", "seed"]))
+    bad = sorted(unexpected)[0]
+    msg = f"{name}() got an unexpected keyword argument {bad!r}"
+    if bad in _RENAMED and _RENAMED[bad][0] in known:
+        raise TypeError(f"{msg}; {name} takes {_RENAMED[bad][1]}")
+    if bad in _TORCH_IMPL_FLAGS:
+        raise TypeError(f"{msg}: torch.optim's implementation switch has no counterpart here "
+                        f"(every fastopt step is one fused compiled pass); drop {bad}=")
+    close = difflib.get_close_matches(bad, known, n=1)
+    hint = f"; did you mean {close[0]}=?" if close else ""
+    raise TypeError(f"{msg}{hint} ({name} takes {', '.join(known)})")
