@@ -14,7 +14,7 @@ import operator
 import numpy as np
 
 from . import _validate
-from .flat import arena_of
+from .flat import arena_of, warn_if_copied
 
 MASTER = "master_param"   # state key of the float32 master copy of a 16-bit param
 
@@ -65,13 +65,28 @@ class _Planning:
     """The plan half of :class:`~fastopt.optimizer.Optimizer` (see the module doc)."""
 
     def _flat_grads(self, group):
+        """The FlatParams gradient views of a group's params (when its plan is built)."""
         grads = []
+        unused = None
         for k, p in enumerate(group["params"]):
             flat = arena_of(p)
             if flat is None:
                 raise ValueError(f"step() got no grads, and param_groups[{self.param_groups.index(group)}]"
                                  f"['params'][{k}] is not a FlatParams view; pass grads=[...]")
-            grads.append(flat.grads[flat.index_of(p)])
+            if not flat._grad_used and unused is None and flat.numel:
+                unused = (k, flat)
+            grads.append(flat._grads[flat.index_of(p)])
+        if unused is not None:
+            # Its gradients are surely the zeros it was made with: stepping them would apply
+            # weight decay and momentum and count a step. Once per plan, never per step.
+            k, flat = unused
+            raise ValueError(
+                f"step() got no grads, so it reads the gradients of {flat!r} (param_groups"
+                f"[{self.param_groups.index(group)}]['params'][{k}] is one of its views), but "
+                "none were ever written: its grad and grads have not been accessed since it was "
+                "made, so they hold the zeros it started with. Write the gradients into "
+                "flat.grads[i] (or flat.grad) before step(), or pass grads=[...]; to step with "
+                "zero gradients on purpose, write them (flat.grad[...] = 0)")
         return grads
 
     def _group_grads(self, grads):
@@ -137,14 +152,57 @@ class _Planning:
             i = base + k
             if p is self._param_objs[i]:
                 continue
-            _validate.param(p, f"param_groups[{gi}]['params'][{k}]", self.master_weights)
+            _validate.param(p, f"param_groups[{gi}]['params'][{k}]", self.master_weights,
+                            owner=type(self).__name__)
             for name, arr in (self._state[i] or {}).items():
                 if tuple(arr.shape) != tuple(p.shape):
                     raise ValueError(f"param_groups[{gi}]['params'][{k}] was replaced by an array of "
                                      f"shape {tuple(p.shape)}, but its state {name!r} has shape "
                                      f"{tuple(arr.shape)}; build a new optimizer for new params")
             replaced[i] = (p, _validate.address(p))
+            warn_if_copied([(f"param_groups[{gi}]['params'][{k}]", p)], type(self).__name__)
         return replaced
+
+    def _check_swapped(self, plans):
+        """After every group's plan: params swapped in (in any group) overlap no other
+        param, and no gradient overlaps a param swapped into another group. O(n log n),
+        and only in a step where some param was swapped."""
+        swapped = {}
+        for plan, how in plans:
+            if how == "new":
+                swapped.update(plan.replaced)
+        if not swapped:
+            return
+        self._check_params_disjoint(swapped)
+        base = 0
+        for gi, (plan, _) in enumerate(plans):
+            self._check_grads_alias_no_param(base, plan.grads, plan.grad_addresses, swapped)
+            base += self._group_sizes[gi]
+
+    def _check_params_disjoint(self, replaced):
+        """No two params share memory once ``replaced`` is swapped in: two updates of one
+        element would race in a parallel step."""
+        starts, ends, owner = self._param_spans(replaced)
+        nonempty = ends > starts
+        starts, ends, owner = starts[nonempty], ends[nonempty], owner[nonempty]
+        # Sorted by start: an overlap exists iff some span starts before its predecessor ends.
+        bad = np.flatnonzero(starts[1:] < ends[:-1])
+        if bad.size:
+            a, b = sorted((int(owner[bad[0]]), int(owner[bad[0] + 1])))
+            where = {i: self._locate_label(i) for i in (a, b)}
+            objs = [replaced[i][0] if i in replaced else self._param_objs[i] for i in (a, b)]
+            what = "the same array" if objs[0] is objs[1] else "overlapping memory"
+            raise ValueError(f"{where[a]} and {where[b]} are {what} (params[{a}] and params[{b}]); "
+                             "each parameter must be a distinct array, or two updates race on "
+                             "the same memory")
+
+    def _locate_label(self, i) -> str:
+        """``param_groups[g]['params'][k]`` of global param index ``i``."""
+        for gi, n in enumerate(self._group_sizes):
+            if i < n:
+                return f"param_groups[{gi}]['params'][{i}]"
+            i -= n
+        return f"params[{i}]"
 
     def _check_grads_alias_no_param(self, base, grads, addresses, replaced):
         """No gradient overlaps the memory of any param (its own is checked per grad)."""
@@ -168,12 +226,19 @@ class _Planning:
                              "a gradient must not share memory with any param")
 
     def _param_spans(self, replaced):
+        """(starts, ends, param index) of every param's bytes, sorted by start. Cached while
+        the params are those added (the optimizer drops the cache when they change)."""
+        if not replaced and self._spans is not None:
+            return self._spans
         objs = [replaced[i][0] if i in replaced else p for i, p in enumerate(self._param_objs)]
         lo = np.array([replaced[i][1] if i in replaced else a
                        for i, a in enumerate(self._param_addresses)], dtype=np.int64)
         hi = lo + np.array([_validate.nbytes(p) for p in objs], dtype=np.int64)
         order = np.argsort(lo, kind="stable")
-        return lo[order], hi[order], order
+        spans = lo[order], hi[order], order
+        if not replaced:
+            self._spans = spans
+        return spans
 
     def _build_buckets(self, gi, plan):
         group = self.param_groups[gi]

@@ -17,7 +17,7 @@ from typing import ClassVar
 import numpy as np
 
 from . import _backend, _validate
-from .flat import FlatParams, arena_of
+from .flat import FlatParams, arena_of, warn_if_copied
 from ._plan import MASTER, _Bucket, _is_low_precision, _Plan, _Planning  # noqa: F401
 from .sparse import SparseSteps
 
@@ -47,7 +47,9 @@ class Optimizer(_Planning, SparseSteps):
 
     def __init__(self, params, defaults: dict, backend: str | None = None, *,
                  max_grad_norm: float | None = None, master_weights: bool = False,
-                 stochastic_rounding: bool = False, seed: int = 0):
+                 stochastic_rounding: bool = False, seed: int = 0, **unexpected):
+        if unexpected:
+            _validate.unexpected_keywords(type(self), unexpected, defaults)
         if backend is not None:
             _backend._check_name(backend, "backend")
         if max_grad_norm is not None:
@@ -73,15 +75,18 @@ class Optimizer(_Planning, SparseSteps):
         self._steps = np.zeros(0, dtype=np.int64)
         self._arenas: dict = {}
         self._plans: list[_Plan | None] = []
+        self._spans = None                   # sorted param byte spans (see _param_spans)
         groups = self._as_groups(params)
         for group in groups:
             self.add_param_group(group)
 
     # -- construction -------------------------------------------------------------------
-    @staticmethod
-    def _as_groups(params):
+    def _as_groups(self, params):
         if isinstance(params, FlatParams):
             return [{"params": list(params.params)}]
+        if _validate.is_torch_tensor(params):
+            raise TypeError(f"params is a torch {type(params).__name__}; "
+                            f"{_validate.torch_hint(type(self).__name__)}")
         if _validate.is_array(params):
             raise TypeError("params must be a list of arrays, a list of param-group dicts or a "
                             "FlatParams, got a single array; wrap it in a list")
@@ -104,18 +109,22 @@ class Optimizer(_Planning, SparseSteps):
         ps = list(ps.params) if isinstance(ps, FlatParams) else ([ps] if _validate.is_array(ps) else list(ps))
         if not ps:
             raise ValueError(f"{where}['params'] is empty")
+        owner = type(self).__name__
         for k, p in enumerate(ps):
-            _validate.param(p, f"{where}['params'][{k}]", allow_low_precision=self.master_weights)
+            _validate.param(p, f"{where}['params'][{k}]", allow_low_precision=self.master_weights,
+                            owner=owner)
         unknown = set(group) - set(self.defaults) - set(_NOT_HYPERPARAMETERS)
         if unknown:
             raise TypeError(f"{where} has unknown hyperparameters {sorted(unknown)} for "
-                            f"{type(self).__name__}; expected some of {sorted(self.defaults)}")
+                            f"{type(self).__name__}{_validate.did_you_mean(unknown, self.defaults)}; "
+                            f"expected some of {sorted(self.defaults)}")
         new = {"params": ps}
         for k, v in self.defaults.items():
             new[k] = group.get(k, v)
         self._check_group(new, where)
         all_params = [p for g in self.param_groups for p in g["params"]] + ps
         _validate.no_overlap(all_params, "params")
+        warn_if_copied(((f"{where}['params'][{k}]", p) for k, p in enumerate(ps)), owner)
         self.param_groups.append(new)
         self._param_objs.extend(ps)
         self._group_sizes.append(len(ps))
@@ -124,6 +133,7 @@ class Optimizer(_Planning, SparseSteps):
         self._state.extend([None] * len(ps))
         self._steps = np.concatenate([self._steps, np.zeros(len(ps), dtype=np.int64)])
         self._plans.append(None)
+        self._spans = None
 
     # -- per-optimizer hooks ------------------------------------------------------------
     @classmethod
@@ -217,6 +227,7 @@ class Optimizer(_Planning, SparseSteps):
             self._check_group(group, f"param_groups[{gi}]")
             groups.append(self._at_iteration(group, f"param_groups[{gi}]"))
             plans.append(self._plan_for(gi, per_group[gi], backend_name, from_flat))
+        self._check_swapped(plans)
         sparse = self._check_sparse(sparse, backend_name)
         scale = 1.0
         if grad_scale is not None or self.max_grad_norm is not None:
@@ -229,6 +240,7 @@ class Optimizer(_Planning, SparseSteps):
                 for i, (p, address) in plan.replaced.items():
                     self._param_objs[i], self._param_addresses[i] = p, address
                     self._param_sigs[i] = _validate.signature(p)
+                    self._spans = None
                 self._build_buckets(gi, plan)
             elif how == "regrad":
                 self._regrad_buckets(gi, plan)
@@ -388,6 +400,13 @@ class Optimizer(_Planning, SparseSteps):
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._step_lock = threading.Lock()
+        # A deep copy or unpickle has new arrays at new addresses: cached tables and
+        # checks hold the old ones (the copy would step the original's memory).
+        self._param_addresses = [_validate.address(p) for p in self._param_objs]
+        self._param_sigs = [_validate.signature(p) for p in self._param_objs]
+        self._plans = [None] * len(self._plans)
+        self._spans = None
+        self._norm_prep = None
 
     def __repr__(self):
         lines = [f"{type(self).__name__} ("]
