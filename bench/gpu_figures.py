@@ -255,6 +255,7 @@ def adam_small(count=2000, size=512):
     INFO["list_2000_ms"] = ms
     row("adam_2000x512", "fastopt Adam list (2000 arrays)", ms, gms)
     tiny = fo.FlatParams([cupy.ones(1024, cupy.float32)])
+    tiny.grad[...] = 1
     opt_tiny = fo.Adam(tiny, lr=1e-4)
     ms, gms = timeit(opt_tiny.step, 200)
     row("adam_2000x512", "fastopt Adam 1 tensor x 1024 (per-step overhead)", ms, gms)
@@ -359,7 +360,8 @@ def kernel_cache(repo):
     """FASTOPT_CUDA_CACHE=1: time to the first step in a fresh process, cold then warm."""
     import tempfile
     code = ("import time, cupy, fastopt as fo; t=time.perf_counter(); "
-            "f=fo.FlatParams([cupy.ones(1000, cupy.float32)]); fo.Adam(f, lr=1e-3).step(); "
+            "f=fo.FlatParams([cupy.ones(1000, cupy.float32)]); f.grad[...] = 1; "
+            "fo.Adam(f, lr=1e-3).step(); "
             "cupy.cuda.Device().synchronize(); print('FIRST_STEP_S', time.perf_counter()-t)")
     with tempfile.TemporaryDirectory() as d:
         env = dict(os.environ, FASTOPT_CUDA_CACHE="1", NUMBA_CACHE_DIR=d)

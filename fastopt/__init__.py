@@ -16,7 +16,7 @@ from .ema import EMA
 from .lr_finder import LRRangeResult, lr_range_test
 from . import keras
 from .family import LAMB, LARS, Adadelta, Adamax, Lion, NAdam, RAdam
-from .flat import FlatParams
+from .flat import FlatParams, FlatParamsCopyWarning
 from .optim import SGD, Adagrad, Adam, AdamW, RMSprop
 from .optimizer import Optimizer
 from .sparse import SparseGrad
@@ -26,7 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Adadelta", "Lion",
-    "LAMB", "LARS", "Optimizer", "FlatParams", "functional", "keras",
+    "LAMB", "LARS", "Optimizer", "FlatParams", "FlatParamsCopyWarning", "functional", "keras",
     "SparseGrad", "clip_grad_norm", "clip_grad_value", "clip_grads_with_norm", "global_norm",
     "all_finite", "NonFiniteNormError", "GradScaler", "EMA", "lr_range_test", "LRRangeResult",
     "init", "backend", "BackendUnavailableError", "save", "load", "CheckpointError",
