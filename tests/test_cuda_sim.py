@@ -184,6 +184,7 @@ def test_one_launch_per_step_per_dtype_group():
         assert be.launches - before == 1
     # FlatParams: one arena -> one launch
     flat = fo.FlatParams([dev(rng.standard_normal(s).astype(np.float32)) for s in shapes])
+    flat.grad[...] = 1
     opt = fo.AdamW(flat, lr=0.01, amsgrad=True, backend="cuda")
     for _ in range(3):
         before = be.launches
@@ -355,6 +356,7 @@ _ISOLATION = textwrap.dedent("""
     p = [np.ones(5, np.float32), np.ones(3, np.float32)]
     fo.Adam(p, lr=0.1, backend="cpu").step([np.ones(5, np.float32), np.ones(3, np.float32)])
     flat = fo.FlatParams([np.ones(4, np.float32)])
+    flat.grad[...] = 1
     fo.SGD(flat, lr=0.1, momentum=0.9).step()
     fo.functional.adam(p, [np.ones(5, np.float32), np.ones(3, np.float32)],
                        [np.zeros(5, np.float32), np.zeros(3, np.float32)],
@@ -428,6 +430,7 @@ def test_no_allocation_per_step():
     rng = np.random.default_rng(10)
     shapes = [(1000,), (37,), (64, 64)] * 10
     flat = fo.FlatParams([cupy.asarray(rng.standard_normal(s).astype(np.float32)) for s in shapes])
+    flat.grad.fill(1)
     opt_flat = fo.Adam(flat, lr=1e-3)
     params = [cupy.asarray(rng.standard_normal(s).astype(np.float32)) for s in shapes]
     grads = [cupy.ones(s, np.float32) for s in shapes]
