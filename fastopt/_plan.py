@@ -24,18 +24,31 @@ def _is_low_precision(p) -> bool:
 
 
 class _Bucket:
-    """Tensors of one group and dtype stepped together, with their cached chunk table."""
+    """Tensors of one group and dtype stepped together, with their cached chunk table.
+
+    With ``model`` (16-bit params), ``params`` are their float32 master weights and
+    ``grads`` are 16-bit: a bucket without its model would step the masters with the
+    16-bit gradients read as float32 and never write the params.
+    """
 
     __slots__ = ("indices", "params", "grads", "slots", "table", "positions", "model")
 
-    def __init__(self, indices, params, grads, slots):
+    def __init__(self, indices, params, grads, slots, model=None, positions=None):
         self.indices = np.asarray(indices, dtype=np.int64)
         self.params = params
         self.grads = grads
         self.slots = slots
         self.table = None
-        self.positions = None
-        self.model = None      # the 16-bit params when ``params`` are their master weights
+        self.positions = positions
+        self.model = model     # the 16-bit params when ``params`` are their master weights
+
+    def subset(self, sel) -> "_Bucket":
+        """The tensors at positions ``sel`` of this bucket, with everything they carry
+        (master weights and their model included); its table is built on first use."""
+        return _Bucket(self.indices[sel], [self.params[j] for j in sel], [self.grads[j] for j in sel],
+                       tuple(None if s is None else [s[j] for j in sel] for s in self.slots),
+                       model=None if self.model is None else [self.model[j] for j in sel],
+                       positions=None if self.positions is None else [self.positions[j] for j in sel])
 
 
 class _Plan:
@@ -127,8 +140,15 @@ class _Planning:
         addresses = {}
         check = _validate.grad
         sigs = self._param_sigs
+        # Only the CPU driver and the reference have a master-weights path: refuse here,
+        # before any state exists, rather than run a float32 kernel on 16-bit gradients.
+        refuse_low = self.master_weights and backend_name not in ("cpu", "numpy")
         for k, (p, g, pa) in enumerate(zip(params, grads, self._param_addresses[base:])):
             if g is not None:
+                if refuse_low and _is_low_precision(p):
+                    raise NotImplementedError(
+                        f"params[{base + k}] is {np.dtype(p.dtype)}: master weights for 16-bit "
+                        f"params run on the 'cpu' and 'numpy' backends, not {backend_name!r}")
                 if isinstance(p, np.ndarray) and not p.flags.writeable:
                     raise ValueError(f"params[{base + k}] is read-only; optimizer steps update params in place")
                 i = base + k
@@ -259,10 +279,8 @@ class _Planning:
             model = None
             if _is_low_precision(params[0]):
                 model, params = params, [self._state[i][MASTER] for i in idx]
-            bucket = _Bucket(idx, params, [plan.grads[k] for k in ks], slots)
-            bucket.positions = ks
-            bucket.model = model
-            buckets.append(bucket)
+            buckets.append(_Bucket(idx, params, [plan.grads[k] for k in ks], slots,
+                                   model=model, positions=ks))
         plan.buckets = buckets
 
     def _regrad_buckets(self, gi, plan):
@@ -270,9 +288,8 @@ class _Planning:
         buckets = []
         for old in plan.buckets:
             ks = old.positions
-            bucket = _Bucket(old.indices, old.params, [plan.grads[k] for k in ks], old.slots)
-            bucket.positions = ks
-            bucket.model = old.model
+            bucket = _Bucket(old.indices, old.params, [plan.grads[k] for k in ks], old.slots,
+                             model=old.model, positions=ks)
             if old.table is not None and hasattr(old.table, "with_grads"):
                 bucket.table = old.table.with_grads(bucket.grads, [plan.grad_addresses[k] for k in ks])
             buckets.append(bucket)

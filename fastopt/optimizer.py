@@ -229,6 +229,12 @@ class Optimizer(_Planning, SparseSteps):
             plans.append(self._plan_for(gi, per_group[gi], backend_name, from_flat))
         self._check_swapped(plans)
         sparse = self._check_sparse(sparse, backend_name)
+        if self.master_weights:
+            for i, (_, param, _) in sparse.items():
+                if _is_low_precision(param):
+                    raise NotImplementedError(
+                        f"grads[{i}] is a SparseGrad for a {np.dtype(param.dtype)} param: sparse "
+                        "gradients do not update master weights (16-bit params); pass a dense gradient")
         scale = 1.0
         if grad_scale is not None or self.max_grad_norm is not None:
             scale = self._grad_multiplier(plans, sparse, backend_name, grad_scale)
@@ -304,12 +310,10 @@ class Optimizer(_Planning, SparseSteps):
         for bucket in plan.buckets:
             steps = self._steps[bucket.indices]
             if steps.size and steps.min() != steps.max():
-                # Params of one group that skipped different steps: one pass per step count.
+                # Params of one group that skipped different steps: one pass per step count,
+                # each over a part of the bucket that keeps its master weights and model.
                 for s in np.unique(steps):
-                    sel = np.flatnonzero(steps == s)
-                    sub = _Bucket(bucket.indices[sel], [bucket.params[j] for j in sel],
-                                  [bucket.grads[j] for j in sel],
-                                  tuple(None if s_ is None else [s_[j] for j in sel] for s_ in bucket.slots))
+                    sub = bucket.subset(np.flatnonzero(steps == s))
                     self._run_bucket(group, sub, int(s) + 1, backend_name, scale)
             elif steps.size:
                 self._run_bucket(group, bucket, int(steps[0]) + 1, backend_name, scale)

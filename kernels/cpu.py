@@ -210,6 +210,14 @@ class ChunkTable:
         dtype = np.dtype(params[0].dtype) if params else np.dtype(np.float32)
         self.like = dtype.type(0)
         self.low_kind = 0 if model is None else lowp.kind_of(model[0].dtype)
+        if grads:
+            # The driver reads gradients as the model's 16-bit patterns, or as the params'
+            # dtype: a table without its model would read 16-bit gradients as float32.
+            want = dtype if model is None else np.dtype(model[0].dtype)
+            if np.dtype(grads[0].dtype) != want:
+                raise TypeError(f"the gradients are {np.dtype(grads[0].dtype)}, expected {want}"
+                                + ("; 16-bit gradients need the table of their master weights "
+                                   "(model=the 16-bit params)" if model is None else ""))
         if fixed is None:
             # columns: n, p, s0, s1, s2[, model] (absent slots: replaced by the grad address)
             fixed = np.zeros((len(params), 5 if model is None else 6), dtype=np.int64)
