@@ -93,7 +93,7 @@ def _driver_template(table, chunks, like, h, grad_scale, row_values):
 _DRIVERS: dict = {}
 
 
-def _instantiate(template, prefix: str, fn, flags=(), cache=True, **constants):
+def _instantiate(template, prefix: str, fn, flags=(), **constants):
     """Compile ``template`` with ``fn`` inlined as its global ELEMENT, the scalars' bool
     fields ``flags`` (:func:`flags_of`) as constants and ``constants`` frozen as globals.
     The qualname names the on-disk cache entry: one per template, function, flags,
@@ -106,7 +106,7 @@ def _instantiate(template, prefix: str, fn, flags=(), cache=True, **constants):
     compiled = pytypes.FunctionType(template.__code__, namespace, template.__name__)
     tag = "".join(str(int(v)) for k, v in sorted(constants.items())) + "_" + flag_tag(flags)
     compiled.__qualname__ = f"{prefix}_{fn.__name__}_{tag}_{source_tag(fn)}"
-    return numba.njit(parallel=True, cache=cache, nogil=True)(compiled)
+    return numba.njit(parallel=True, cache=True, nogil=True)(compiled)
 
 
 def _cached(key, make):
@@ -332,12 +332,13 @@ def run(element, table: ChunkTable, scalars, grad_scale=1.0, seed=0, stochastic=
         kind = table.low_kind
         if stochastic and kind == lowp.BFLOAT16:
             kind = lowp.BFLOAT16_STOCHASTIC
-        # Not cached on disk: a cached master-weights kernel crashed when called on new
-        # gradient arrays (reproduced with numba 0.68.1; a fresh compile is correct).
-        # tests/test_master_weights.py guards this in a subprocess.
+        # Cached on disk like every driver. (It once was not: a cached master kernel
+        # "crashed on new gradient arrays", most likely the split-bucket bug that read
+        # 16-bit gradients as float32 past their end. tests/test_master_weights.py steps
+        # new gradients in a fresh process from a warm cache.)
         flags = flags_of(scalars)
         fn = _cached(("master", element, table.has, kind, flags), lambda: _instantiate(
-            _master_template, "master", element, flags, cache=False, HAS0=table.has[0],
+            _master_template, "master", element, flags, HAS0=table.has[0],
             HAS1=table.has[1], HAS2=table.has[2], KIND=kind))
         threads.launch(fn, table.table, table.chunks, table.like, np.uint16(0), scalars,
                        scale, np.uint32(seed & 0xFFFFFFFF))
