@@ -89,9 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="throughput against the NumPy reference, torch and the roof",
                        description="Time every optimizer step on three layouts against the roof "
                        "kernel, the NumPy reference and torch; print a table. The default run "
-                       "(4 optimizers) takes under a minute on 2 cores, first-time compilation "
-                       "included (41 s measured on an idle machine, two to three times that on "
-                       "a busy one); each further optimizer adds about 6 s. Every flag and "
+                       "(4 optimizers) takes about a minute on 2 cores, first-time compilation "
+                       "included (41-58 s measured on idle 2-core machines, two to three times "
+                       "that on a busy one); each further optimizer adds about 6 s. Every flag and "
                        "output path is checked before anything is timed.",
                        formatter_class=_Defaults)
     from .benchmark.cases import OPTIMIZERS
@@ -142,8 +142,8 @@ def _parser() -> argparse.ArgumentParser:
                        description="Compile (or load) the CPU drivers of every optimizer in "
                        "the bench table, with the table's settings and variants (each set of "
                        "state slots and flags), into Numba's on-disk cache, so later processes "
-                       "start stepping without compiling. All of them (62 drivers) take about "
-                       "1.5 minutes on an idle 2-core machine, several times that on a busy one.")
+                       "start stepping without compiling. All of them (62 drivers) take 1.5-2.5 "
+                       "minutes on an idle 2-core machine, several times that on a busy one.")
     w.add_argument("--optimizers", default=None, help="comma-separated names (default: all)")
     w.add_argument("--dtypes", default="float32,float64", help="comma-separated storage dtypes")
     w.add_argument("--no-roof", action="store_true", help="skip the benchmark's roof kernels")
@@ -153,10 +153,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-# Compile time per driver, measured with an empty cache on the idle 2-core machine (all 62
-# drivers in 91 s; several times that while other jobs load it). `fastopt warmup` says
-# up front what it compiles and about how long it takes.
-WARMUP_SECONDS_PER_DRIVER = 1.5
+# Compile time per driver, measured with an empty cache on idle 2-core machines (all 62
+# drivers in 91 s on one, 133 s on another; several times that while other jobs load it).
+# `fastopt warmup` says up front what it compiles and about how long it takes.
+WARMUP_SECONDS_PER_DRIVER = 2.0
 
 
 def main(argv=None) -> int:
