@@ -1,53 +1,59 @@
 """The CUDA driver: one kernel launch per step over a device-side chunk table.
 
 A step over any number of tensors of one dtype is described, as on the CPU, by rows
-``(n, p_addr, g_addr, s0_addr, s1_addr, s2_addr)`` (back-to-back tensors merged, so a
-FlatParams arena is one row; an absent state slot repeats the grad address). On the
-device the rows become one *chunk table* and five *span arrays*:
+``(n, p_addr, g_addr, s0_addr .. s{K-1}_addr, w_addr)``: K state columns, any number,
+and with master weights a 16-bit model copy ``w`` (back-to-back tensors merged, so a
+FlatParams arena is one row; an absent column repeats the grad address). On the device
+the rows become one *chunk table* and one *span* per column:
 
-- ``span[k]`` is a 1-D array of the storage dtype starting at the lowest address of
-  column ``k`` (params, grads, s0, s1, s2) and long enough to reach its highest tensor's
-  end. It is pointer arithmetic written as array indexing: the kernel only touches the
-  elements of the tensors named in the table, never the memory between them.
-- ``chunks[c] = (count, p, g, s0, s1, s2, row)``: chunk ``c`` is ``count`` consecutive
-  elements starting at those element offsets into the spans (at most a few thousand,
-  sized so a step has enough chunks to fill the device), all in row ``row``.
+- ``span[k]`` is a 1-D array starting at the lowest address of column ``k`` and long
+  enough to reach its highest tensor's end, of the column's storage type (the params'
+  float dtype, or uint16 for a 16-bit column). It is pointer arithmetic written as
+  array indexing: the kernel only touches the elements of the tensors named in the
+  table, never the memory between them.
+- ``chunks[c] = (count, position, row, offset of each column)``: chunk ``c`` is
+  ``count`` consecutive elements of row ``row``, starting at those element offsets into
+  the spans; at most a few thousand, sized so a step has enough chunks to fill the
+  device. ``position`` counts elements as the CPU driver does for stochastic rounding,
+  so both draw the same random bits for the same table and seed.
 
-The kernel is a grid-stride loop over chunks (one block per chunk at a time, its threads
-striding over the chunk's elements, so loads coalesce; with ``PAIR`` each thread takes
-two elements per iteration, all their loads issued first), with the optimizer's element
-function compiled by ``cuda.jit(device=True)`` and inlined per (element, slot mask), the
-same function the CPU driver inlines. Host scalars (a NamedTuple) and ``grad_scale`` are
-kernel arguments, and the launch goes to the arrays' library's current stream (CuPy's
-or torch's); nothing is synchronised or allocated per step. Per-tensor steps (LAMB,
-LARS, Keras clipnorm; kernels/per_tensor.py) also pass a device array of one value per
-row of a ``merge=False`` table, a gradient multiplier or a read-only third state
-argument as the CPU driver's ``row_values``; their norm pass copies per-chunk partials
-to the host (the one synchronisation such a step needs). A table is built (and its
-chunk table uploaded, synchronously) once per set of arrays; layouts are cached by
-address, so recurring arrays (the functional API, gradient buffers that come back at
-the same addresses) reuse the device table.
+The kernels are generated from a :class:`kernels.layout.Layout` (which columns are read,
+written, in which storage format, per-row values, model copy) by
+``kernels/cuda_codegen.py``: a grid-stride loop over chunks (one block per chunk at a
+time, its threads striding over the chunk's elements, so loads coalesce; with ``PAIR``
+each thread takes two elements per iteration, all their loads issued first), with the
+optimizer's element function compiled by ``cuda.jit(device=True)`` and inlined, the same
+function the CPU driver inlines, and the scalars' bool flags compiled in as constants.
+Host scalars (a NamedTuple) and ``grad_scale`` are kernel arguments, and the launch goes
+to the arrays' library's current stream (CuPy's or torch's); nothing is synchronised or
+allocated per step. Per-tensor steps (LAMB, LARS, Keras clipnorm; kernels/per_tensor.py)
+also pass a device array of one value per row of a ``merge=False`` table, a gradient
+multiplier or a read-only state argument as the CPU driver's ``row_values``; their norm
+pass copies per-chunk partials to the host (the one synchronisation such a step needs).
+Sparse row updates (:meth:`CudaBackend.run_rows`) are one launch of the same body over
+the rows an index names. A table is built (and its chunk table uploaded, synchronously)
+once per set of arrays; layouts are cached by address, so recurring arrays (the
+functional API, gradient buffers that come back at the same addresses) reuse the device
+table.
 
-The same kernel runs under the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``), where the
+The same kernels run under the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``), where the
 spans are NumPy views of host memory, so the simulator exercises exactly the code the
 GPU runs, list mode included; only span construction and stream selection differ.
 """
 from __future__ import annotations
 
-import collections
 import math
 import os
-import types as pytypes
 import warnings
 
 import numpy as np
-from numba import config as _numba_config
 from numba import cuda
 
-from .cpu import merge_runs
-from .specialize import source_tag
-
-SIMULATOR = bool(getattr(_numba_config, "ENABLE_CUDASIM", False)) or os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+from . import cuda_codegen as codegen
+from .cuda_tables import (SIMULATOR, TABLES, CudaTable, current_stream, describe,
+                          fixed_columns, grad_addresses, index_description, shape_of, span)
+from .layout import BFLOAT16, ROW_GRAD, ROW_NONE, ROW_SLOT, Layout
+from .specialize import flags_of
 
 # Launch geometry. Chunks: at least CHUNK_MIN elements (a block's threads stride over
 # them), at most CHUNK_MAX, sized so a step has about TARGET_CHUNKS of them. Merged rows
@@ -66,142 +72,12 @@ PAIR = False
 if SIMULATOR:
     BLOCK, CHUNK_MIN, CHUNK_MAX, TARGET_CHUNKS, REDUCE_BLOCK, MAX_GRID = 4, 8, 32, 16, 4, 3
 
-TABLE_CACHE = 32            # tables cached by address (functional API calls)
 
 
 # -- kernels -----------------------------------------------------------------------------
-def _step_template(p_span, g_span, s0_span, s1_span, s2_span, chunks, h, grad_scale, row_values):
-    # ELEMENT, HAS0..2 (slots read), WRITE0..2 (slots written: HAS, or fewer), PAIR and
-    # ROW_MODE are compile-time constants injected by _instantiate.
-    # PAIR: each thread takes elements i and i + blockDim per iteration, all ten loads
-    # issued before any math (twice the bytes in flight per thread). Without PAIR the
-    # second lane is the first one again: its loads merge and its math is dead code.
-    # while loops, not range(): range computes a 64-bit trip count (a division).
-    # ROW_MODE (as the CPU driver): 0, row_values is () and never read; 1, the chunk's
-    # row's row_values entry also multiplies its gradients (a per-tensor clip factor);
-    # 2, that entry is the element's third state argument, read-only (a trust ratio).
-    # The row is column 6 of the chunk table, read once per chunk in modes 1 and 2 only.
-    nt = cuda.blockDim.x
-    stride = nt * 2 if PAIR else nt  # noqa: F821
-    c = cuda.blockIdx.x
-    while c < chunks.shape[0]:
-        n = chunks[c, 0]
-        po = chunks[c, 1]
-        go = chunks[c, 2]
-        ao = chunks[c, 3]
-        bo = chunks[c, 4]
-        co = chunks[c, 5]
-        scale = grad_scale
-        third = grad_scale          # ROW_MODE 2's read-only third state argument
-        if ROW_MODE == 1:  # noqa: F821
-            scale = grad_scale * row_values[chunks[c, 6]]
-        if ROW_MODE == 2:  # noqa: F821
-            third = row_values[chunks[c, 6]]
-        i = cuda.threadIdx.x
-        while i < n:
-            j = i + nt
-            second = PAIR and j < n  # noqa: F821
-            if not second:
-                j = i
-            # Unsigned indices: no negative-index wraparound code on every access.
-            ip, jp = np.uint64(po + i), np.uint64(po + j)
-            ig, jg = np.uint64(go + i), np.uint64(go + j)
-            ia, ja = np.uint64(ao + i), np.uint64(ao + j)
-            ib, jb = np.uint64(bo + i), np.uint64(bo + j)
-            ic, jc = np.uint64(co + i), np.uint64(co + j)
-            p, q = p_span[ip], p_span[jp]
-            g, f = g_span[ig], g_span[jg]
-            # An absent slot is never loaded: the element gets g in its place (ignored).
-            a0 = s0_span[ia] if HAS0 else g  # noqa: F821
-            b0 = s0_span[ja] if HAS0 else f  # noqa: F821
-            a1 = s1_span[ib] if HAS1 else g  # noqa: F821
-            b1 = s1_span[jb] if HAS1 else f  # noqa: F821
-            a2 = s2_span[ic] if HAS2 else g  # noqa: F821
-            b2 = s2_span[jc] if HAS2 else f  # noqa: F821
-            if ROW_MODE == 2:  # noqa: F821
-                a2 = third
-                b2 = third
-            out = ELEMENT(p, g * scale, a0, a1, a2, h)  # noqa: F821
-            other = ELEMENT(q, f * scale, b0, b1, b2, h)  # noqa: F821
-            p_span[ip] = out[0]
-            if WRITE0:  # noqa: F821
-                s0_span[ia] = out[1]
-            if WRITE1:  # noqa: F821
-                s1_span[ib] = out[2]
-            if WRITE2:  # noqa: F821
-                s2_span[ic] = out[3]
-            if second:
-                p_span[jp] = other[0]
-                if WRITE0:  # noqa: F821
-                    s0_span[ja] = other[1]
-                if WRITE1:  # noqa: F821
-                    s1_span[jb] = other[2]
-                if WRITE2:  # noqa: F821
-                    s2_span[jc] = other[3]
-            i += stride
-        c += cuda.gridDim.x
-
-
-def _reduce_template(p_span, g_span, s0_span, s1_span, s2_span, chunks, h, out):
-    # REDUCER(p, g, s0, s1, s2, h) -> (a, b), or with writes (a, b, p, s0, s1, s2), of
-    # which WRITE_P and WRITE0..2 store those (as the CPU driver's reduction); MAXIMUM
-    # picks max instead of sum; RBLOCK is the block size. One partial per chunk from a
-    # fixed-shape tree: deterministic.
-    sa = cuda.shared.array(RBLOCK, np.float64)  # noqa: F821
-    sb = cuda.shared.array(RBLOCK, np.float64)  # noqa: F821
-    t = cuda.threadIdx.x
-    c = cuda.blockIdx.x
-    while c < chunks.shape[0]:
-        n = chunks[c, 0]
-        po = chunks[c, 1]
-        go = chunks[c, 2]
-        ao = chunks[c, 3]
-        bo = chunks[c, 4]
-        co = chunks[c, 5]
-        acc_a = 0.0     # float64 accumulation, deliberately (sums over millions of terms)
-        acc_b = 0.0
-        i = t
-        while i < n:
-            res = REDUCER(p_span[po + i], g_span[go + i], s0_span[ao + i],  # noqa: F821
-                          s1_span[bo + i], s2_span[co + i], h)
-            if WRITE_P:  # noqa: F821
-                p_span[po + i] = res[2]
-            if WRITE0:  # noqa: F821
-                s0_span[ao + i] = res[3]
-            if WRITE1:  # noqa: F821
-                s1_span[bo + i] = res[4]
-            if WRITE2:  # noqa: F821
-                s2_span[co + i] = res[5]
-            if MAXIMUM:  # noqa: F821
-                acc_a = max(acc_a, res[0])
-                acc_b = max(acc_b, res[1])
-            else:
-                acc_a += res[0]
-                acc_b += res[1]
-            i += RBLOCK  # noqa: F821
-        sa[t] = acc_a
-        sb[t] = acc_b
-        cuda.syncthreads()
-        s = RBLOCK // 2  # noqa: F821
-        while s > 0:
-            if t < s:
-                if MAXIMUM:  # noqa: F821
-                    sa[t] = max(sa[t], sa[t + s])
-                    sb[t] = max(sb[t], sb[t + s])
-                else:
-                    sa[t] += sa[t + s]
-                    sb[t] += sb[t + s]
-            cuda.syncthreads()
-            s //= 2
-        if t == 0:
-            out[c, 0] = sa[0]
-            out[c, 1] = sb[0]
-        cuda.syncthreads()
-        c += cuda.gridDim.x
-
-
 _KERNELS: dict = {}
 _DEVICE_FUNCTIONS: dict = {}
+_FORMAT_FUNCTIONS: dict = {}
 
 
 def _device_function(fn):
@@ -211,112 +87,52 @@ def _device_function(fn):
     return dev
 
 
-def _instantiate(template, name, constants):
-    """Compile ``template`` as a kernel with ``constants`` injected as globals."""
-    namespace = dict(globals())
-    namespace.update(constants)
-    fn = pytypes.FunctionType(template.__code__, namespace, template.__name__)
-    fn.__qualname__ = name
+def _compile(fn, generated):
+    """The kernel of ``generated`` (codegen.generate) calling ``fn`` as its element."""
+    if not _FORMAT_FUNCTIONS:
+        _FORMAT_FUNCTIONS.update(codegen.format_functions(cuda.jit(device=True)))
+    module, path = codegen.write_source(generated.text)
+    namespace = dict(_FORMAT_FUNCTIONS, cuda=cuda, np=np, element=_device_function(fn),
+                     Scalars=generated.scalars_class)
+    py_kernel = getattr(codegen.import_source(module, path, namespace), generated.name)
     options = {}
     if not SIMULATOR and os.environ.get("FASTOPT_CUDA_CACHE") == "1":
         options["cache"] = True     # opt-in on-disk cache of compiled kernels
-    return cuda.jit(**options)(fn)
-
-
-ROW_MODES = {None: 0, "grad": 1, "slot2": 2}     # as kernels/cpu.py
-
-
-def _bits(flags) -> str:
-    return "".join("1" if x else "0" for x in flags)
-
-
-def step_kernel(element, has: tuple[bool, bool, bool], row_mode: int = 0, writes=None):
-    """The step kernel for ``element`` with state slots ``has`` (read; ``writes``: the
-    ones written, default all of them) and per-row mode ``row_mode`` (0, 1 or 2: see
-    ``_step_template``), compiled lazily per dtype."""
-    writes = has if writes is None else tuple(bool(w) and x for w, x in zip(writes, has))
-    key = ("step", element, has, writes, PAIR, row_mode)
-    kernel = _KERNELS.get(key)
-    if kernel is None:
-        mask = _bits(has) + ("" if writes == has else "w" + _bits(writes)) + ("p" if PAIR else "")
-        if row_mode:
-            mask += f"r{row_mode}"
-        kernel = _KERNELS[key] = _instantiate(
-            _step_template, f"cuda_step_{element.__name__}_{mask}_{source_tag(element)}",
-            dict(ELEMENT=_device_function(element), HAS0=has[0], HAS1=has[1], HAS2=has[2],
-                 WRITE0=writes[0], WRITE1=writes[1], WRITE2=writes[2], PAIR=PAIR,
-                 ROW_MODE=row_mode))
+    kernel = cuda.jit(**options)(py_kernel)
+    kernel.fastopt_source = path    # tests and curious readers: the generated file
     return kernel
 
 
-NO_WRITES = (False, False, False, False)
-
-
-def reduce_kernel(fn, maximum: bool, writes=NO_WRITES):
-    """The reduction kernel for ``fn``; ``writes`` = which of (p, s0, s1, s2) it stores."""
-    key = ("reduce", fn, maximum, writes)
+def _kernel(kind, fn, layout, scalars, **options):
+    flags = flags_of(scalars)
+    named = type(scalars) if flags and hasattr(scalars, "_fields") else None
+    key = (kind, fn, layout, flags, named, tuple(sorted(options.items())))
     kernel = _KERNELS.get(key)
     if kernel is None:
-        tag = f"{int(maximum)}" + ("" if writes == NO_WRITES else "w" + _bits(writes))
-        kernel = _KERNELS[key] = _instantiate(
-            _reduce_template, f"cuda_reduce_{fn.__name__}_{tag}_{source_tag(fn)}",
-            dict(REDUCER=_device_function(fn), MAXIMUM=maximum, RBLOCK=REDUCE_BLOCK,
-                 WRITE_P=writes[0], WRITE0=writes[1], WRITE1=writes[2], WRITE2=writes[3]))
+        kernel = _KERNELS[key] = _compile(fn, codegen.generate(kind, fn, layout, flags, scalars,
+                                                               **options))
     return kernel
 
 
-# -- arrays, spans and streams ---------------------------------------------------------------
-def _describe(a):
-    """(address, number of elements, dtype, kind) of a device array (or, under the
-    simulator, a NumPy array standing in for one)."""
-    cai = getattr(a, "__cuda_array_interface__", None)
-    if cai is not None and not isinstance(a, np.ndarray):
-        strides = cai.get("strides")
-        dtype = np.dtype(cai["typestr"])
-        shape = tuple(cai["shape"])
-        if strides is not None and tuple(strides) != _c_strides(shape, dtype.itemsize):
-            raise ValueError("the CUDA backend needs C-contiguous arrays, got strides "
-                             f"{tuple(strides)} for shape {shape}")
-        return int(cai["data"][0]), math.prod(shape), dtype, type(a).__module__.split(".")[0]
-    if isinstance(a, np.ndarray):
-        if not SIMULATOR:
-            raise TypeError("backend 'cuda' steps device arrays (CuPy arrays, torch CUDA tensors, "
-                            "anything with __cuda_array_interface__), got a NumPy array; move it "
-                            "to the device or use backend='cpu'")
-        if not a.flags.c_contiguous:
-            raise ValueError("the CUDA backend needs C-contiguous arrays")
-        return int(a.__array_interface__["data"][0]), int(a.size), a.dtype, "host"
-    raise TypeError(f"backend 'cuda' steps arrays with __cuda_array_interface__, got {type(a).__name__}")
+def step_kernel(element, layout: Layout, scalars=()):
+    """The step kernel for ``element`` over ``layout``, specialised on ``scalars``' bool
+    flags (their values, not the numbers), compiled lazily per dtype."""
+    return _kernel(codegen.STEP, element, layout, scalars, pair=PAIR)
 
 
-def _c_strides(shape, itemsize):
-    strides, step = [], itemsize
-    for n in reversed(shape):
-        strides.append(step)
-        step *= n
-    return tuple(reversed(strides))
+def reduce_kernel(fn, layout: Layout, scalars=(), maximum=False, write_p=False):
+    """The reduction kernel for ``fn`` (sum, or max) over ``layout`` (its writes: the
+    state columns ``fn`` also stores; ``write_p``: the param too)."""
+    return _kernel(codegen.REDUCE, fn, layout, scalars, maximum=bool(maximum),
+                   write_p=bool(write_p), rblock=REDUCE_BLOCK)
 
 
-class _HostSpan:
-    """A NumPy view of ``length`` elements at ``address`` (simulator only; touches nothing)."""
-
-    def __init__(self, address, length, dtype):
-        self.__array_interface__ = {"shape": (length,), "typestr": dtype.str,
-                                    "data": (address, False), "version": 3}
+def rows_kernel(element, layout: Layout, scalars=()):
+    """The sparse-row kernel for ``element`` over ``layout``."""
+    return _kernel(codegen.ROWS, element, layout, scalars)
 
 
-def _span(address, length, dtype):
-    """A 1-D device array of ``length`` elements at ``address``, owning nothing."""
-    if SIMULATOR:
-        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
-        return FakeCUDAArray(np.asarray(_HostSpan(address, length, dtype)))
-    desc = {"shape": (length,), "strides": None, "typestr": dtype.str,
-            "data": (address, False), "version": 3}
-    # No 'stream' entry: nothing to synchronise on.
-    return cuda.from_cuda_array_interface(desc, owner=None, sync=False)
-
-
-_STREAMS: dict = {}
+# -- launches ----------------------------------------------------------------------------
 _LAUNCHERS: dict = {}
 
 
@@ -336,175 +152,27 @@ def _launcher(kernel, grid, block, stream):
     return launch
 
 
-def current_stream(kind: str, sample=None):
-    """The numba stream to launch on: the array library's current stream."""
-    if SIMULATOR:
-        return 0
-    ptr = 0
-    if kind == "cupy":
-        import cupy
-        ptr = cupy.cuda.get_current_stream().ptr
-    elif kind == "torch":
-        import torch
-        ptr = torch.cuda.current_stream(sample.device).cuda_stream
-    elif sample is not None:
-        st = getattr(sample, "stream", 0)      # numba device arrays carry their stream
-        return st if st else 0
-    if not ptr:
-        return 0                                # the legacy default stream
-    stream = _STREAMS.get(ptr)
-    if stream is None:
-        stream = _STREAMS[ptr] = cuda.external_stream(ptr)
-    return stream
+def _chunking():
+    return CHUNK_MIN, CHUNK_MAX, TARGET_CHUNKS
 
 
-# -- the table ------------------------------------------------------------------------------
-def chunk_size(total: int) -> int:
-    """Elements per chunk for a step of ``total`` elements."""
-    want = max(1, -(-total // TARGET_CHUNKS))
-    return int(min(CHUNK_MAX, max(CHUNK_MIN, 1 << (want - 1).bit_length())))
+NO_WRITES = (False, False, False, False)
 
 
-class _Layout:
-    """The device side of a table: host rows and chunks, spans, device chunk table.
-
-    It depends only on addresses, sizes, dtype, slot mask and chunking, and references
-    no array (the spans own nothing), so layouts are cached by address.
-    """
-
-    __slots__ = ("rows", "chunks", "starts", "args", "n_elements", "n_chunks", "partials",
-                 "row_values")
-
-    def __init__(self, rows, dtype, merge, stream=0):
-        self.partials = None                 # the reduction's per-chunk output, made once
-        self.row_values = None               # per-row values of per-tensor steps, made once
-        itemsize = dtype.itemsize
-        rows = merge_runs(rows, itemsize) if merge else rows
-        self.rows = rows
-        sizes = rows[:, 0]
-        self.n_elements = int(sizes.sum())
-        self.n_chunks = 0
-        self.chunks = np.zeros((0, 3), dtype=np.int64)
-        self.starts = np.zeros(0, dtype=np.int64)       # each row's first chunk
-        self.args = None
-        if rows.shape[0] == 0:
-            return
-        # Spans: one per column, from its lowest address to its highest tensor's end.
-        base = rows[:, 1:].min(axis=0)
-        end = (rows[:, 1:] + sizes[:, None] * itemsize).max(axis=0)
-        rel = rows[:, 1:] - base
-        if np.any(rel % itemsize):
-            raise ValueError(f"CUDA step: tensor addresses are not aligned to {dtype} elements")
-        offsets = rel // itemsize
-        spans, made = [], {}
-        for k in range(5):
-            key = (int(base[k]), int(end[k]))
-            if key not in made:
-                made[key] = _span(key[0], (key[1] - key[0]) // itemsize, dtype)
-            spans.append(made[key])
-        # Chunks: (row, lo, hi) on the host; (count, offsets + lo, row) on the device.
-        size = chunk_size(self.n_elements)
-        counts = -(-sizes // size)
-        row_of = np.repeat(np.arange(sizes.size, dtype=np.int64), counts)
-        self.starts = np.cumsum(counts) - counts
-        first = np.repeat(self.starts, counts)
-        lo = (np.arange(row_of.size, dtype=np.int64) - first) * size
-        hi = np.minimum(lo + size, sizes[row_of])
-        self.chunks = np.ascontiguousarray(np.stack([row_of, lo, hi], axis=1))
-        device = np.empty((row_of.size, 7), dtype=np.int64)
-        device[:, 0] = hi - lo
-        device[:, 1:6] = offsets[row_of] + lo[:, None]
-        device[:, 6] = row_of
-        self.n_chunks = int(row_of.size)
-        # Uploaded on the stream the step will launch on, so the launch is ordered after
-        # the copy even on a non-blocking stream (the legacy default stream is not).
-        self.args = tuple(spans) + (cuda.to_device(device, stream=stream),)
-
-
-class CudaTable:
-    """The device-side description of one step over aligned lists of device arrays.
-
-    Attributes:
-      table: host int64 rows ``(n, p, g, s0, s1, s2)`` of addresses, as the CPU table.
-      chunks: host int64 ``(row, lo, hi)`` per chunk, as the CPU table (combine
-        reduction partials per row with ``np.add.reduceat``).
-      args: the kernel's array arguments (five spans and the device chunk table).
-      kind: the array library ("cupy", "torch", ...), which says whose current stream to use.
-      refs: the arrays, kept alive while the table lives (it holds their raw addresses).
-    """
-
-    __slots__ = ("layout", "has", "dtype", "cast", "kind", "sample", "refs", "fixed", "merge")
-
-    def __init__(self, layout, has, dtype, kind, sample, refs, fixed, merge):
-        self.layout = layout
-        self.has, self.dtype, self.cast = has, dtype, dtype.type
-        self.kind, self.sample, self.refs = kind, sample, refs
-        self.fixed, self.merge = fixed, merge
-
-    table = property(lambda self: self.layout.rows)
-    chunks = property(lambda self: self.layout.chunks)
-    starts = property(lambda self: self.layout.starts)
-    args = property(lambda self: self.layout.args)
-    n_elements = property(lambda self: self.layout.n_elements)
-    n_chunks = property(lambda self: self.layout.n_chunks)
-
-    def with_grads(self, grads, grad_addresses=None) -> "CudaTable":
-        """The same params and state over new gradient arrays."""
-        params, _, slots = self.refs
-        if grad_addresses is None:
-            grad_addresses = [_describe(g)[0] for g in grads]
-        return _BACKEND_TABLES(self.fixed, grad_addresses, self.dtype, self.has, self.kind,
-                               self.sample, self.merge, (params, grads, slots))
-
-
-def _fixed_columns(params, slots):
-    """(columns n, p, s0, s1, s2 per tensor, dtype, kind) read from the arrays once."""
-    fixed = np.zeros((len(params), 5), dtype=np.int64)
-    dtype = kind = None
-    for i, p in enumerate(params):
-        addr, n, dt, kd = _describe(p)
-        if dtype is None:
-            dtype, kind = dt, kd
-        elif dt != dtype:
-            raise TypeError(f"one CUDA step takes one dtype, got {dtype} and {dt}")
-        fixed[i, 0] = n
-        fixed[i, 1] = addr
-        for k, s in enumerate(slots):
-            if s is not None:
-                fixed[i, 2 + k] = _describe(s[i])[0]
-    return fixed, dtype or np.dtype(np.float32), kind or "host"
-
-
-class _TableCache:
-    """Builds tables over the last few layouts, keyed by address: a repeated call over the
-    same arrays (the functional API, a regrad back to earlier gradients) reuses the device
-    chunk table instead of allocating and uploading a new one."""
-
-    def __init__(self, size):
-        self.size = size
-        self.layouts: collections.OrderedDict = collections.OrderedDict()
-
-    def __call__(self, fixed, grad_addresses, dtype, has, kind, sample, merge, refs):
-        g_addr = np.asarray(grad_addresses, dtype=np.int64).reshape(-1)
-        full = np.empty((fixed.shape[0], 6), dtype=np.int64)
-        full[:, :2] = fixed[:, :2]
-        full[:, 2] = g_addr
-        for k in range(3):
-            full[:, 3 + k] = fixed[:, 2 + k] if has[k] else g_addr
-        full = full[full[:, 0] > 0]
-        key = (dtype.str, has, merge, CHUNK_MIN, CHUNK_MAX, TARGET_CHUNKS, full.tobytes())
-        layout = self.layouts.get(key)
-        if layout is not None:
-            self.layouts.move_to_end(key)
-        else:
-            stream = current_stream(kind, sample) if kind != "host" else 0
-            layout = self.layouts[key] = _Layout(full, dtype, merge, stream)
-            while len(self.layouts) > self.size:
-                self.layouts.popitem(last=False)
-        return CudaTable(layout, has, dtype, kind, sample, refs, fixed, merge)
-
-
-_BACKEND_TABLES = _TableCache(TABLE_CACHE)
+def _row_mode(row_mode, row_slot):
+    """(mode, state position) of ``run``'s row_mode: None, "grad" or "slot<k>" ("slot2":
+    the third state argument, LAMB's and LARS's trust ratio)."""
+    if row_mode is None:
+        return ROW_NONE, 0
+    if row_mode == "grad":
+        return ROW_GRAD, 0
+    if isinstance(row_mode, str) and row_mode.startswith("slot"):
+        digits = row_mode[4:]
+        if row_slot is None and digits.isdigit():
+            return ROW_SLOT, int(digits)
+        if row_slot is not None and not digits:
+            return ROW_SLOT, int(row_slot)
+    raise KeyError(f"row_mode must be None, 'grad' or 'slot<k>' (e.g. 'slot2'), got {row_mode!r}")
 
 
 class CudaBackend:
@@ -526,44 +194,53 @@ class CudaBackend:
         import cupy
         return cupy
 
-    def table(self, params, grads, slots, merge=True, model=None) -> CudaTable:
-        """The table for ``params``/``grads``/``slots`` (C-contiguous, one dtype, equal sizes)."""
-        if model is not None:
-            raise NotImplementedError("master weights for 16-bit params run on the 'cpu' and "
-                                      "'numpy' backends, not 'cuda'")
-        slots = tuple(slots) + (None,) * (3 - len(slots))
-        fixed, dtype, kind = _fixed_columns(params, slots)
-        g_addr = [_describe(g)[0] for g in grads]
-        has = tuple(s is not None for s in slots)
+    def table(self, params, grads, slots, merge=True, model=None, formats=None) -> CudaTable:
+        """The table for ``params``/``grads``/``slots`` (C-contiguous, one dtype, equal sizes).
+
+        ``slots``: one entry per state position of the element (K of them, any number),
+        each None (absent) or a list of arrays aligned with ``params``. ``formats``: one
+        storage format per position (kernels.layout.FORMATS), default read from the
+        arrays' dtypes (16-bit integer arrays hold bfloat16). ``model``: 16-bit arrays
+        aligned with ``params``, which are then float32 master weights; ``grads`` are then
+        16-bit, as the model. ``merge=False`` keeps one row per non-empty tensor.
+        """
+        slots = tuple(slots)
+        fixed, columns, kind = fixed_columns(params, slots, model, formats)
         sample = params[0] if params else None
-        return _BACKEND_TABLES(fixed, g_addr, dtype, has, kind, sample, merge, (params, grads, slots))
+        return TABLES(fixed, grad_addresses(grads, columns, fixed), columns, kind, sample, merge,
+                      (params, grads, slots, model), _chunking())
 
     def run(self, element, table: CudaTable, scalars, grad_scale=1.0, row_values=None,
-            row_mode=None, writes=None, **options) -> None:
+            row_mode=None, writes=None, seed=0, stochastic=False, row_slot=None) -> None:
         """One fused step of ``element`` over ``table``: one launch, asynchronous.
 
         ``row_values`` (a device array of the table's dtype, one value per row of a
         ``merge=False`` table, e.g. from :meth:`row_array`) with ``row_mode`` "grad"
-        scales each row's gradients; with "slot2" it is the element's third state
-        argument (read-only; that slot must be absent), as ``kernels.cpu.run``;
-        ``writes`` narrows the state slots stored, as there too.
+        scales each row's gradients; with "slot<k>" ("slot2") it is the element's state
+        argument k (read-only; that column must be absent), as ``kernels.cpu.run``;
+        ``writes`` (one bool per state position) narrows the state columns stored, as
+        there too. With master weights, the model copy of bfloat16 is rounded
+        stochastically when ``stochastic`` (random bits from ``seed`` and the element's
+        position in the step), else to nearest even.
         """
-        if options:
-            raise NotImplementedError(f"the 'cuda' backend takes no options {sorted(options)}")
-        mode = ROW_MODES[row_mode]
+        mode, slot = _row_mode(row_mode, row_slot)
         if not table.n_chunks:
             return
-        has = table.has
+        reads = table.has
+        if mode == ROW_SLOT:
+            reads = tuple(r and k != slot for k, r in enumerate(reads))
+        if writes is not None and len(writes) != table.n_slots:
+            raise ValueError(f"writes: one bool per state position ({table.n_slots}), got {len(writes)}")
+        model = table.model + ("-stochastic" if stochastic and table.model == BFLOAT16 else "")
+        layout = Layout.of(reads, writes, table.formats, mode, slot, model)
         if mode:
             self._check_row_values(table, row_values)
-            if mode == 2:
-                has = (has[0], has[1], False)
         else:
             row_values = ()                  # no kernel argument, nothing loaded
-        kernel = step_kernel(element, has, mode, writes)
         stream = current_stream(table.kind, table.sample)
-        launch = _launcher(kernel, min(table.n_chunks, MAX_GRID), BLOCK, stream)
-        launch(*table.args, scalars, table.cast(grad_scale), row_values)
+        launch = _launcher(step_kernel(element, layout, scalars), min(table.n_chunks, MAX_GRID),
+                           BLOCK, stream)
+        launch(*table.args, scalars, table.cast(grad_scale), row_values, int(seed) & 0xFFFFFFFF)
         self.launches += 1
 
     @staticmethod
@@ -594,12 +271,20 @@ class CudaBackend:
         return layout.row_values
 
     def reduce_chunks(self, fn, table: CudaTable, scalars, maximum=False,
-                      writes=NO_WRITES) -> np.ndarray:
+                      writes=None) -> np.ndarray:
         """Per-chunk partials ``(n_chunks, 2)`` float64 of reducer ``fn``, copied to the host
-        (this synchronises: the caller needs the number). ``writes`` (p, s0, s1, s2): the
-        arrays ``fn`` also updates, as ``kernels.cpu.reduce_chunks``."""
-        writes = tuple(map(bool, writes))
-        if any(writes[1:][k] and not table.has[k] for k in range(3)):
+        (this synchronises: the caller needs the number).
+
+        ``fn(p, g, s0 .. s{K-1}, h) -> (a, b)``; with ``writes`` (p, s0 .. s{K-1}: the
+        arrays it also updates, missing entries False) it returns ``(a, b, p, s0 ..)``,
+        as ``kernels.cpu.reduce_chunks``. Gradients are read unscaled.
+        """
+        n_slots = table.n_slots
+        writes = tuple(map(bool, writes or ()))
+        if any(writes[1 + n_slots:]):
+            raise ValueError(f"writes {writes} name more than the param and {n_slots} state columns")
+        writes = (writes + (False,) * (1 + n_slots))[:1 + n_slots]
+        if any(w and not h for w, h in zip(writes[1:], table.has)):
             raise ValueError(f"writes {writes} name a state slot absent from the table {table.has}")
         if not table.n_chunks:
             return np.zeros((0, 2), dtype=np.float64)
@@ -607,8 +292,9 @@ class CudaBackend:
         if layout.partials is None:
             layout.partials = cuda.device_array((layout.n_chunks, 2), dtype=np.float64)
         stream = current_stream(table.kind, table.sample)
-        launch = _launcher(reduce_kernel(fn, maximum, writes), min(layout.n_chunks, MAX_GRID),
-                           REDUCE_BLOCK, stream)
+        kernel = reduce_kernel(fn, Layout.of(table.has, writes[1:], table.formats, model=table.model),
+                               scalars, maximum, writes[0])
+        launch = _launcher(kernel, min(layout.n_chunks, MAX_GRID), REDUCE_BLOCK, stream)
         launch(*layout.args, scalars, layout.partials)
         self.launches += 1
         if SIMULATOR:
@@ -617,3 +303,41 @@ class CudaBackend:
         if stream:
             stream.synchronize()
         return out
+
+    def run_rows(self, element, param, index, rows, slots, scalars, grad_scale=1.0,
+                 formats=None) -> None:
+        """Update only rows ``index`` (unique) of ``param`` from gradient ``rows``: one launch.
+
+        ``param`` and each present slot are device arrays of shape (R, ...), ``rows`` is
+        (k, ...) of the param's dtype and ``index`` k integers, on the host or the device
+        (a host index is copied over, on the launch stream); as ``kernels.cpu.run_rows``.
+        ``formats`` as in :meth:`table`.
+        """
+        shape = shape_of(param)
+        width = math.prod(shape[1:])
+        index_addr, k, index_dtype, _ = index_description(index)
+        if k == 0 or width == 0:
+            return
+        p_addr, n, dtype, kind = describe(param)
+        r_addr, n_rows, r_dtype, _ = describe(rows)
+        if r_dtype != dtype or n_rows != k * width:
+            raise ValueError(f"rows must be {k} x {width} {dtype} values (one per index), "
+                             f"got {n_rows} {r_dtype}")
+        fixed, columns, _ = fixed_columns([param], tuple(None if s is None else [s] for s in slots),
+                                           None, formats)
+        storage = columns.storage()
+        spans = [span(p_addr, n, dtype), span(r_addr, n_rows, dtype)]
+        spans += [span(int(fixed[0, 2 + j]), n, storage[2 + j]) if h else spans[1]
+                  for j, h in enumerate(columns.has)]
+        stream = current_stream(kind, param)
+        if index_addr is None:              # a host index: copied to the device per call
+            host_index = np.ascontiguousarray(index)
+            index = host_index if SIMULATOR else cuda.to_device(host_index, stream=stream)
+        else:
+            index = span(index_addr, k, index_dtype)
+        layout = Layout.of(columns.has, None, columns.formats)
+        launch = _launcher(rows_kernel(element, layout, scalars), min(k, MAX_GRID), BLOCK, stream)
+        launch(*spans, spans[1], index, np.int64(width), scalars, dtype.type(grad_scale), 0)
+        self.launches += 1
+
+

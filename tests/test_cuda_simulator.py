@@ -5,6 +5,10 @@ is read when Numba is imported), which would make the ``cuda`` backend look avai
 to every other test. So the CUDA test files run here in a child process of their own:
 the kernels run on the CPU with NumPy arrays standing in for device memory. On a GPU
 machine the same files also run for real in this process (``bench/gpu_check.sh``).
+
+The simulator runs kernels as Python, so it cannot tell whether they compile for a GPU.
+Where the CUDA toolkit's NVVM is installed, a second child process compiles the
+generated kernels to PTX with the real CUDA target (no GPU needed).
 """
 from __future__ import annotations
 
@@ -12,16 +16,17 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 
 HERE = Path(__file__).resolve().parent
-FILES = ["test_cuda_sim.py", "test_family_cudasim.py"]
+FILES = ["test_cuda_sim.py", "test_family_cudasim.py", "test_cuda_columns_sim.py"]
+UNDER_SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 
 
-@pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") == "1",
-                    reason="already under the simulator: the files run directly")
+@pytest.mark.skipif(UNDER_SIMULATOR, reason="already under the simulator: the files run directly")
 def test_cuda_kernels_under_the_simulator():
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
@@ -33,6 +38,86 @@ def test_cuda_kernels_under_the_simulator():
     summary = out.strip().splitlines()[-1]
     passed = re.search(r"(\d+) passed", summary)
     # Every kernel test ran: a run that skipped them all would pass with nothing tested.
-    assert passed and int(passed.group(1)) >= 100, summary
+    assert passed and int(passed.group(1)) >= 150, summary
     assert "failed" not in summary and "error" not in summary, summary
     print(summary)
+
+
+# Compiles kernels of every kind and column description for compute capability 9.0.
+# Numba asks the current device for its compute capability when it compiles a device
+# function called from a kernel; there is none here, so the child says 9.0 itself.
+_PTX = textwrap.dedent("""
+    import types
+    import numpy as np
+    import numba
+    from numba import cuda, typeof
+    import numba.cuda.dispatcher
+    numba.cuda.dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=(9, 0))
+    from fastopt.kernels import adam, cuda as driver, lamb
+    from fastopt.kernels.layout import Layout
+
+    F32, U16 = numba.float32[::1], numba.uint16[::1]
+
+    def spans(layout):
+        grad = U16 if layout.model else F32
+        states = [(F32 if f == "native" else U16) if r else grad
+                  for r, f in zip(layout.reads, layout.formats)]
+        return [F32, grad] + states + [U16 if layout.model else grad]
+
+    def ptx(kernel, layout, h, tail):
+        text, _ = cuda.compile_ptx(kernel.py_func, (*spans(layout), *tail(typeof(h))), cc=(9, 0))
+        return text
+
+    def step(h, row_values=()):
+        return lambda th: (numba.int64[:, ::1], th, numba.float32, typeof(row_values), numba.int64)
+
+    h = adam.adam_scalars(3, 0.01, 0.9, 0.999, 1e-8, 0.1, True, False, True, np.float32)
+    hl = lamb.lamb_scalars(3, 1e-3, 0.9, 0.999, 1e-6, 0.0, 0.01, np.float32)
+    cases = [
+        ("step", Layout.of((True, True, True)), adam.adam_element, h, step(h)),
+        ("step bf16/f16 state, stochastic bf16 model",
+         Layout.of((True, True, False), formats=("bfloat16", "float16", "native"),
+                   model="bfloat16-stochastic"), adam.adam_element, h, step(h)),
+        ("step f16 model, f16/bf16 state", Layout.of((True, False, True), formats=(
+            "float16", "native", "bfloat16"), model="float16"), adam.adam_element, h, step(h)),
+        ("step row slot", Layout.of((True, True, False), (False, False, False), row_mode=2,
+                                    row_slot=2), lamb.lamb_element, hl,
+         step(hl, np.zeros(2, np.float32))),
+    ]
+    for name, layout, fn, hh, tail in cases:
+        text = ptx(driver.step_kernel(fn, layout, hh), layout, hh, tail)
+        assert "call.uni" not in text and "call " not in text, name + ": a call left in"
+        print("ok", name, len(text))
+    layout = Layout.of((True, True, False), (True, True, False), formats=("bfloat16", "native", "native"))
+    text = ptx(driver.reduce_kernel(lamb.lamb_moments, layout, hl, write_p=False), layout, hl,
+               lambda th: (numba.int64[:, ::1], th, numba.float64[:, ::1]))
+    print("ok reduce", len(text))
+    layout = Layout.of((True, False, True), formats=("float16", "native", "native"))
+    text = ptx(driver.rows_kernel(adam.adam_element, layout, h), layout, h,
+               lambda th: (numba.int32[::1], numba.int64, th, numba.float32, numba.int64))
+    print("ok rows", len(text))
+    # Frozen flags are constants: the kernel never loads Adam's five bool fields.
+    layout = Layout.of((True, True, True))
+    frozen = ptx(driver.step_kernel(adam.adam_element, layout, h), layout, h, step(h))
+    assert frozen.count("ld.param.u8") == 0, frozen.count("ld.param.u8")
+    driver.PAIR = True
+    paired = ptx(driver.step_kernel(adam.adam_element, layout, h), layout, h, step(h))
+    assert paired != frozen
+    print("PTX OK")
+""")
+
+
+def _nvvm_present() -> bool:
+    # numba.cuda.cudadrv.nvvm finds the library from CUDA_HOME, conda or /usr/local/cuda.
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    return any(any(Path(home, sub).glob("libnvvm.so*")) for sub in ("nvvm/lib64", "lib", "lib64"))
+
+
+@pytest.mark.skipif(UNDER_SIMULATOR, reason="the simulator replaces the CUDA target")
+@pytest.mark.skipif(not _nvvm_present(), reason="no CUDA toolkit (libnvvm) to compile PTX with")
+def test_generated_kernels_compile_for_the_gpu():
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    proc = subprocess.run([sys.executable, "-c", _PTX], cwd=HERE.parent, env=env,
+                          capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "PTX OK" in proc.stdout, out[-8000:]

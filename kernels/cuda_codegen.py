@@ -1,0 +1,311 @@
+"""The CUDA driver's kernels, written as source from a description of their columns.
+
+One generator serves every kernel of ``kernels/cuda.py``: the step, the reduction and
+the sparse-row update, for any number K of state columns, any storage format per
+column, master weights, per-row values and compile-time flags. A kernel is two pieces:
+
+- a *walk*, which says which elements a block visits and where each column's element
+  lies: chunks of a chunk table (the step and the reduction), or rows of a param named
+  by an index array (sparse rows);
+- a *body*, the same for every walk: load the columns present (16-bit ones widened to
+  float32, kernels/cuda_formats.py), call the element (inlined device function), store
+  the columns written (rounded to their format) and, with master weights, the model
+  copy. The reduction's body adds its two outputs to per-thread sums instead.
+
+The source goes to a file named by a hash of its text, written only when absent, and is
+imported from there, so numba's on-disk cache (``FASTOPT_CUDA_CACHE=1``) can find the
+kernel again in a fresh process. Its globals (the element as a device function, the
+scalars' class, the format conversions) are set in the module before its body runs.
+The simulator imports the very same files.
+
+Kernel arguments, for a table of K state columns (absent columns get the gradient's
+span and offsets, never read): ``p, g, s0 .. s{K-1}, w`` spans (``w``: the model copy,
+or the gradient's span again), then for the chunk walks the device chunk table with
+columns ``(count, position, row, p, g, s0 .. s{K-1}, w)`` of element offsets, and for
+the row walk the index array and the row width.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+import tempfile
+import types as pytypes
+
+import numpy as np
+
+from . import cuda_formats
+from .layout import BFLOAT16, FLOAT16, NATIVE, ROW_GRAD, ROW_SLOT
+from .specialize import flag_tag, source_tag
+
+STEP, REDUCE, ROWS = "step", "reduce", "rows"
+# Chunk table columns before the per-column offsets.
+COUNT, POSITION, ROW, FIRST_OFFSET = 0, 1, 2, 3
+
+_WIDEN = {FLOAT16: "half_to_float", BFLOAT16: "bfloat16_to_float"}
+_MODEL_FORMAT = {"float16": FLOAT16, "bfloat16": BFLOAT16, "bfloat16-stochastic": BFLOAT16}
+
+
+def columns(n_slots: int) -> list[str]:
+    """The span names, in kernel argument order."""
+    return ["p", "g"] + [f"s{k}" for k in range(n_slots)] + ["w"]
+
+
+# -- the body -------------------------------------------------------------------------------------
+def _load(col, fmt, index):
+    load = f"{col}_span[{index}]"
+    return load if fmt == NATIVE else f"{_WIDEN[fmt]}({load})"
+
+
+def _store(col, fmt, index, value):
+    if fmt == FLOAT16:
+        value = f"float_to_half({value})"
+    elif fmt == BFLOAT16:
+        value = f"float_to_bfloat16({value}, -1)"
+    return f"{col}_span[{index}] = {value}"
+
+
+def _model_store(layout, index, value, lane, stochastic):
+    fmt = _MODEL_FORMAT[layout.model]
+    if fmt == BFLOAT16 and stochastic and layout.model.endswith("stochastic"):
+        return f"w_span[{index}] = float_to_bfloat16({value}, stochastic_noise(seed, at + {lane}))"
+    return _store("w", fmt, index, value)
+
+
+def _lane_loads(layout, lane, sfx, scaled):
+    """Index and value of every column read, for the element at offset ``lane``."""
+    g_fmt = _MODEL_FORMAT[layout.model] if layout.model else NATIVE
+    lines = [f"k_p{sfx} = np.uint64(o_p + {lane})", f"k_g{sfx} = np.uint64(o_g + {lane})",
+             f"p{sfx} = p_span[k_p{sfx}]",
+             f"g{sfx} = {_load('g', g_fmt, f'k_g{sfx}')}" + (" * scale" if scaled else "")]
+    for k in range(layout.n_slots):
+        if layout.row_mode == ROW_SLOT and k == layout.row_slot:
+            lines.append(f"s{k}{sfx} = value")
+        elif layout.reads[k]:
+            lines.append(f"k_s{k}{sfx} = np.uint64(o_s{k} + {lane})")
+            lines.append(f"s{k}{sfx} = {_load(f's{k}', layout.formats[k], f'k_s{k}{sfx}')}")
+        else:
+            lines.append(f"s{k}{sfx} = g{sfx}")      # absent: the element ignores it
+    if layout.model:
+        lines.append(f"k_w{sfx} = np.uint64(o_w + {lane})")
+    return lines
+
+
+def _lane_stores(layout, result, first, write_p, lane, sfx, stochastic):
+    """Stores of ``result[first]`` (the param) and ``result[first + 1 + k]`` (state k)."""
+    lines = []
+    if write_p:
+        lines.append(f"p_span[k_p{sfx}] = {result}{sfx}[{first}]")
+        if layout.model:
+            lines.append(_model_store(layout, f"k_w{sfx}", f"{result}{sfx}[{first}]", lane,
+                                      stochastic))
+    for k in range(layout.n_slots):
+        if layout.writes[k]:
+            lines.append(_store(f"s{k}", layout.formats[k], f"k_s{k}{sfx}",
+                                f"{result}{sfx}[{first + 1 + k}]"))
+    return lines
+
+
+def _call(fn, sfx, n_slots):
+    args = ", ".join([f"p{sfx}", f"g{sfx}"] + [f"s{k}{sfx}" for k in range(n_slots)] + ["hc"])
+    return f"{fn}({args})"
+
+
+def _update_body(layout, lanes):
+    """The step's body for one or two lanes (``PAIR``): all loads, then the math, then
+    the stores; the second lane stores only when it is inside the chunk."""
+    lines = []
+    for lane, sfx in lanes:
+        lines += _lane_loads(layout, lane, sfx, scaled=True)
+    for lane, sfx in lanes:
+        lines.append(f"out{sfx} = {_call('element', sfx, layout.n_slots)}")
+    for n, (lane, sfx) in enumerate(lanes):
+        stores = _lane_stores(layout, "out", 0, True, lane, sfx, stochastic=True)
+        lines += stores if n == 0 else ["if second:"] + _indent(stores, 1)
+    return lines
+
+
+def _reduce_body(layout, write_p, maximum):
+    lines = _lane_loads(layout, "i", "", scaled=False)
+    lines.append(f"res = {_call('element', '', layout.n_slots)}")
+    lines += _lane_stores(layout, "res", 2, write_p, "i", "", stochastic=False)
+    if maximum:
+        lines += ["acc_a = max(acc_a, res[0])", "acc_b = max(acc_b, res[1])"]
+    else:
+        lines += ["acc_a += res[0]", "acc_b += res[1]"]
+    return lines
+
+
+def _indent(lines, depth):
+    return ["    " * depth + line for line in lines]
+
+
+# -- the walks ------------------------------------------------------------------------------------
+def _chunk_offsets(layout):
+    """Per chunk: the element offset of each column read or written."""
+    lines = ["n = chunks[c, 0]", f"o_p = chunks[c, {FIRST_OFFSET}]",
+             f"o_g = chunks[c, {FIRST_OFFSET + 1}]"]
+    if layout.model.endswith("stochastic"):
+        lines.append("at = chunks[c, 1]")       # the step's element counter: random bits
+    for k in range(layout.n_slots):
+        if layout.reads[k]:
+            lines.append(f"o_s{k} = chunks[c, {FIRST_OFFSET + 2 + k}]")
+    if layout.model:
+        lines.append(f"o_w = chunks[c, {FIRST_OFFSET + 2 + layout.n_slots}]")
+    return lines
+
+
+def _row_values(layout):
+    lines = ["scale = grad_scale"]
+    if layout.row_mode == ROW_GRAD:
+        lines.append("scale = grad_scale * row_values[chunks[c, 2]]")
+    elif layout.row_mode == ROW_SLOT:
+        lines.append("value = row_values[chunks[c, 2]]")
+    return lines
+
+
+def _freeze(flags, n_fields, named):
+    """The scalars with their bool ``flags`` as constants: LLVM folds their branches."""
+    if not flags:
+        return "hc = h"
+    fixed = dict(flags)
+    fields = [repr(fixed[i]) if i in fixed else f"h[{i}]" for i in range(n_fields)]
+    return f"hc = Scalars({', '.join(fields)})" if named else f"hc = ({', '.join(fields)},)"
+
+
+def _step_source(name, layout, freeze, pair):
+    lanes = [("i", ""), ("j", "_2")] if pair else [("i", "")]
+    spans = ", ".join(f"{c}_span" for c in columns(layout.n_slots))
+    inner = []
+    if pair:
+        # The second lane is element i + blockDim; past the chunk's end it repeats the
+        # first (its loads merge, its math is dead code, its stores are skipped).
+        inner += ["j = i + nt", "second = j < n", "if not second:", "    j = i"]
+    inner += _update_body(layout, lanes) + [f"i += {'nt * 2' if pair else 'nt'}"]
+    body = (_chunk_offsets(layout) + _row_values(layout)
+            + ["i = cuda.threadIdx.x", "while i < n:"] + _indent(inner, 1)
+            + ["c += cuda.gridDim.x"])
+    return "\n".join([f"def {name}({spans}, chunks, h, grad_scale, row_values, seed):"]
+                     + _indent([freeze, "nt = cuda.blockDim.x", "c = cuda.blockIdx.x",
+                                "while c < chunks.shape[0]:"], 1) + _indent(body, 2)) + "\n"
+
+
+def _reduce_source(name, layout, freeze, write_p, maximum, rblock):
+    spans = ", ".join(f"{c}_span" for c in columns(layout.n_slots))
+    combine = (["sa[t] = max(sa[t], sa[t + s])", "sb[t] = max(sb[t], sb[t + s])"] if maximum
+               else ["sa[t] += sa[t + s]", "sb[t] += sb[t + s]"])
+    # float64 partial sums, deliberately: a chunk's sum may have millions of terms. One
+    # partial per chunk from a fixed-shape tree: the result is deterministic.
+    body = (_chunk_offsets(layout)
+            + ["acc_a = 0.0", "acc_b = 0.0", "i = t", "while i < n:"]
+            + _indent(_reduce_body(layout, write_p, maximum) + [f"i += {rblock}"], 1)
+            + ["sa[t] = acc_a", "sb[t] = acc_b", "cuda.syncthreads()", f"s = {rblock // 2}",
+               "while s > 0:", "    if t < s:"] + _indent(combine, 2)
+            + ["    cuda.syncthreads()", "    s //= 2",
+               "if t == 0:", "    out[c, 0] = sa[0]", "    out[c, 1] = sb[0]",
+               "cuda.syncthreads()", "c += cuda.gridDim.x"])
+    head = [freeze, f"sa = cuda.shared.array({rblock}, np.float64)",
+            f"sb = cuda.shared.array({rblock}, np.float64)",
+            "t = cuda.threadIdx.x", "c = cuda.blockIdx.x", "while c < chunks.shape[0]:"]
+    return "\n".join([f"def {name}({spans}, chunks, h, out):"] + _indent(head, 1)
+                     + _indent(body, 2)) + "\n"
+
+
+def _rows_source(name, layout, freeze):
+    spans = ", ".join(f"{c}_span" for c in columns(layout.n_slots))
+    # Block c updates param row index[c] from gradient row c; every column but the
+    # gradient is indexed by the param row. The model copy's element position (for
+    # stochastic rounding) is its index in the param.
+    offsets = ["n = width", "r = np.int64(index[c])", "o_p = r * width", "o_g = c * width",
+               "scale = grad_scale"] + (["at = o_p"] if layout.model.endswith("stochastic") else [])
+    offsets += [f"o_s{k} = o_p" for k in range(layout.n_slots) if layout.reads[k]]
+    offsets += ["o_w = o_p"] if layout.model else []
+    body = (offsets + ["i = cuda.threadIdx.x", "while i < n:"]
+            + _indent(_update_body(layout, [("i", "")]) + ["i += nt"], 1)
+            + ["c += cuda.gridDim.x"])
+    return "\n".join([f"def {name}({spans}, index, width, h, grad_scale, seed):"]
+                     + _indent([freeze, "nt = cuda.blockDim.x", "c = cuda.blockIdx.x",
+                                "while c < index.shape[0]:"], 1) + _indent(body, 2)) + "\n"
+
+
+# -- files, modules, kernels ------------------------------------------------------------------------
+def source_dir() -> str:
+    """Where generated kernel sources live: ``FASTOPT_CUDA_SOURCE_DIR``, else a per-user
+    cache folder (kept across processes, so the on-disk kernel cache can hit)."""
+    path = os.environ.get("FASTOPT_CUDA_SOURCE_DIR")
+    if not path:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        path = os.path.join(base, "fastopt", "cuda-kernels")
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError:                 # a read-only home: the temp folder, per user
+            path = os.path.join(tempfile.gettempdir(), f"fastopt-cuda-kernels-{os.getuid()}")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def write_source(text: str) -> tuple[str, str]:
+    """(module name, path) of the file holding ``text``, written only when absent."""
+    digest = hashlib.sha1(text.encode()).hexdigest()[:20]
+    module = f"fastopt_cuda_{digest}"
+    path = os.path.join(source_dir(), module + ".py")
+    if not os.path.exists(path):
+        # Written whole and renamed: a process importing it never reads half a file.
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    return module, path
+
+
+def import_source(module: str, path: str, namespace: dict):
+    """Execute the generated file as module ``module`` with ``namespace`` preset."""
+    spec = importlib.util.spec_from_file_location(module, path)
+    mod = importlib.util.module_from_spec(spec)
+    mod.__dict__.update(namespace)
+    spec.loader.exec_module(mod)
+    sys.modules.setdefault(module, mod)
+    return mod
+
+
+class Generated:
+    """A kernel's source text and the names its globals must hold."""
+
+    def __init__(self, name, text, scalars_class):
+        self.name, self.text, self.scalars_class = name, text, scalars_class
+
+
+def generate(kind, fn, layout, flags=(), scalars=None, pair=False, maximum=False,
+             write_p=False, rblock=256) -> Generated:
+    """The source of the ``kind`` kernel (STEP, REDUCE or ROWS) for element (or reducer)
+    ``fn`` over ``layout``, with the bool fields ``flags`` of ``scalars`` frozen."""
+    named = scalars is not None and hasattr(scalars, "_fields")
+    freeze = _freeze(flags, len(scalars) if scalars is not None else 0, named)
+    tag = layout.tag().replace("-", "x") + ("_" + flag_tag(flags) if flags else "")
+    if kind == STEP:
+        tag += "_pair" if pair else ""
+    elif kind == REDUCE:
+        tag += f"_{'max' if maximum else 'sum'}{rblock}" + ("_wp" if write_p else "")
+    fn_name = "".join(ch if ch.isalnum() else "_" for ch in fn.__name__)    # <lambda>
+    name = f"cuda_{kind}_{fn_name}_{tag}_{source_tag(fn)}"
+    if kind == STEP:
+        text = _step_source(name, layout, freeze, pair)
+    elif kind == REDUCE:
+        text = _reduce_source(name, layout, freeze, write_p, maximum, rblock)
+    else:
+        text = _rows_source(name, layout, freeze)
+    origin = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn.__name__)}"
+    header = (f'"""Generated by fastopt.kernels.cuda_codegen: do not edit.\n\n'
+              f"{kind} kernel of {origin} (source tag {source_tag(fn)}) over\n{layout!r}\n"
+              f'{"frozen flags " + repr(flags) if flags else "no frozen flags"}.\n"""\n\n\n')
+    return Generated(name, header + text, type(scalars) if named else None)
+
+
+def format_functions(jit) -> dict:
+    """kernels/cuda_formats.py's functions compiled by ``jit`` (``cuda.jit(device=True)``),
+    each calling the others' device versions."""
+    built = {"np": np}
+    for name, fn in cuda_formats.FUNCTIONS.items():
+        built[name] = jit(pytypes.FunctionType(fn.__code__, built, name))
+    return {name: built[name] for name in cuda_formats.FUNCTIONS}
