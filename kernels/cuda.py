@@ -43,6 +43,7 @@ GPU runs, list mode included; only span construction and stream selection differ
 from __future__ import annotations
 
 import math
+import operator
 import os
 import warnings
 
@@ -130,6 +131,45 @@ def reduce_kernel(fn, layout: Layout, scalars=(), maximum=False, write_p=False):
 def rows_kernel(element, layout: Layout, scalars=()):
     """The sparse-row kernel for ``element`` over ``layout``."""
     return _kernel(codegen.ROWS, element, layout, scalars)
+
+
+_STEPS: dict = {}
+_FLAG_GETTERS: dict = {}
+
+
+def _flag_key(scalars):
+    """What ``scalars`` specialises a kernel on, cheaply: for a NamedTuple class, the values
+    of its compile-time flag fields (their positions found once per class)."""
+    cls = type(scalars)
+    if not hasattr(cls, "_fields"):
+        return flags_of(scalars)
+    get = _FLAG_GETTERS.get(cls)
+    if get is None:
+        index = [i for i, _ in flags_of(scalars)]
+        get = _FLAG_GETTERS[cls] = operator.itemgetter(*index) if index else _no_flags
+    return get(scalars)
+
+
+def _no_flags(scalars):
+    return ()
+
+
+def _step_kernel_for(element, table, scalars, writes, mode, slot, stochastic):
+    """:func:`step_kernel` for one ``run``, its layout built and checked on the first call
+    only: a step's Python cost is a dict lookup (launches cost 20-90 us as it is)."""
+    writes = None if writes is None else tuple(map(bool, writes))
+    key = (element, table.columns, writes, mode, slot, stochastic, type(scalars), _flag_key(scalars))
+    kernel = _STEPS.get(key)
+    if kernel is None:
+        reads = table.has
+        if mode == ROW_SLOT:
+            reads = tuple(r and k != slot for k, r in enumerate(reads))
+        if writes is not None and len(writes) != table.n_slots:
+            raise ValueError(f"writes: one bool per state position ({table.n_slots}), got {len(writes)}")
+        model = table.model + ("-stochastic" if stochastic and table.model == BFLOAT16 else "")
+        layout = Layout.of(reads, writes, table.formats, mode, slot, model)
+        kernel = _STEPS[key] = step_kernel(element, layout, scalars)
+    return kernel
 
 
 # -- launches ----------------------------------------------------------------------------
@@ -226,20 +266,13 @@ class CudaBackend:
         mode, slot = _row_mode(row_mode, row_slot)
         if not table.n_chunks:
             return
-        reads = table.has
-        if mode == ROW_SLOT:
-            reads = tuple(r and k != slot for k, r in enumerate(reads))
-        if writes is not None and len(writes) != table.n_slots:
-            raise ValueError(f"writes: one bool per state position ({table.n_slots}), got {len(writes)}")
-        model = table.model + ("-stochastic" if stochastic and table.model == BFLOAT16 else "")
-        layout = Layout.of(reads, writes, table.formats, mode, slot, model)
+        kernel = _step_kernel_for(element, table, scalars, writes, mode, slot, bool(stochastic))
         if mode:
             self._check_row_values(table, row_values)
         else:
             row_values = ()                  # no kernel argument, nothing loaded
         stream = current_stream(table.kind, table.sample)
-        launch = _launcher(step_kernel(element, layout, scalars), min(table.n_chunks, MAX_GRID),
-                           BLOCK, stream)
+        launch = _launcher(kernel, min(table.n_chunks, MAX_GRID), BLOCK, stream)
         launch(*table.args, scalars, table.cast(grad_scale), row_values, int(seed) & 0xFFFFFFFF)
         self.launches += 1
 
