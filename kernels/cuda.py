@@ -158,7 +158,7 @@ def _step_kernel_for(element, table, scalars, writes, mode, slot, stochastic):
     """:func:`step_kernel` for one ``run``, its layout built and checked on the first call
     only: a step's Python cost is a dict lookup (launches cost 20-90 us as it is)."""
     writes = None if writes is None else tuple(map(bool, writes))
-    key = (element, table.columns, writes, mode, slot, stochastic, type(scalars), _flag_key(scalars))
+    key = (element, table.columns, writes, mode, slot, stochastic, type(scalars), _flag_key(scalars), PAIR)
     kernel = _STEPS.get(key)
     if kernel is None:
         reads = table.has

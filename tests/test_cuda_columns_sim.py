@@ -325,6 +325,29 @@ def test_16_bit_state_columns(n_slots, formats, mode):
                                   np.concatenate([bits(b).ravel() for b in before])), f"state {k} unchanged"
 
 
+@pytest.mark.parametrize("pair", [False, True], ids=["singles", "pairs"])
+def test_one_or_two_elements_per_thread(monkeypatch, pair):
+    """PAIR (compile time): each thread loads two elements before the math; the second
+    stores only inside its chunk (odd sizes, a grid smaller than the chunks)."""
+    from fastopt.kernels.layout import Layout
+    d = driver()
+    monkeypatch.setattr(d, "PAIR", pair)
+    monkeypatch.setattr(d, "MAX_GRID", 2)
+    be = backend()
+    formats = ("float16", "native", "bfloat16")
+    params, grads, slots = make(SHAPES, 3, formats=formats, seed=18)
+    want_p, want_s = oracle(elem3, params, grads, slots, H, formats)
+    table = be.table(params, grads, slots)
+    be.run(elem3, table, H)
+    assert_same(params, want_p, "params")
+    for k in range(3):
+        assert_same(slots[k], want_s[k], f"state {k}")
+    kernel = d.step_kernel(elem3, Layout.of((True,) * 3, formats=formats), H)
+    assert d._step_kernel_for(elem3, table, H, None, 0, 0, False) is kernel    # the one launched
+    with open(kernel.fastopt_source) as f:
+        assert ("if second:" in f.read()) == pair
+
+
 def test_explicit_formats_and_mismatches():
     be = backend()
     p = [np.ones(5, F32)]
