@@ -391,3 +391,40 @@ def keras_adadelta(params, grads, accumulated_grads, accumulated_deltas, *, lr=1
         a *= rho
         a += (1 - rho) * delta * delta
         p += lr * delta
+
+
+def adan(params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, previous_grads, *, step, lr=1e-3,
+         beta1=0.98, beta2=0.92, beta3=0.99, eps=1e-8, weight_decay=0.0, weight_decouple=False,
+         maximize=False):
+    """Adan (Xie et al., arXiv:2208.06677, TPAMI 2024) as pytorch_optimizer.Adan 4.1.0.
+
+    ``previous_grads[i]`` holds the previous gradient negated (the oracle's
+    ``previous_grad``); on ``step == 1`` its content is ignored and the gradient
+    difference is zero. ``weight_decouple``: ``p *= 1 - lr wd`` before the update, else
+    ``p /= 1 + lr wd`` after it. ``maximize`` negates the gradient before anything else.
+    """
+    # Python floats: a NumPy float64 hyperparameter would promote float32 arrays.
+    lr, beta1, beta2, beta3 = float(lr), float(beta1), float(beta2), float(beta3)
+    eps, weight_decay = float(eps), float(weight_decay)
+    bc1 = 1 - beta1 ** step
+    bc2 = 1 - beta2 ** step
+    bc3_sqrt = math.sqrt(1 - beta3 ** step)
+    for p, g, m, n, v, prev in zip(params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs,
+                                   previous_grads):
+        d_p = -g if maximize else g
+        if step == 1:
+            np.negative(d_p, out=prev)
+        prev += d_p                              # now g_t - g_{t-1}
+        _lerp_(m, d_p, 1 - beta1)
+        _lerp_(v, prev, 1 - beta2)
+        u = prev * beta2 + d_p
+        n *= beta3
+        n += (1 - beta3) * u * u
+        denom = np.sqrt(n) / bc3_sqrt + eps
+        if weight_decay != 0 and weight_decouple:
+            p *= 1 - lr * weight_decay
+        p += (-lr / bc1) * m / denom
+        p += (-lr * beta2 / bc2) * v / denom
+        if weight_decay != 0 and not weight_decouple:
+            p /= 1 + lr * weight_decay
+        np.negative(d_p, out=prev)
