@@ -53,7 +53,7 @@ from numba import cuda
 from . import cuda_codegen as codegen
 from .cuda_tables import (SIMULATOR, TABLES, CudaTable, current_stream, describe,
                           fixed_columns, grad_addresses, index_description, shape_of, span)
-from .layout import BFLOAT16, ROW_GRAD, ROW_NONE, ROW_SLOT, Layout
+from .layout import BFLOAT16, ROW_SLOT, Layout, parse_row_mode
 from .specialize import flags_of
 
 # Launch geometry. Chunks: at least CHUNK_MIN elements (a block's threads stride over
@@ -199,22 +199,6 @@ def _chunking():
 NO_WRITES = (False, False, False, False)
 
 
-def _row_mode(row_mode, row_slot):
-    """(mode, state position) of ``run``'s row_mode: None, "grad" or "slot<k>" ("slot2":
-    the third state argument, LAMB's and LARS's trust ratio)."""
-    if row_mode is None:
-        return ROW_NONE, 0
-    if row_mode == "grad":
-        return ROW_GRAD, 0
-    if isinstance(row_mode, str) and row_mode.startswith("slot"):
-        digits = row_mode[4:]
-        if row_slot is None and digits.isdigit():
-            return ROW_SLOT, int(digits)
-        if row_slot is not None and not digits:
-            return ROW_SLOT, int(row_slot)
-    raise KeyError(f"row_mode must be None, 'grad' or 'slot<k>' (e.g. 'slot2'), got {row_mode!r}")
-
-
 class CudaBackend:
     """The ``"cuda"`` backend: ``table()`` once per set of arrays, ``run()`` once per step.
 
@@ -251,7 +235,7 @@ class CudaBackend:
                       (params, grads, slots, model), _chunking())
 
     def run(self, element, table: CudaTable, scalars, grad_scale=1.0, row_values=None,
-            row_mode=None, writes=None, seed=0, stochastic=False, row_slot=None) -> None:
+            row_mode=None, writes=None, seed=0, stochastic=False) -> None:
         """One fused step of ``element`` over ``table``: one launch, asynchronous.
 
         ``row_values`` (a device array of the table's dtype, one value per row of a
@@ -263,7 +247,7 @@ class CudaBackend:
         stochastically when ``stochastic`` (random bits from ``seed`` and the element's
         position in the step), else to nearest even.
         """
-        mode, slot = _row_mode(row_mode, row_slot)
+        mode, slot = parse_row_mode(row_mode)
         if not table.n_chunks:
             return
         kernel = _step_kernel_for(element, table, scalars, writes, mode, slot, bool(stochastic))

@@ -107,10 +107,12 @@ _BITS = (np.dtype(np.uint16), np.dtype(np.int16))   # 16-bit patterns, format gi
 
 
 def format_of(dt, given, native, what) -> str:
-    """The storage format of an array of dtype ``dt`` (``given``, or read from ``dt``):
-    ``native`` is the params' dtype; float16 arrays are float16; bfloat16 arrays
-    (ml_dtypes) and 16-bit integer arrays (bfloat16 where ``__cuda_array_interface__``
-    has no bfloat16 type) are bfloat16 unless ``given`` says float16."""
+    """The storage format of an array of dtype ``dt``: ``given``, checked, or read from
+    ``dt`` (``native`` is the params' dtype, None for a model copy; float16 and ml_dtypes
+    bfloat16 arrays say their format). 16-bit integer arrays hold the patterns of either
+    format, so a state column of them needs its format given; a model copy of them is
+    bfloat16 (CuPy has no bfloat16 dtype and torch's bfloat16 tensors no
+    ``__cuda_array_interface__``: their uint16 or int16 views are what reaches here)."""
     dt = np.dtype(dt)
     bf16 = bfloat16_dtype()
     is_bf16 = bf16 is not None and dt == bf16
@@ -119,15 +121,18 @@ def format_of(dt, given, native, what) -> str:
             return NATIVE
         if dt == np.float16:
             return FLOAT16
-        if is_bf16 or dt in _BITS:
+        if is_bf16 or (native is None and dt in _BITS):
             return BFLOAT16
+        if dt in _BITS:
+            raise TypeError(f"{what} is {dt}, the bits of a 16-bit format: give its format "
+                            "(formats=..., 'float16' or 'bfloat16')")
     elif given not in FORMATS:
         raise ValueError(f"{what}: unknown storage format {given!r}; expected one of {FORMATS}")
     elif {NATIVE: native is not None and dt == native, FLOAT16: dt == np.float16 or dt in _BITS,
           BFLOAT16: is_bf16 or dt in _BITS}[given]:
         return given
-    raise TypeError(f"{what} is {dt}, which is not the storage of "
-                    + (f"format {given!r}" if given else f"a {native} step (native, float16 or bfloat16)"))
+    raise TypeError(f"{what} is {dt}, which cannot be "
+                    + (f"{given}" if given else f"a state of a {native} step (native, float16 or bfloat16)"))
 
 
 class _Columns(NamedTuple):

@@ -293,6 +293,33 @@ def test_float64_params():
         assert_same(slots[k], want_s[k], f"state {k}")
 
 
+@pytest.mark.parametrize("row_mode", ["grad", "slot4", "slot"])
+def test_row_values_as_gradient_factor_or_any_state_argument(row_mode):
+    """One value per row of a merge=False table: a gradient factor ("grad"), or state
+    argument k, read-only ("slot4"; "slot" alone is "slot2", LAMB's and LARS's)."""
+    be = backend()
+    shapes = [(5,), (0,), (1,), (37,)]
+    slot = {"grad": None, "slot4": 4, "slot": 2}[row_mode]
+    present = tuple(k != slot for k in range(5))
+    params, grads, slots = make(shapes, 5, present, seed=19)
+    per_tensor = {0: 0.5, 2: -2.0, 3: 3.0}                       # the non-empty tensors
+    want = {}
+    for i, v in per_tensor.items():
+        if row_mode == "grad":
+            columns, scale = [[s[i]] for s in slots], v
+        else:       # the row's value fills the absent column, which is never stored
+            columns, scale = [[np.full(shapes[i], v, F32)] if s is None else [s[i]] for s in slots], 1.0
+        want[i] = oracle(elem5, [params[i]], [grads[i]], columns, H, grad_scale=scale)
+    table = be.table(params, grads, slots, merge=False)
+    values = np.array(list(per_tensor.values()), F32)
+    be.run(elem5, table, H, row_values=be.row_array(table, values), row_mode=row_mode)
+    for i, (want_p, want_s) in want.items():
+        np.testing.assert_array_equal(params[i], want_p[0], err_msg=f"params[{i}]")
+        for k in range(5):
+            if present[k]:
+                np.testing.assert_array_equal(slots[k][i], want_s[k][0], err_msg=f"state {k} of {i}")
+
+
 # -- 16-bit state columns ---------------------------------------------------------------------------
 FORMAT_ROWS = [
     (1, ("bfloat16",)),
@@ -306,7 +333,7 @@ FORMAT_ROWS = [
 @pytest.mark.parametrize("mode", ["list", "arena"])
 def test_16_bit_state_columns(n_slots, formats, mode):
     """Loaded into float32 math, stored rounded to nearest even; formats read from the
-    dtypes except for uint16 columns, which are bfloat16 patterns."""
+    dtypes (float16, ml_dtypes bfloat16), or given for uint16 columns of patterns."""
     be = backend()
     element = ELEMENTS[n_slots]
     params, grads, slots = make(SHAPES, n_slots, formats=formats, seed=6)
@@ -314,7 +341,8 @@ def test_16_bit_state_columns(n_slots, formats, mode):
     if mode == "arena":
         params, grads = arena(params), arena(grads)
         slots = [arena(s) for s in slots]
-    table = be.table(params, grads, slots)
+    patterns = any(a.dtype == np.uint16 for s in slots for a in s)
+    table = be.table(params, grads, slots, formats=formats if patterns else None)
     assert table.formats == formats
     be.run(element, table, H)
     assert_same(params, want_p, "params")
@@ -357,7 +385,8 @@ def test_explicit_formats_and_mismatches():
     assert table.formats == ("float16",)
     be.run(elem1, table, H)
     np.testing.assert_array_equal(halves[0].view(np.float16), np.float16(0.75 * 1.5 + 1))
-    assert be.table(p, g, (halves,)).formats == ("bfloat16",)     # uint16 without a format
+    with pytest.raises(TypeError, match="give its format"):
+        be.table(p, g, (halves,))                                   # float16 or bfloat16 bits?
     with pytest.raises(TypeError, match="float16"):
         be.table(p, g, ([np.ones(5, BF16)],), formats=("float16",))
     with pytest.raises(TypeError, match="float64"):

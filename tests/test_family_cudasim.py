@@ -360,7 +360,7 @@ def test_row_values_are_checked():
             be.run(_probe, table, (), row_values=bad, row_mode="slot2")
     with pytest.raises(ValueError, match="one entry per row"):
         be.row_array(table, [1.0, 2.0, 3.0])
-    with pytest.raises(KeyError):
+    with pytest.raises(ValueError, match="row_mode"):
         be.run(_probe, table, (), row_values=cuda.to_device(np.ones(2, np.float32)), row_mode="rows")
     assert np.array_equal(p[0], np.zeros(4)) and np.array_equal(p[1], np.zeros(3))
 
