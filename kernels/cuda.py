@@ -354,7 +354,7 @@ class CudaBackend:
             index = span(index_addr, k, index_dtype)
         layout = Layout.of(columns.has, None, columns.formats)
         launch = _launcher(rows_kernel(element, layout, scalars), min(k, MAX_GRID), BLOCK, stream)
-        launch(*spans, spans[1], index, np.int64(width), scalars, dtype.type(grad_scale), 0)
+        launch(*spans, spans[1], index, np.int64(width), scalars, dtype.type(grad_scale))
         self.launches += 1
 
 

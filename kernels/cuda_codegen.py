@@ -66,11 +66,10 @@ def _store(col, fmt, index, value):
     return f"{col}_span[{index}] = {value}"
 
 
-def _model_store(layout, index, value, lane, stochastic):
-    fmt = _MODEL_FORMAT[layout.model]
-    if fmt == BFLOAT16 and stochastic and layout.model.endswith("stochastic"):
+def _model_store(layout, index, value, lane):
+    if layout.model == "bfloat16-stochastic":
         return f"w_span[{index}] = float_to_bfloat16({value}, stochastic_noise(seed, at + {lane}))"
-    return _store("w", fmt, index, value)
+    return _store("w", _MODEL_FORMAT[layout.model], index, value)
 
 
 def _lane_loads(layout, lane, sfx, scaled):
@@ -92,14 +91,13 @@ def _lane_loads(layout, lane, sfx, scaled):
     return lines
 
 
-def _lane_stores(layout, result, first, write_p, lane, sfx, stochastic):
+def _lane_stores(layout, result, first, write_p, lane, sfx):
     """Stores of ``result[first]`` (the param) and ``result[first + 1 + k]`` (state k)."""
     lines = []
     if write_p:
         lines.append(f"p_span[k_p{sfx}] = {result}{sfx}[{first}]")
         if layout.model:
-            lines.append(_model_store(layout, f"k_w{sfx}", f"{result}{sfx}[{first}]", lane,
-                                      stochastic))
+            lines.append(_model_store(layout, f"k_w{sfx}", f"{result}{sfx}[{first}]", lane))
     for k in range(layout.n_slots):
         if layout.writes[k]:
             lines.append(_store(f"s{k}", layout.formats[k], f"k_s{k}{sfx}",
@@ -121,7 +119,7 @@ def _update_body(layout, lanes):
     for lane, sfx in lanes:
         lines.append(f"out{sfx} = {_call('element', sfx, layout.n_slots)}")
     for n, (lane, sfx) in enumerate(lanes):
-        stores = _lane_stores(layout, "out", 0, True, lane, sfx, stochastic=True)
+        stores = _lane_stores(layout, "out", 0, True, lane, sfx)
         lines += stores if n == 0 else ["if second:"] + _indent(stores, 1)
     return lines
 
@@ -129,7 +127,7 @@ def _update_body(layout, lanes):
 def _reduce_body(layout, write_p, maximum):
     lines = _lane_loads(layout, "i", "", scaled=False)
     lines.append(f"res = {_call('element', '', layout.n_slots)}")
-    lines += _lane_stores(layout, "res", 2, write_p, "i", "", stochastic=False)
+    lines += _lane_stores(layout, "res", 2, write_p, "i", "")
     if maximum:
         lines += ["acc_a = max(acc_a, res[0])", "acc_b = max(acc_b, res[1])"]
     else:
@@ -144,10 +142,10 @@ def _indent(lines, depth):
 # -- the walks ------------------------------------------------------------------------------------
 def _chunk_offsets(layout):
     """Per chunk: the element offset of each column read or written."""
-    lines = ["n = chunks[c, 0]", f"o_p = chunks[c, {FIRST_OFFSET}]",
+    lines = [f"n = chunks[c, {COUNT}]", f"o_p = chunks[c, {FIRST_OFFSET}]",
              f"o_g = chunks[c, {FIRST_OFFSET + 1}]"]
-    if layout.model.endswith("stochastic"):
-        lines.append("at = chunks[c, 1]")       # the step's element counter: random bits
+    if layout.model == "bfloat16-stochastic":
+        lines.append(f"at = chunks[c, {POSITION}]")     # stochastic rounding's counter
     for k in range(layout.n_slots):
         if layout.reads[k]:
             lines.append(f"o_s{k} = chunks[c, {FIRST_OFFSET + 2 + k}]")
@@ -157,11 +155,11 @@ def _chunk_offsets(layout):
 
 
 def _row_values(layout):
-    lines = ["scale = grad_scale"]
     if layout.row_mode == ROW_GRAD:
-        lines.append("scale = grad_scale * row_values[chunks[c, 2]]")
-    elif layout.row_mode == ROW_SLOT:
-        lines.append("value = row_values[chunks[c, 2]]")
+        return [f"scale = grad_scale * row_values[chunks[c, {ROW}]]"]
+    lines = ["scale = grad_scale"]
+    if layout.row_mode == ROW_SLOT:
+        lines.append(f"value = row_values[chunks[c, {ROW}]]")
     return lines
 
 
@@ -174,9 +172,17 @@ def _freeze(flags, n_fields, named):
     return f"hc = Scalars({', '.join(fields)})" if named else f"hc = ({', '.join(fields)},)"
 
 
+def _kernel_source(name, layout, arguments, head, over, body):
+    """``def name(spans..., arguments)``: ``head``, then blocks striding over the entries
+    of array ``over`` (chunks, or index rows), ``c`` the entry, running ``body``."""
+    spans = ", ".join(f"{c}_span" for c in columns(layout.n_slots))
+    return "\n".join([f"def {name}({spans}, {arguments}):"]
+                     + _indent(head + ["c = cuda.blockIdx.x", f"while c < {over}.shape[0]:"], 1)
+                     + _indent(body + ["c += cuda.gridDim.x"], 2)) + "\n"
+
+
 def _step_source(name, layout, freeze, pair):
     lanes = [("i", ""), ("j", "_2")] if pair else [("i", "")]
-    spans = ", ".join(f"{c}_span" for c in columns(layout.n_slots))
     inner = []
     if pair:
         # The second lane is element i + blockDim; past the chunk's end it repeats the
@@ -184,15 +190,12 @@ def _step_source(name, layout, freeze, pair):
         inner += ["j = i + nt", "second = j < n", "if not second:", "    j = i"]
     inner += _update_body(layout, lanes) + [f"i += {'nt * 2' if pair else 'nt'}"]
     body = (_chunk_offsets(layout) + _row_values(layout)
-            + ["i = cuda.threadIdx.x", "while i < n:"] + _indent(inner, 1)
-            + ["c += cuda.gridDim.x"])
-    return "\n".join([f"def {name}({spans}, chunks, h, grad_scale, row_values, seed):"]
-                     + _indent([freeze, "nt = cuda.blockDim.x", "c = cuda.blockIdx.x",
-                                "while c < chunks.shape[0]:"], 1) + _indent(body, 2)) + "\n"
+            + ["i = cuda.threadIdx.x", "while i < n:"] + _indent(inner, 1))
+    return _kernel_source(name, layout, "chunks, h, grad_scale, row_values, seed",
+                          [freeze, "nt = cuda.blockDim.x"], "chunks", body)
 
 
 def _reduce_source(name, layout, freeze, write_p, maximum, rblock):
-    spans = ", ".join(f"{c}_span" for c in columns(layout.n_slots))
     combine = (["sa[t] = max(sa[t], sa[t + s])", "sb[t] = max(sb[t], sb[t + s])"] if maximum
                else ["sa[t] += sa[t + s]", "sb[t] += sb[t + s]"])
     # float64 partial sums, deliberately: a chunk's sum may have millions of terms. One
@@ -204,29 +207,24 @@ def _reduce_source(name, layout, freeze, write_p, maximum, rblock):
                "while s > 0:", "    if t < s:"] + _indent(combine, 2)
             + ["    cuda.syncthreads()", "    s //= 2",
                "if t == 0:", "    out[c, 0] = sa[0]", "    out[c, 1] = sb[0]",
-               "cuda.syncthreads()", "c += cuda.gridDim.x"])
+               "cuda.syncthreads()"])
     head = [freeze, f"sa = cuda.shared.array({rblock}, np.float64)",
-            f"sb = cuda.shared.array({rblock}, np.float64)",
-            "t = cuda.threadIdx.x", "c = cuda.blockIdx.x", "while c < chunks.shape[0]:"]
-    return "\n".join([f"def {name}({spans}, chunks, h, out):"] + _indent(head, 1)
-                     + _indent(body, 2)) + "\n"
+            f"sb = cuda.shared.array({rblock}, np.float64)", "t = cuda.threadIdx.x"]
+    return _kernel_source(name, layout, "chunks, h, out", head, "chunks", body)
 
 
 def _rows_source(name, layout, freeze):
-    spans = ", ".join(f"{c}_span" for c in columns(layout.n_slots))
-    # Block c updates param row index[c] from gradient row c; every column but the
-    # gradient is indexed by the param row. The model copy's element position (for
-    # stochastic rounding) is its index in the param.
+    if layout.model or layout.row_mode:
+        raise ValueError("sparse rows take neither a model column nor per-row values")
+    # Block c updates param row index[c] from gradient row c; every other column is
+    # indexed by the param row.
     offsets = ["n = width", "r = np.int64(index[c])", "o_p = r * width", "o_g = c * width",
-               "scale = grad_scale"] + (["at = o_p"] if layout.model.endswith("stochastic") else [])
+               "scale = grad_scale"]
     offsets += [f"o_s{k} = o_p" for k in range(layout.n_slots) if layout.reads[k]]
-    offsets += ["o_w = o_p"] if layout.model else []
     body = (offsets + ["i = cuda.threadIdx.x", "while i < n:"]
-            + _indent(_update_body(layout, [("i", "")]) + ["i += nt"], 1)
-            + ["c += cuda.gridDim.x"])
-    return "\n".join([f"def {name}({spans}, index, width, h, grad_scale, seed):"]
-                     + _indent([freeze, "nt = cuda.blockDim.x", "c = cuda.blockIdx.x",
-                                "while c < index.shape[0]:"], 1) + _indent(body, 2)) + "\n"
+            + _indent(_update_body(layout, [("i", "")]) + ["i += nt"], 1))
+    return _kernel_source(name, layout, "index, width, h, grad_scale",
+                          [freeze, "nt = cuda.blockDim.x"], "index", body)
 
 
 # -- files, modules, kernels ------------------------------------------------------------------------
@@ -296,8 +294,11 @@ def generate(kind, fn, layout, flags=(), scalars=None, pair=False, maximum=False
     else:
         text = _rows_source(name, layout, freeze)
     origin = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn.__name__)}"
+    # The conversions' source tag too: numba's disk cache knows only this file, so any
+    # change to what the kernel calls must change its text.
     header = (f'"""Generated by fastopt.kernels.cuda_codegen: do not edit.\n\n'
-              f"{kind} kernel of {origin} (source tag {source_tag(fn)}) over\n{layout!r}\n"
+              f"{kind} kernel of {origin} (source tag {source_tag(fn)}, format conversions "
+              f"{source_tag(cuda_formats)}) over\n{layout!r}\n"
               f'{"frozen flags " + repr(flags) if flags else "no frozen flags"}.\n"""\n\n\n')
     return Generated(name, header + text, type(scalars) if named else None)
 

@@ -714,6 +714,8 @@ def test_generated_source_is_written_once_named_by_its_hash(tmp_path, monkeypatc
     assert "float_to_bfloat16(out[0], stochastic_noise(seed, at + i))" in gen.text
     assert "bfloat16_to_float(g_span[k_g])" in gen.text
     assert "s1 = g" in gen.text and "s1_span" not in gen.text.split("):", 1)[1]
+    with pytest.raises(ValueError, match="sparse rows"):
+        cuda_codegen.generate(cuda_codegen.ROWS, elem3, layout)
 
 
 def test_one_generator_for_every_kernel():

@@ -94,7 +94,7 @@ _PTX = textwrap.dedent("""
     print("ok reduce", len(text))
     layout = Layout.of((True, False, True), formats=("float16", "native", "native"))
     text = ptx(driver.rows_kernel(adam.adam_element, layout, h), layout, h,
-               lambda th: (numba.int32[::1], numba.int64, th, numba.float32, numba.int64))
+               lambda th: (numba.int32[::1], numba.int64, th, numba.float32))
     print("ok rows", len(text))
     # Frozen flags are constants: the kernel never loads Adam's five bool fields.
     layout = Layout.of((True, True, True))
