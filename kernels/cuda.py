@@ -74,7 +74,6 @@ if SIMULATOR:
     BLOCK, CHUNK_MIN, CHUNK_MAX, TARGET_CHUNKS, REDUCE_BLOCK, MAX_GRID = 4, 8, 32, 16, 4, 3
 
 
-
 # -- kernels -----------------------------------------------------------------------------
 _KERNELS: dict = {}
 _DEVICE_FUNCTIONS: dict = {}
@@ -106,8 +105,9 @@ def _compile(fn, generated):
 
 def _kernel(kind, fn, layout, scalars, **options):
     flags = flags_of(scalars)
-    named = type(scalars) if flags and hasattr(scalars, "_fields") else None
-    key = (kind, fn, layout, flags, named, tuple(sorted(options.items())))
+    # With flags, the source rebuilds the scalars: it depends on their class and length.
+    shape = (type(scalars), len(scalars)) if flags else None
+    key = (kind, fn, layout, flags, shape, tuple(sorted(options.items())))
     kernel = _KERNELS.get(key)
     if kernel is None:
         kernel = _KERNELS[key] = _compile(fn, codegen.generate(kind, fn, layout, flags, scalars,
@@ -142,7 +142,7 @@ def _flag_key(scalars):
     of its compile-time flag fields (their positions found once per class)."""
     cls = type(scalars)
     if not hasattr(cls, "_fields"):
-        return flags_of(scalars)
+        return len(scalars), flags_of(scalars)
     get = _FLAG_GETTERS.get(cls)
     if get is None:
         index = [i for i, _ in flags_of(scalars)]

@@ -636,10 +636,22 @@ def test_each_flag_setting_computes_its_branch():
             text = f.read()
         a, b = key[3][0][1], key[3][1][1]
         assert f"hc = Scalars(h[0], {a}, {b}, h[3])" in text
-    # a plain tuple of scalars is frozen the same way
+    # a plain tuple of scalars is frozen the same way, whatever its length
     p = [np.zeros(3, F32)]
-    be.run(lambda p, g, s0, h: (p + (h[0] if h[1] else -h[0]), s0), be.table(p, [p[0]], (None,)), (F32(2), False))
+    table = be.table(p, [np.ones(3, F32)], (None,))
+    be.run(plain, table, (F32(2), False))
     np.testing.assert_array_equal(p[0], F32(-2))
+    be.run(plain, table, (F32(2), False, F32(5)))
+    np.testing.assert_array_equal(p[0], F32(-2 - 2 + 5))
+    be.run(plain, table, (F32(2), True, F32(5)))
+    np.testing.assert_array_equal(p[0], F32(-2 - 2 + 5 + 2 + 5))
+
+
+def plain(p, g, s0, h):
+    p = p + (h[0] if h[1] else -h[0])
+    if len(h) > 2:
+        p = p + h[2] * g
+    return p, s0
 
 
 # -- reductions ---------------------------------------------------------------------------------------
