@@ -51,7 +51,91 @@ def resolve(explicit: str | None, sample=None) -> str:
     return "cuda" if sample is not None and is_device_array(sample) else "cpu"
 
 
+# -- what each backend can do: the one place a combination is refused -----------------------
+MASTER_WEIGHTS = "master weights (16-bit params)"
+SPARSE_ROWS = "sparse gradient rows (SparseGrad)"
+PER_TENSOR = "per-tensor passes (LAMB, LARS)"
+DENSE = "dense steps"
+
+CAPABILITIES = {
+    "cpu": frozenset({DENSE, MASTER_WEIGHTS, SPARSE_ROWS, PER_TENSOR}),
+    "numpy": frozenset({DENSE, MASTER_WEIGHTS, SPARSE_ROWS, PER_TENSOR}),
+    "cuda": frozenset({DENSE, PER_TENSOR}),
+}
+"""{backend: the features it runs}; :func:`require` refuses the others."""
+
+
+def require(name: str, feature: str, what: str) -> None:
+    """Raise NotImplementedError, naming ``what`` asked for it, when backend ``name``
+    lacks ``feature``: before anything is mutated."""
+    if feature not in CAPABILITIES[name]:
+        have = [b for b in BACKENDS if feature in CAPABILITIES[b]]
+        raise NotImplementedError(f"{what}: {feature} run on the {', '.join(map(repr, have))} "
+                                  f"backend{'s' if len(have) > 1 else ''}, not {name!r}")
+
+
+# -- one interface: step a bucket, step sparse rows ----------------------------------------------
+class _Driver:
+    """A compiled driver (``kernels/cpu.py``, ``kernels/cuda.py``) behind the interface the
+    optimizers call: :meth:`step` a bucket of tensors, :meth:`step_rows` of a sparse
+    gradient. Anything else (``table``, ``run``, ``reduce_chunks``, ...) is the driver's."""
+
+    def __init__(self, name, driver):
+        self.name = name
+        self.driver = driver
+
+    def __getattr__(self, attr):
+        return getattr(self.driver, attr)
+
+    def step(self, spec, group, bucket, step, scale=1.0, seed=0, stochastic=False) -> None:
+        if spec.per_tensor is not None:
+            from . import _passes
+            _passes.run(spec, group, bucket, step, self, scale)
+            return
+        if bucket.table is None:
+            bucket.table = self.driver.table(bucket.params, bucket.grads, bucket.slots,
+                                             model=bucket.model)
+        scalars = spec.scalars(group, step, np.dtype(bucket.params[0].dtype).type)
+        options = {} if bucket.model is None else {"seed": seed, "stochastic": stochastic}
+        self.driver.run(spec.element, bucket.table, scalars, scale, **options)
+
+    def step_rows(self, spec, group, step, param, index, rows, slots, scale=1.0) -> None:
+        scalars = (spec.sparse.scalars or spec.scalars)(group, step, param.dtype.type)
+        self.driver.run_rows(spec.element, param, index, rows, slots, scalars, scale)
+
+
+class _Reference:
+    """The ``"numpy"`` backend: the independent reference behind the same interface."""
+
+    name = "numpy"
+    xp = np
+
+    def step(self, spec, group, bucket, step, scale=1.0, seed=0, stochastic=False) -> None:
+        cast = np.dtype(bucket.params[0].dtype).type
+        grads = bucket.grads
+        if bucket.model is not None:
+            grads = [g.astype(np.float32) for g in grads]
+        if scale != 1.0:
+            grads = [g * cast(scale) for g in grads]
+        spec.run_reference(group, step, bucket.params, grads, bucket.slots)
+        if bucket.model is not None:
+            for w, master in zip(bucket.model, bucket.params):
+                w[...] = master.astype(w.dtype)          # round to nearest even
+
+    def step_rows(self, spec, group, step, param, index, rows, slots, scale=1.0) -> None:
+        rows = rows if scale == 1.0 else rows * rows.dtype.type(scale)
+        if spec.sparse.reference is not None:
+            spec.sparse.reference(group, step, param, index, rows, slots)
+            return
+        # The dense step with a gradient that is zero outside the rows.
+        dense = np.zeros_like(param)
+        dense[index] = rows
+        spec.run_reference(group, step, [param], [dense], tuple(None if s is None else [s] for s in slots))
+
+
 class _CpuBackend:
+    """``kernels/cpu.py`` as a driver object."""
+
     name = "cpu"
     xp = np
 
@@ -59,32 +143,41 @@ class _CpuBackend:
         from .kernels import cpu
         self._cpu = cpu
 
-    def table(self, params, grads, slots, model=None):
-        return self._cpu.ChunkTable(params, grads, slots, model=model)
+    def table(self, params, grads, slots, model=None, merge=True):
+        return self._cpu.ChunkTable(params, grads, slots, merge=merge, model=model)
 
     def run(self, element, table, scalars, grad_scale=1.0, **options):
         self._cpu.run(element, table, scalars, grad_scale, **options)
+
+    def run_rows(self, element, param, index, rows, slots, scalars, grad_scale=1.0):
+        self._cpu.run_rows(element, param, index, rows, slots, scalars, grad_scale)
+
+    def reduce_chunks(self, fn, table, scalars, **options):
+        return self._cpu.reduce_chunks(fn, table, scalars, **options)
 
 
 _loaded: dict = {}
 
 
 def get(name: str):
-    """The backend object for ``name`` (``"numpy"`` has none: callers run the reference)."""
+    """The backend object for ``name``: :meth:`_Driver.step` and :meth:`_Driver.step_rows`
+    for every backend, and for "cpu" and "cuda" the driver's own methods too."""
     be = _loaded.get(name)
     if be is not None:
         return be
     if name == "cpu":
-        be = _CpuBackend()
+        be = _Driver("cpu", _CpuBackend())
+    elif name == "numpy":
+        be = _Reference()
     elif name == "cuda":
         try:
             from .kernels import cuda as cuda_driver
-            be = cuda_driver.CudaBackend()
+            be = _Driver("cuda", cuda_driver.CudaBackend())
         except Exception as exc:  # ImportError, or a CUDA driver that fails to initialise
             raise BackendUnavailableError(
                 "fastopt backend 'cuda' is unavailable: install fastopt[cuda] (numba-cuda, cupy) "
                 f"on a machine with an NVIDIA driver ({type(exc).__name__}: {exc})") from exc
     else:
-        raise ValueError(f"backend {name!r} has no driver object")
+        _check_name(name, "backend")
     _loaded[name] = be
     return be

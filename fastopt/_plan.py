@@ -13,7 +13,7 @@ import operator
 
 import numpy as np
 
-from . import _validate
+from . import _backend, _validate
 from .flat import arena_of, warn_if_copied
 
 MASTER = "master_param"   # state key of the float32 master copy of a 16-bit param
@@ -140,15 +140,13 @@ class _Planning:
         addresses = {}
         check = _validate.grad
         sigs = self._param_sigs
-        # Only the CPU driver and the reference have a master-weights path: refuse here,
-        # before any state exists, rather than run a float32 kernel on 16-bit gradients.
-        refuse_low = self.master_weights and backend_name not in ("cpu", "numpy")
+        # Refused here, before any state exists, where the backend has no master-weights
+        # path (rather than run a float32 kernel on 16-bit gradients).
         for k, (p, g, pa) in enumerate(zip(params, grads, self._param_addresses[base:])):
             if g is not None:
-                if refuse_low and _is_low_precision(p):
-                    raise NotImplementedError(
-                        f"params[{base + k}] is {np.dtype(p.dtype)}: master weights for 16-bit "
-                        f"params run on the 'cpu' and 'numpy' backends, not {backend_name!r}")
+                if self.master_weights and _is_low_precision(p):
+                    _backend.require(backend_name, _backend.MASTER_WEIGHTS,
+                                     f"params[{base + k}] is {np.dtype(p.dtype)}")
                 if isinstance(p, np.ndarray) and not p.flags.writeable:
                     raise ValueError(f"params[{base + k}] is read-only; optimizer steps update params in place")
                 i = base + k

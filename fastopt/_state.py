@@ -28,6 +28,8 @@ def state_dict(opt) -> dict:
         d = {name: _host(arr) for name, arr in st.items()}
         if opt.has_step_state:
             d["step"] = _step_array(int(opt._steps[i]))
+        if opt._host_values is not None:
+            d[opt.spec.host.name] = np.array(opt._host_values[i], dtype=np.float32)
         state[i] = d
     groups, start = [], 0
     for g in opt.param_groups:
@@ -71,6 +73,7 @@ def load_state_dict(opt, sd) -> None:
     groups, state = sd["param_groups"], sd["state"]
     if not isinstance(state, dict):
         raise ValueError("state_dict['state'] must be a dict")
+    state, host_values = opt._host_split_loaded(state)
     if not isinstance(groups, (list, tuple)) or not all(isinstance(g, dict) for g in groups):
         raise ValueError("state_dict['param_groups'] must be a list of dicts")
     if len(groups) != len(opt.param_groups):
@@ -148,6 +151,8 @@ def load_state_dict(opt, sd) -> None:
         opt._steps[i] = step
     if iterations is not None:
         opt.iterations = iterations
+    if opt._host_values is not None:
+        opt._host_set_loaded(groups, host_values)
 
 
 def _to_like(dst, src):

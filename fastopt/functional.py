@@ -8,9 +8,10 @@ from __future__ import annotations
 import numpy as np
 
 from . import _backend, _validate
-from .optim import SGD, Adagrad, Adam, RMSprop
-
-__all__ = ["sgd", "adagrad", "rmsprop", "adam", "adamw", "adamax", "nadam", "radam", "adadelta", "lion"]
+from ._plan import _Bucket
+from .kernels.registry import SPECS
+from .optimizers import CLASSES
+from .spec import functional_form
 
 
 def _step(cls, name, group, step, params, grads, slots, backend):
@@ -35,6 +36,7 @@ def _step(cls, name, group, step, params, grads, slots, backend):
         if len(arrays) != len(params):
             raise ValueError(f"{name}: {slot} has {len(arrays)} entries, expected {len(params)}")
         slot_lists.append(arrays)
+    slot_lists += [None] * (len(active) - len(slot_lists))   # positions past the columns
     everything = list(params)
     for i, (p, g) in enumerate(zip(params, grads)):
         _validate.param(p, f"{name}: params[{i}]")
@@ -50,107 +52,22 @@ def _step(cls, name, group, step, params, grads, slots, backend):
         everything.extend(arrays)
     _validate.no_overlap(everything, f"{name} params and state")
     backend_name = _backend.resolve(backend, params[0])
+    be = _backend.get(backend_name)
+    if cls.spec.host is not None and cls.spec.host.name not in group:
+        group[cls.spec.host.name] = float(cls.spec.host.after(step, group))
     by_dtype: dict = {}
     for i, p in enumerate(params):
         by_dtype.setdefault(np.dtype(p.dtype), []).append(i)
-    full = tuple(slot_lists) + (None,) * (3 - len(slot_lists))
     for idx in by_dtype.values():
-        ps = [params[i] for i in idx]
-        gs = [grads[i] for i in idx]
-        ss = tuple(None if s is None else [s[i] for i in idx] for s in full)
-        if backend_name == "numpy":
-            cls._reference(group, step, ps, gs, ss)
-        else:
-            be = _backend.get(backend_name)
-            be.run(cls.element, be.table(ps, gs, ss), cls._scalars(group, step, np.dtype(ps[0].dtype).type))
+        bucket = _Bucket(idx, [params[i] for i in idx], [grads[i] for i in idx],
+                         tuple(None if s is None else [s[i] for i in idx] for s in slot_lists))
+        be.step(cls.spec, group, bucket, step)
 
 
-def sgd(params, grads, momentum_buffers=None, *, step=1, lr=1e-3, momentum=0.0, dampening=0.0,
-        weight_decay=0.0, nesterov=False, maximize=False, backend=None):
-    """SGD step in place. ``step`` == 1 initialises the momentum buffers to the gradient."""
-    group = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                 nesterov=nesterov, maximize=maximize)
-    _step(SGD, "sgd", group, step, params, grads, (momentum_buffers,), backend)
-
-
-def adagrad(params, grads, state_sums, *, step=1, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
-            eps=1e-10, maximize=False, backend=None):
-    """Adagrad step in place."""
-    group = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps, maximize=maximize,
-                 initial_accumulator_value=0.0)
-    _step(Adagrad, "adagrad", group, step, params, grads, (state_sums,), backend)
-
-
-def rmsprop(params, grads, square_avgs, momentum_buffers=None, grad_avgs=None, *, step=1, lr=1e-2,
-            alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, maximize=False,
-            backend=None):
-    """RMSprop step in place."""
-    group = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
-                 centered=centered, maximize=maximize)
-    _step(RMSprop, "rmsprop", group, step, params, grads, (square_avgs, momentum_buffers, grad_avgs),
-          backend)
-
-
-def adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step=1, lr=1e-3, beta1=0.9,
-         beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
-         decoupled_weight_decay=False, backend=None):
-    """Adam step in place (``step`` counts this step, so bias corrections use it)."""
-    group = dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                 maximize=maximize, decoupled_weight_decay=decoupled_weight_decay)
-    _step(Adam, "adam", group, step, params, grads, (exp_avgs, exp_avg_sqs, max_exp_avg_sqs), backend)
-
-
-def adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step=1, lr=1e-3, beta1=0.9,
-          beta2=0.999, eps=1e-8, weight_decay=1e-2, amsgrad=False, maximize=False, backend=None):
-    """AdamW step in place."""
-    adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step=step, lr=lr, beta1=beta1,
-         beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-         decoupled_weight_decay=True, backend=backend)
-
-
-# -- the rest of the family (fastopt.family) ----------------------------------------------
-def adamax(params, grads, exp_avgs, exp_infs, *, step=1, lr=2e-3, beta1=0.9, beta2=0.999,
-           eps=1e-8, weight_decay=0.0, maximize=False, backend=None):
-    """Adamax step in place."""
-    from .family import Adamax
-    group = dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay, maximize=maximize)
-    _step(Adamax, "adamax", group, step, params, grads, (exp_avgs, exp_infs), backend)
-
-
-def nadam(params, grads, exp_avgs, exp_avg_sqs, *, step=1, lr=2e-3, beta1=0.9, beta2=0.999,
-          eps=1e-8, weight_decay=0.0, momentum_decay=4e-3, decoupled_weight_decay=False,
-          maximize=False, mu_product=None, backend=None):
-    """NAdam step in place. ``mu_product`` is the product of the momentum schedule up to and
-    including this step (torch's state); by default it is computed for a constant beta1."""
-    from .family import _MU_PRODUCT, NAdam
-    group = dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay,
-                 momentum_decay=momentum_decay, decoupled_weight_decay=decoupled_weight_decay,
-                 maximize=maximize)
-    if mu_product is not None:
-        group[_MU_PRODUCT] = _validate.number("mu_product", mu_product, where="nadam")
-    _step(NAdam, "nadam", group, step, params, grads, (exp_avgs, exp_avg_sqs), backend)
-
-
-def radam(params, grads, exp_avgs, exp_avg_sqs, *, step=1, lr=1e-3, beta1=0.9, beta2=0.999,
-          eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, maximize=False, backend=None):
-    """RAdam step in place (rectified when torch's rho_t > 5)."""
-    from .family import RAdam
-    group = dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay,
-                 decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
-    _step(RAdam, "radam", group, step, params, grads, (exp_avgs, exp_avg_sqs), backend)
-
-
-def adadelta(params, grads, square_avgs, acc_deltas, *, step=1, lr=1.0, rho=0.9, eps=1e-6,
-             weight_decay=0.0, maximize=False, backend=None):
-    """Adadelta step in place."""
-    from .family import Adadelta
-    group = dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize)
-    _step(Adadelta, "adadelta", group, step, params, grads, (square_avgs, acc_deltas), backend)
-
-
-def lion(params, grads, exp_avgs, *, step=1, lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=1e-3,
-         maximize=False, backend=None):
-    """Lion step in place (optax's equations)."""
-    from .family import Lion
-    group = dict(lr=lr, betas=(beta1, beta2), weight_decay=weight_decay, maximize=maximize)
-    _step(Lion, "lion", group, step, params, grads, (exp_avgs,), backend)
+# One function per spec with a functional name (fastopt/spec.py: functional_form).
+__all__ = []
+for _spec in SPECS:
+    if _spec.functional:
+        globals()[_spec.functional] = functional_form(_spec, CLASSES[_spec.name], _step)
+        __all__.append(_spec.functional)
+del _spec

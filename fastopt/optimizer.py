@@ -19,12 +19,13 @@ import numpy as np
 from . import _backend, _validate
 from .flat import FlatParams, arena_of, warn_if_copied
 from ._plan import MASTER, _Bucket, _is_low_precision, _Plan, _Planning  # noqa: F401
-from .sparse import SparseSteps
+from ._host_state import HostStates
+from .sparse import SparseSteps, rows_seen_so_far
 
 _NOT_HYPERPARAMETERS = ("params",)
 
 
-class Optimizer(_Planning, SparseSteps):
+class Optimizer(_Planning, SparseSteps, HostStates):
     """Base class of fastopt's optimizers (torch.optim's interface over NumPy/CUDA arrays).
 
     Args:
@@ -41,8 +42,9 @@ class Optimizer(_Planning, SparseSteps):
       stochastic_rounding: round bfloat16 params stochastically instead (with ``seed``).
     """
 
+    spec: ClassVar = None               # the optimizer's declaration (fastopt/spec.py)
     element: ClassVar = None            # the element function (kernels.<name>)
-    slot_names: ClassVar[tuple] = ()    # the element's three state positions
+    slot_names: ClassVar[tuple] = ()    # the spec's state columns
     has_step_state: ClassVar[bool] = True
 
     def __init__(self, params, defaults: dict, backend: str | None = None, *,
@@ -52,6 +54,9 @@ class Optimizer(_Planning, SparseSteps):
             _validate.unexpected_keywords(type(self), unexpected, defaults)
         if backend is not None:
             _backend._check_name(backend, "backend")
+        if master_weights and self.spec is not None and self.spec.per_tensor is not None:
+            raise NotImplementedError(f"{type(self).__name__} does not support master_weights "
+                                      "(16-bit params) yet: its per-tensor pass has no 16-bit driver")
         if max_grad_norm is not None:
             max_grad_norm = _validate.number("max_grad_norm", max_grad_norm, low=0.0, low_open=True)
         self.defaults = dict(defaults)
@@ -132,33 +137,46 @@ class Optimizer(_Planning, SparseSteps):
         self._param_sigs.extend(_validate.signature(p) for p in ps)
         self._state.extend([None] * len(ps))
         self._steps = np.concatenate([self._steps, np.zeros(len(ps), dtype=np.int64)])
+        self._host_grow(len(ps))
         self._plans.append(None)
         self._spans = None
 
-    # -- per-optimizer hooks ------------------------------------------------------------
+    # -- what the spec says (fastopt/spec.py) --------------------------------------------
     @classmethod
     def _check_group(cls, group: dict, where: str) -> None:
         """Validate a group's hyperparameters (raise naming the bad one)."""
-        raise NotImplementedError
+        cls.spec.check_group(group, where)
 
     @classmethod
     def _active_slots(cls, group: dict) -> tuple:
         """The state keys the element reads and writes for this group (None = absent)."""
-        raise NotImplementedError
+        return cls.spec.active_slots(group)
 
     @classmethod
     def _initial_value(cls, group: dict, name: str) -> float:
-        return 0.0
+        return cls.spec.initial_value(group, name)
 
     @classmethod
     def _scalars(cls, group: dict, step: int, cast):
         """The element's host scalars for a step (``step`` counts this step, 1-based)."""
-        raise NotImplementedError
+        return cls.spec.scalars(group, step, cast)
 
     @classmethod
     def _reference(cls, group, step, params, grads, slots) -> None:
         """The NumPy reference for one bucket (the ``"numpy"`` backend)."""
-        raise NotImplementedError
+        cls.spec.run_reference(group, step, params, grads, slots)
+
+    @classmethod
+    def _check_sparse_group(cls, group, where):
+        check = cls.spec.sparse.check
+        if check is not None:
+            check(group, where)
+
+    def _sparse_rows(self, i, param, sg):
+        rule = self.spec.sparse.all_seen
+        if rule is None or not rule(self._locate_group(i)):
+            return sg.indices, sg.rows
+        return rows_seen_so_far(self.__dict__.setdefault("_sparse_seen", {}), i, param, sg)
 
     def _ensure_state(self, i, p, group, slot_names):
         st = self._state[i]
@@ -220,8 +238,7 @@ class Optimizer(_Planning, SparseSteps):
         grads, sparse = self._split_sparse(grads)
         per_group = self._group_grads(grads)
         backend_name = _backend.resolve(self.backend, self.param_groups[0]["params"][0])
-        if backend_name != "numpy":
-            _backend.get(backend_name)     # an unavailable backend raises before state exists
+        _backend.get(backend_name)         # an unavailable backend raises before state exists
         plans, groups = [], []
         for gi, group in enumerate(self.param_groups):
             self._check_group(group, f"param_groups[{gi}]")
@@ -230,7 +247,7 @@ class Optimizer(_Planning, SparseSteps):
         self._check_swapped(plans)
         sparse = self._check_sparse(sparse, backend_name)
         if self.master_weights:
-            for i, (_, param, _) in sparse.items():
+            for i, (_, param, _) in sparse.items():  # noqa: B007
                 if _is_low_precision(param):
                     raise NotImplementedError(
                         f"grads[{i}] is a SparseGrad for a {np.dtype(param.dtype)} param: sparse "
@@ -320,31 +337,18 @@ class Optimizer(_Planning, SparseSteps):
             self._steps[bucket.indices] += 1
 
     def _run_bucket(self, group, bucket, step, backend_name, scale=1.0):
-        cast = np.dtype(bucket.params[0].dtype).type
-        if backend_name == "numpy":
-            grads = bucket.grads
-            if bucket.model is not None:
-                grads = [g.astype(np.float32) for g in grads]
-            if scale != 1.0:
-                grads = [g * cast(scale) for g in grads]
-            self._reference(group, step, bucket.params, grads, bucket.slots)
-            if bucket.model is not None:
-                for w, master in zip(bucket.model, bucket.params):
-                    w[...] = master.astype(w.dtype)          # round to nearest even
-            return
-        be = _backend.get(backend_name)
-        if bucket.model is not None:
-            if backend_name != "cpu":
-                raise NotImplementedError("master weights for 16-bit params run on the 'cpu' "
-                                          "and 'numpy' backends")
-            if bucket.table is None:
-                bucket.table = be.table(bucket.params, bucket.grads, bucket.slots, model=bucket.model)
-            be.run(self.element, bucket.table, self._scalars(group, step, cast), scale,
-                   seed=_step_seed(self.seed, step), stochastic=self.stochastic_rounding)
-            return
-        if bucket.table is None:
-            bucket.table = be.table(bucket.params, bucket.grads, bucket.slots)
-        be.run(self.element, bucket.table, self._scalars(group, step, cast), scale)
+        if self._host_values is not None:
+            passes, new = self._host_passes(group, bucket, step)
+            for part_group, part in passes:
+                self._run_part(part_group, part, step, backend_name, scale)
+            self._host_values[bucket.indices] = new
+        else:
+            self._run_part(group, bucket, step, backend_name, scale)
+
+    def _run_part(self, group, bucket, step, backend_name, scale=1.0):
+        _backend.get(backend_name).step(self.spec, group, bucket, step, scale,
+                                         seed=_step_seed(self.seed, step),
+                                         stochastic=self.stochastic_rounding)
 
     def zero_grad(self, grads=None):
         """Zero FlatParams grads (or the given grads) in place."""
@@ -377,6 +381,7 @@ class Optimizer(_Planning, SparseSteps):
         d = dict(st)
         if self.has_step_state:
             d["step"] = np.float32(self._steps[i])
+        self._host_add_to(i, d)
         return d
 
     def state_dict(self) -> dict:

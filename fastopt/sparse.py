@@ -18,7 +18,7 @@ from typing import ClassVar, NamedTuple
 
 import numpy as np
 
-from . import _validate
+from . import _backend, _validate
 
 
 class SparseGrad(NamedTuple):
@@ -97,8 +97,7 @@ class SparseSteps:
         name = type(self).__name__
         if not self.supports_sparse:
             raise TypeError(f"{name} does not take sparse gradients (SparseGrad): SGD, Adagrad and Adam do")
-        if backend_name == "cuda":
-            raise NotImplementedError("sparse gradients run on the 'cpu' and 'numpy' backends")
+        _backend.require(backend_name, _backend.SPARSE_ROWS, f"{name} got a SparseGrad")
         located = {}
         for i, sg in sparse.items():
             gi, k = self._locate(i)
@@ -118,36 +117,11 @@ class SparseSteps:
             i -= n
         raise IndexError(i)
 
-    @classmethod
-    def _check_sparse_group(cls, group, where):
-        """Hyperparameters that sparse updates do not support (torch rejects them too)."""
-
-    @classmethod
-    def _sparse_scalars(cls, group, step, cast):
-        return cls._scalars(group, step, cast)
-
-    def _sparse_rows(self, i, param, sg):
-        """The rows to update and their gradient rows (default: the rows present)."""
-        return sg.indices, sg.rows
-
     def _run_sparse(self, i, group, param, sg, backend_name, scale=1.0):
         slot_names = self._active_slots(group)
         self._ensure_state(i, param, group, slot_names)
         step = int(self._steps[i]) + 1
         slots = tuple(None if n is None else self._state[i][n] for n in slot_names)
         index, rows = self._sparse_rows(i, param, sg)
-        if backend_name == "numpy":
-            rows = rows if scale == 1.0 else rows * rows.dtype.type(scale)
-            self._sparse_reference(group, step, param, index, rows, slots)
-        else:
-            from .kernels import cpu
-            cpu.run_rows(self.element, param, index, rows, slots,
-                         self._sparse_scalars(group, step, param.dtype.type), scale)
+        _backend.get(backend_name).step_rows(self.spec, group, step, param, index, rows, slots, scale)
         self._steps[i] += 1
-
-    @classmethod
-    def _sparse_reference(cls, group, step, param, index, rows, slots):
-        """Reference: the dense step with a gradient that is zero outside ``index``."""
-        dense = np.zeros_like(param)
-        dense[index] = rows
-        cls._reference(group, step, [param], [dense], tuple(None if s is None else [s] for s in slots))

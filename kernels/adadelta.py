@@ -49,3 +49,33 @@ def adadelta_scalars(lr, rho, eps, weight_decay, maximize, cast):
         l2=bool(weight_decay != 0),
         maximize=bool(maximize),
     )
+
+
+# -- the declaration -------------------------------------------------------------------------
+from .. import spec as _s  # noqa: E402
+from . import reference as _reference  # noqa: E402
+
+
+def scalars(group, step, cast):
+    return adadelta_scalars(group["lr"], group["rho"], group["eps"], group["weight_decay"],
+                            group["maximize"], cast)
+
+
+SPEC = _s.Spec(
+    name="Adadelta", functional="adadelta", element=adadelta_element, scalars=scalars,
+    hypers=(_s.lr(1.0), _s.hyper("rho", 0.9, _s.real(low=0.0, high=1.0)), _s.eps(1e-6),
+            _s.weight_decay(), _s.maximize()),
+    columns=(_s.Column("square_avg"), _s.Column("acc_delta")),
+    reference=_reference.adadelta, oracle="torch.optim.Adadelta",
+    doc="""Adadelta.
+
+    References:
+      Zeiler, arXiv:1212.5701 (2012); torch.optim.Adadelta.
+    State: ``square_avg``, ``acc_delta``, ``step``.
+    """,
+    examples=_s.Examples(base=dict(lr=0.5), grid=(
+        {},
+        dict(rho=0.5, eps=1e-4, weight_decay=0.1, maximize=True),
+    ), full=dict(rho=0.5, eps=1e-4, weight_decay=0.1, maximize=True)),
+    bench=(_s.BenchRow("adadelta", dict(lr=1.0)),),
+)

@@ -40,3 +40,39 @@ def adagrad_scalars(step, lr, lr_decay, eps, weight_decay, maximize, cast):
         l2=bool(weight_decay != 0),
         maximize=bool(maximize),
     )
+
+
+# -- the declaration -------------------------------------------------------------------------
+from .. import spec as _s  # noqa: E402
+from . import reference as _reference  # noqa: E402
+
+
+def scalars(group, step, cast):
+    return adagrad_scalars(step, group["lr"], group["lr_decay"], group["eps"],
+                           group["weight_decay"], group["maximize"], cast)
+
+
+SPEC = _s.Spec(
+    name="Adagrad", functional="adagrad", element=adagrad_element, scalars=scalars,
+    hypers=(_s.lr(1e-2), _s.hyper("lr_decay", 0.0, _s.real(low=0.0)), _s.weight_decay(),
+            _s.hyper("initial_accumulator_value", 0.0, _s.real(low=0.0), functional=False),
+            _s.eps(1e-10), _s.maximize()),
+    columns=(_s.Column("sum", initial="initial_accumulator_value", argument="state_sums"),),
+    reference=_reference.adagrad, sparse=_s.Sparse(check=_s.no_weight_decay),
+    oracle="torch.optim.Adagrad",
+    doc="""Adagrad with learning-rate decay.
+
+    References:
+      Duchi et al., JMLR 2011; torch.optim.Adagrad.
+    State: ``sum``, ``step``.
+    """,
+    examples=_s.Examples(base=dict(lr=0.05), grid=(
+        {},
+        dict(lr_decay=0.01),
+        dict(initial_accumulator_value=0.1, weight_decay=0.01),
+        dict(lr_decay=0.01, initial_accumulator_value=0.1, weight_decay=0.01, eps=1e-6,
+             maximize=True),
+    ), full=dict(lr_decay=0.01, initial_accumulator_value=0.1, weight_decay=0.01, eps=1e-6,
+                 maximize=True)),
+    bench=(_s.BenchRow("adagrad", dict(lr=1e-2)),),
+)

@@ -74,3 +74,79 @@ def adam_scalars(step, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
         maximize=bool(maximize),
         lerp_from_end=bool(1.0 - beta1 >= 0.5),
     )
+
+
+# -- the declaration -------------------------------------------------------------------------
+from .. import spec as _s  # noqa: E402
+from . import reference as _reference  # noqa: E402
+
+
+def scalars(group, step, cast):
+    beta1, beta2 = group["betas"]
+    return adam_scalars(step, group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
+                        group["amsgrad"], group["maximize"], group["decoupled_weight_decay"], cast)
+
+
+def _check_sparse(group, where):
+    _s.no_weight_decay(group, where)
+    if group["amsgrad"]:
+        raise ValueError(f"{where}: amsgrad is not supported with sparse gradients (SparseAdam semantics)")
+
+
+def _sparse_scalars(group, step, cast):
+    # SparseAdam: denom = sqrt(v) + eps and step size lr * sqrt(bc2) / bc1.
+    beta1, beta2 = group["betas"]
+    return scalars(group, step, cast)._replace(
+        step_size=cast(group["lr"] * math.sqrt(1.0 - beta2 ** step) / (1.0 - beta1 ** step)),
+        bias_correction2_sqrt=cast(1.0))
+
+
+def _sparse_reference(group, step, param, index, rows, slots):
+    beta1, beta2 = group["betas"]
+    _reference.sparse_adam(param, index, rows, slots[0], slots[1], step=step, lr=group["lr"],
+                           beta1=beta1, beta2=beta2, eps=group["eps"], maximize=group["maximize"])
+
+
+SPEC = _s.Spec(
+    name="Adam", functional="adam", element=adam_element, scalars=scalars,
+    hypers=(_s.lr(1e-3), _s.hyper("betas", (0.9, 0.999), _s.betas()), _s.eps(1e-8),
+            _s.weight_decay(), _s.hyper("amsgrad", False, _s.flag()), _s.maximize(),
+            _s.hyper("decoupled_weight_decay", False, _s.flag(), keyword=True)),
+    columns=(_s.Column("exp_avg"), _s.Column("exp_avg_sq"),
+             _s.Column("max_exp_avg_sq", when=lambda g: g["amsgrad"])),
+    reference=_reference.adam, oracle="torch.optim.Adam",
+    # with torch.optim.SparseAdam's semantics (lazy rows)
+    sparse=_s.Sparse(check=_check_sparse, scalars=_sparse_scalars, reference=_sparse_reference),
+    doc="""Adam, with AMSGrad, maximize and (optionally decoupled) weight decay.
+
+    References:
+      Kingma & Ba, ICLR 2015; Reddi et al. (AMSGrad), ICLR 2018; torch.optim.Adam.
+    State: ``exp_avg``, ``exp_avg_sq``, ``step``, ``max_exp_avg_sq`` (amsgrad).
+    """,
+    examples=_s.Examples(base=dict(lr=0.01), grid=(
+        {},
+        dict(amsgrad=True),
+        dict(weight_decay=0.1, maximize=True),
+        dict(weight_decay=0.1, decoupled_weight_decay=True, amsgrad=True),
+        dict(betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1, amsgrad=True, maximize=True),
+    ), full=dict(betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1, amsgrad=True, maximize=True)),
+    bench=(_s.BenchRow("adam", dict(lr=1e-3), default=True),
+           _s.BenchRow("adam-amsgrad", dict(lr=1e-3, amsgrad=True))),
+)
+
+ADAMW = SPEC.derive(
+    "AdamW", functional="adamw", defaults=dict(weight_decay=1e-2),
+    fixed=dict(decoupled_weight_decay=True), oracle="torch.optim.AdamW",
+    doc="""Adam with decoupled weight decay (torch.optim.AdamW: weight_decay defaults to 1e-2).
+
+    References:
+      Loshchilov & Hutter, ICLR 2019.
+    """,
+    examples=_s.Examples(base=dict(lr=0.01), grid=(
+        {},
+        dict(weight_decay=0.0, amsgrad=True),
+        dict(weight_decay=0.1, amsgrad=True, maximize=True),
+    ), full=dict(weight_decay=0.1, amsgrad=True, maximize=True)),
+    bench=(_s.BenchRow("adamw", dict(lr=1e-3, weight_decay=1e-2), default=True),))
+
+SPECS = (SPEC, ADAMW)

@@ -56,3 +56,35 @@ def adamax_scalars(step, lr, beta1, beta2, eps, weight_decay, maximize, cast):
         lerp_from_end=bool(1.0 - beta1 >= 0.5),
         maximize=bool(maximize),
     )
+
+
+# -- the declaration -------------------------------------------------------------------------
+from .. import spec as _s  # noqa: E402
+from . import reference as _reference  # noqa: E402
+
+
+def scalars(group, step, cast):
+    beta1, beta2 = group["betas"]
+    return adamax_scalars(step, group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
+                          group["maximize"], cast)
+
+
+SPEC = _s.Spec(
+    name="Adamax", functional="adamax", element=adamax_element, scalars=scalars,
+    hypers=(_s.lr(2e-3), _s.hyper("betas", (0.9, 0.999), _s.betas()), _s.eps(1e-8),
+            _s.weight_decay(), _s.maximize()),
+    columns=(_s.Column("exp_avg"), _s.Column("exp_inf")),
+    reference=_reference.adamax, oracle="torch.optim.Adamax",
+    doc="""Adamax: Adam with the infinity norm.
+
+    References:
+      Kingma & Ba, ICLR 2015 (section 7.1); torch.optim.Adamax.
+    State: ``exp_avg``, ``exp_inf``, ``step``.
+    """,
+    examples=_s.Examples(base=dict(lr=0.01), grid=(
+        {},
+        dict(weight_decay=0.1, maximize=True),
+        dict(betas=(0.5, 0.9), eps=1e-3, weight_decay=0.1, maximize=True),
+    ), full=dict(betas=(0.5, 0.9), eps=1e-3, weight_decay=0.1, maximize=True)),
+    bench=(_s.BenchRow("adamax", dict(lr=2e-3)),),
+)

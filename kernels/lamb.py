@@ -108,3 +108,38 @@ def trust_ratios(param_sq, update_sq, trust_coefficient=1.0, eps=0.0):
     np.divide(trust_coefficient * param_norm, update_norm + eps, out=ratio,
               where=(param_norm != 0) & (update_norm != 0))
     return ratio
+
+
+# -- the declaration -------------------------------------------------------------------------
+from .. import spec as _s  # noqa: E402
+from . import reference as _reference  # noqa: E402
+
+
+def scalars(group, step, cast):
+    beta1, beta2 = group["betas"]
+    return lamb_scalars(step, group["lr"], beta1, beta2, group["eps"], group["eps_root"],
+                        group["weight_decay"], cast)
+
+
+SPEC = _s.Spec(
+    name="LAMB", element=lamb_element, scalars=scalars,
+    hypers=(_s.lr(1e-3), _s.hyper("betas", (0.9, 0.999), _s.betas()), _s.eps(1e-6),
+            _s.weight_decay(), _s.hyper("eps_root", 0.0, _s.real(low=0.0), keyword=True)),
+    columns=(_s.Column("exp_avg"), _s.Column("exp_avg_sq")),
+    per_tensor=_s.PerTensor(reducer=lamb_moments, writes=MOMENTS_WRITES, step_writes=STEP_WRITES,
+                            values=lambda group, sums: trust_ratios(sums[:, 0], sums[:, 1])),
+    reference=_reference.lamb, oracle="optax.lamb",
+    doc="""LAMB: Adam's direction (plus decoupled weight decay) times ||p|| / ||update||.
+
+    References:
+      You et al., ICLR 2020; optax.lamb.
+    Names: ``lr`` is optax's ``learning_rate`` (no default in optax; 1e-3 here),
+    ``betas = (b1, b2)``; ``eps = 1e-6``, ``eps_root = 0``, ``weight_decay = 0`` as optax.
+    The trust ratio is 1 for a tensor whose param or update norm is 0 (optax).
+    State: ``exp_avg``, ``exp_avg_sq`` (optax's ``mu``, ``nu``), ``step``.
+    """,
+    examples=_s.Examples(base=dict(lr=1e-2), grid=(
+        {}, dict(betas=(0.8, 0.99), eps=1e-4, eps_root=1e-8, weight_decay=0.1),
+    ), full=dict(betas=(0.8, 0.99), eps=1e-4, eps_root=1e-8, weight_decay=0.1)),
+    bench=(_s.BenchRow("lamb", dict(lr=1e-3), passes=("reduce: p g s0 s1 -> s0 s1", "p s0 s1 -> p")),),
+)

@@ -71,3 +71,44 @@ def lars_scalars(lr, momentum, weight_decay, nesterov, cast):
         decay=bool(weight_decay != 0),
         nesterov=bool(nesterov),
     )
+
+
+# -- the declaration -------------------------------------------------------------------------
+from .. import spec as _s  # noqa: E402
+from . import reference as _reference  # noqa: E402
+
+
+def scalars(group, step, cast):
+    return lars_scalars(group["lr"], group["momentum"], group["weight_decay"], group["nesterov"],
+                        cast)
+
+
+def _ratios(group, sums):
+    from .lamb import trust_ratios
+    return trust_ratios(sums[:, 0], sums[:, 1], group["trust_coefficient"], group["eps"])
+
+
+SPEC = _s.Spec(
+    name="LARS", element=lars_element, scalars=scalars,
+    hypers=(_s.lr(1.0), _s.hyper("momentum", 0.9, _s.real(low=0.0)), _s.weight_decay(),
+            _s.hyper("trust_coefficient", 1e-3, _s.real(low=0.0)), _s.eps(0.0),
+            _s.hyper("nesterov", False, _s.flag())),
+    columns=(_s.Column("trace"),), step_state=False,
+    per_tensor=_s.PerTensor(reducer=lars_norms, values=_ratios),
+    reference=_reference.lars, oracle="optax.lars",
+    doc="""LARS: momentum SGD whose step is scaled per tensor by tc ||p|| / (||g + wd p|| + eps).
+
+    References:
+      You, Gitman & Ginsburg, arXiv:1708.03888 (2017); optax.lars.
+    Names: ``lr`` is optax's ``learning_rate`` (no default in optax; 1.0 here, as with a
+    trust coefficient of 1e-3 the effective step is ``1e-3 lr ||p|| / ||u||``);
+    ``momentum = 0.9``, ``nesterov = False``, ``trust_coefficient = 1e-3``, ``eps = 0``,
+    ``weight_decay = 0`` as optax. Optax's masks are param groups here: give biases and
+    norms their own group with ``weight_decay=0``.
+    State: ``trace`` (optax's trace, which holds ``-lr`` times the scaled update).
+    """,
+    examples=_s.Examples(base=dict(lr=1.0), grid=(
+        {}, dict(momentum=0.5, weight_decay=0.1, trust_coefficient=1e-2, eps=1e-8, nesterov=True),
+    ), full=dict(momentum=0.5, weight_decay=0.1, trust_coefficient=1e-2, eps=1e-8, nesterov=True)),
+    bench=(_s.BenchRow("lars", dict(lr=1e-1), passes=("reduce: p g ->", "p g s0 -> p s0")),),
+)

@@ -54,3 +54,35 @@ def lion_scalars(lr, beta1, beta2, weight_decay, maximize, cast):
         decay=bool(weight_decay != 0),
         maximize=bool(maximize),
     )
+
+
+# -- the declaration -------------------------------------------------------------------------
+from .. import spec as _s  # noqa: E402
+from . import reference as _reference  # noqa: E402
+
+
+def scalars(group, step, cast):
+    beta1, beta2 = group["betas"]
+    return lion_scalars(group["lr"], beta1, beta2, group["weight_decay"], group["maximize"], cast)
+
+
+SPEC = _s.Spec(
+    name="Lion", functional="lion", element=lion_element, scalars=scalars,
+    hypers=(_s.lr(1e-4), _s.hyper("betas", (0.9, 0.99), _s.betas()), _s.weight_decay(1e-3),
+            _s.maximize()),
+    columns=(_s.Column("exp_avg"),), step_state=False,
+    reference=_reference.lion, oracle="optax.lion",
+    doc="""Lion (EvoLved Sign Momentum), with optax's equations and defaults.
+
+    References:
+      Chen et al., NeurIPS 2023; optax.lion.
+    Names: ``lr`` is optax's ``learning_rate`` (optax has no default; 1e-4 here, 3-10x
+    below a typical AdamW lr as the paper advises), ``betas = (b1, b2) = (0.9, 0.99)``,
+    ``weight_decay = 1e-3`` as optax (decoupled: ``p -= lr (sign(c) + wd p)``).
+    State: ``exp_avg`` (optax's ``mu``).
+    """,
+    examples=_s.Examples(base=dict(lr=1e-3), grid=(
+        {}, dict(betas=(0.8, 0.95), weight_decay=0.1, maximize=True),
+    ), full=dict(betas=(0.8, 0.95), weight_decay=0.1, maximize=True)),
+    bench=(_s.BenchRow("lion", dict(lr=1e-4)),),
+)

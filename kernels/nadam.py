@@ -90,3 +90,46 @@ def nadam_scalars(step, mu_product, lr, beta1, beta2, eps, weight_decay, momentu
         lerp_from_end=bool(1.0 - beta1 >= 0.5),
         maximize=bool(maximize),
     )
+
+
+# -- the declaration -------------------------------------------------------------------------
+from .. import spec as _s  # noqa: E402
+from . import reference as _reference  # noqa: E402
+
+
+def scalars(group, step, cast):
+    beta1, beta2 = group["betas"]
+    return nadam_scalars(step, group["mu_product"], group["lr"], beta1, beta2, group["eps"],
+                         group["weight_decay"], group["momentum_decay"],
+                         group["decoupled_weight_decay"], group["maximize"], cast)
+
+
+def _advance(mu_product, step, group):
+    return next_mu_product(mu_product, step, group["betas"][0], group["momentum_decay"])
+
+
+SPEC = _s.Spec(
+    name="NAdam", functional="nadam", element=nadam_element, scalars=scalars,
+    hypers=(_s.lr(2e-3), _s.hyper("betas", (0.9, 0.999), _s.betas()), _s.eps(1e-8),
+            _s.weight_decay(), _s.hyper("momentum_decay", 4e-3, _s.real(low=0.0)),
+            _s.hyper("decoupled_weight_decay", False, _s.flag()), _s.maximize()),
+    columns=(_s.Column("exp_avg"), _s.Column("exp_avg_sq")),
+    host=_s.HostState("mu_product", _advance),
+    reference=_reference.nadam, oracle="torch.optim.NAdam",
+    doc="""NAdam: Adam with Nesterov momentum and torch's momentum schedule.
+
+    References:
+      Dozat, ICLR 2016 workshop; torch.optim.NAdam (``momentum_decay``,
+      ``decoupled_weight_decay``).
+    State: ``exp_avg``, ``exp_avg_sq``, ``step``, ``mu_product`` (a float32 scalar per
+    parameter, the running product of the momentum schedule, as torch keeps it).
+    """,
+    examples=_s.Examples(base=dict(lr=0.01), grid=(
+        {},
+        dict(weight_decay=0.1, momentum_decay=0.1),
+        dict(betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1, decoupled_weight_decay=True,
+             maximize=True),
+    ), full=dict(betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1, decoupled_weight_decay=True,
+                 maximize=True)),
+    bench=(_s.BenchRow("nadam", dict(lr=2e-3)),),
+)

@@ -95,3 +95,38 @@ def radam_scalars(step, lr, beta1, beta2, eps, weight_decay, decoupled_weight_de
         lerp_from_end=bool(1.0 - beta1 >= 0.5),
         maximize=bool(maximize),
     )
+
+
+# -- the declaration -------------------------------------------------------------------------
+from .. import spec as _s  # noqa: E402
+from . import reference as _reference  # noqa: E402
+
+
+def scalars(group, step, cast):
+    beta1, beta2 = group["betas"]
+    return radam_scalars(step, group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
+                         group["decoupled_weight_decay"], group["maximize"], cast)
+
+
+SPEC = _s.Spec(
+    name="RAdam", functional="radam", element=radam_element, scalars=scalars,
+    hypers=(_s.lr(1e-3), _s.hyper("betas", (0.9, 0.999), _s.betas()), _s.eps(1e-8),
+            _s.weight_decay(), _s.hyper("decoupled_weight_decay", False, _s.flag()),
+            _s.maximize()),
+    columns=(_s.Column("exp_avg"), _s.Column("exp_avg_sq")),
+    reference=_reference.radam, oracle="torch.optim.RAdam",
+    doc="""RAdam: Adam with a rectified adaptive learning rate (torch's threshold rho_t > 5).
+
+    References:
+      Liu et al., ICLR 2020; torch.optim.RAdam (``decoupled_weight_decay``).
+    State: ``exp_avg``, ``exp_avg_sq``, ``step``.
+    """,
+    examples=_s.Examples(base=dict(lr=0.01), grid=(
+        {},
+        dict(weight_decay=0.1, maximize=True),
+        dict(betas=(0.9, 0.9), eps=1e-6, weight_decay=0.1, decoupled_weight_decay=True,
+             maximize=True),
+    ), full=dict(betas=(0.9, 0.9), eps=1e-6, weight_decay=0.1, decoupled_weight_decay=True,
+                 maximize=True)),
+    bench=(_s.BenchRow("radam", dict(lr=1e-3)),),
+)

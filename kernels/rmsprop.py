@@ -59,3 +59,41 @@ def rmsprop_scalars(lr, alpha, eps, weight_decay, momentum, centered, maximize, 
         centered=bool(centered),
         maximize=bool(maximize),
     )
+
+
+# -- the declaration -------------------------------------------------------------------------
+from .. import spec as _s  # noqa: E402
+from . import reference as _reference  # noqa: E402
+
+
+def scalars(group, step, cast):
+    return rmsprop_scalars(group["lr"], group["alpha"], group["eps"], group["weight_decay"],
+                           group["momentum"], group["centered"], group["maximize"], cast)
+
+
+SPEC = _s.Spec(
+    name="RMSprop", functional="rmsprop", element=rmsprop_element, scalars=scalars,
+    hypers=(_s.lr(1e-2), _s.hyper("alpha", 0.99, _s.real(low=0.0, high=1.0)), _s.eps(1e-8),
+            _s.weight_decay(), _s.hyper("momentum", 0.0, _s.real(low=0.0)),
+            _s.hyper("centered", False, _s.flag()), _s.maximize()),
+    columns=(_s.Column("square_avg"),
+             _s.Column("momentum_buffer", when=lambda g: g["momentum"] > 0),
+             _s.Column("grad_avg", when=lambda g: g["centered"])),
+    reference=_reference.rmsprop, oracle="torch.optim.RMSprop",
+    doc="""RMSprop, optionally centered, with momentum.
+
+    References:
+      Hinton, Coursera lecture 6.5 (2012); Graves, arXiv:1308.0850; torch.optim.RMSprop.
+    State: ``square_avg``, ``step``, ``momentum_buffer`` (momentum > 0), ``grad_avg`` (centered).
+    """,
+    examples=_s.Examples(base=dict(lr=1e-3), grid=(
+        {},
+        dict(centered=True),
+        dict(momentum=0.5),
+        dict(alpha=0.9, eps=1e-6, weight_decay=0.01),
+        dict(centered=True, momentum=0.5, weight_decay=0.01, maximize=True),
+    ), full=dict(centered=True, momentum=0.5, weight_decay=0.01, maximize=True)),
+    bench=(_s.BenchRow("rmsprop", dict(lr=1e-2), variants=(
+               dict(momentum=0.9), dict(centered=True), dict(momentum=0.9, centered=True))),
+           _s.BenchRow("rmsprop-centered", dict(lr=1e-2, momentum=0.9, centered=True))),
+)

@@ -59,3 +59,59 @@ def sgd_scalars(first, lr, momentum, dampening, weight_decay, nesterov, maximize
         nesterov=bool(nesterov),
         maximize=bool(maximize),
     )
+
+
+# -- the declaration -------------------------------------------------------------------------
+from .. import spec as _s  # noqa: E402
+from . import reference as _reference  # noqa: E402
+
+
+def scalars(group, step, cast):
+    return sgd_scalars(step == 1, group["lr"], group["momentum"], group["dampening"],
+                       group["weight_decay"], group["nesterov"], group["maximize"], cast)
+
+
+def _check(group, where):
+    if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+        raise ValueError(f"{where}: nesterov momentum requires momentum > 0 and dampening = 0, "
+                         f"got momentum={group['momentum']}, dampening={group['dampening']}")
+
+
+def _reference_call(group, step, params, grads, slots):
+    _reference.sgd(params, grads, slots[0], first_step=[step == 1] * len(params), lr=group["lr"],
+                   momentum=group["momentum"], dampening=group["dampening"],
+                   weight_decay=group["weight_decay"], nesterov=group["nesterov"],
+                   maximize=group["maximize"])
+
+
+def _rows_seen(group):
+    return group["momentum"] != 0
+
+
+SPEC = _s.Spec(
+    name="SGD", functional="sgd", element=sgd_element, scalars=scalars,
+    hypers=(_s.lr(1e-3), _s.hyper("momentum", 0.0, _s.real(low=0.0)),
+            _s.hyper("dampening", 0.0, _s.real()), _s.weight_decay(),
+            _s.hyper("nesterov", False, _s.flag()), _s.maximize()),
+    columns=(_s.Column("momentum_buffer", when=lambda g: g["momentum"] != 0),),
+    check=_check, step_state=False, reference=_reference.sgd, reference_call=_reference_call,
+    sparse=_s.Sparse(check=_s.no_weight_decay, all_seen=_rows_seen),
+    oracle="torch.optim.SGD",
+    doc="""Stochastic gradient descent with momentum, dampening and Nesterov momentum.
+
+    References:
+      Sutskever et al., ICML 2013; torch.optim.SGD.
+    State: ``momentum_buffer`` (when momentum != 0).
+    """,
+    examples=_s.Examples(base=dict(lr=0.01), grid=(
+        {},
+        dict(weight_decay=0.01, maximize=True),
+        dict(momentum=0.9),
+        dict(momentum=0.9, dampening=0.1, weight_decay=0.01, maximize=True),
+        dict(momentum=0.9, nesterov=True, maximize=True),
+        dict(momentum=0.9, nesterov=True, weight_decay=0.01),
+    ), full=dict(momentum=0.9, dampening=0.1, weight_decay=0.01, maximize=True)),
+    bench=(_s.BenchRow("sgd", dict(lr=1e-2), default=True),
+           _s.BenchRow("sgd-momentum", dict(lr=1e-2, momentum=0.9), default=True),
+           _s.BenchRow("sgd-nesterov", dict(lr=1e-2, momentum=0.9, nesterov=True))),
+)

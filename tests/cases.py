@@ -1,19 +1,24 @@
 """The table of optimizers under test, and the comparison helpers every test file shares.
 
-One :class:`Case` per optimizer: its fastopt class, its torch.optim class (by name, so
-this module imports without torch), its functional form, and a grid of hyperparameters
-in which every flag and every optional term is on in some row and off in another.
-Adding an optimizer to the suite is adding one row to :data:`CASES`.
+One :class:`Case` per optimizer spec (``fastopt/spec.py``, listed in
+``kernels/registry.py``) that declares test examples: its fastopt class, its external
+oracle, its functional form, and its grid of hyperparameters in which every flag and
+every optional term is on in some row and off in another. A new optimizer gets every
+test that runs over :data:`CASES` from its spec.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import math
 from typing import Callable
 
 import numpy as np
 
 import fastopt as fo
-from fastopt import family as _family
+from fastopt.kernels.registry import SPECS
+from fastopt.optimizers import CLASSES
+from fastopt.spec import flat_hypers
 
 # Relative tolerances of the parity tests, per storage dtype.
 RTOL = {np.dtype(np.float32): 1e-6, np.dtype(np.float64): 1e-12}
@@ -27,10 +32,11 @@ class Case:
     Attributes:
       name: short id (``"adam"``), also the functional function's name.
       fo_cls: the fastopt class.
-      torch_name: the ``torch.optim`` class name.
+      torch_name: the oracle's class name (``torch.optim.<torch_name>`` for torch's).
       grid: hyperparameter overrides; every flag is on in some row and off in another.
       full: the row with the most terms active (used by the costlier tests).
       base: hyperparameters every row starts from (a learning rate that moves params).
+      oracle: the external implementation, ``module.Class``.
     """
 
     name: str
@@ -39,9 +45,14 @@ class Case:
     grid: tuple
     full: dict
     base: dict
+    oracle: str = ""
 
     def hp(self, row: dict | None = None) -> dict:
         return {**self.base, **(self.full if row is None else row)}
+
+    @property
+    def spec(self):
+        return self.fo_cls.spec
 
     @property
     def functional(self) -> Callable:
@@ -51,93 +62,42 @@ class Case:
     def slot_names(self) -> tuple:
         return tuple(self.fo_cls.slot_names)
 
+    @property
+    def in_torch(self) -> bool:
+        return self.oracle.startswith("torch.optim.")
+
     def torch_cls(self):
-        import torch
-        return getattr(torch.optim, self.torch_name)
+        module, _, name = self.oracle.rpartition(".")
+        return getattr(importlib.import_module(module), name)
 
     def functional_kwargs(self, hp: dict) -> dict:
         """Class hyperparameters -> the functional form's keywords."""
-        kw = dict(hp)
-        if "betas" in kw:
-            kw["beta1"], kw["beta2"] = kw.pop("betas")
-        kw.pop("initial_accumulator_value", None)   # the caller initialises state_sums
-        if self.name == "adamw":
-            kw.pop("decoupled_weight_decay", None)
-        return kw
+        keep = {h.name for h in self.spec.settable if h.functional} | {"betas"}
+        return flat_hypers({k: v for k, v in hp.items() if k in keep})
 
     def initial_state(self, hp: dict, name: str) -> float:
-        return float(hp.get("initial_accumulator_value", 0.0)) if name == "sum" else 0.0
+        return self.spec.initial_value({**{h.name: h.default for h in self.spec.hypers}, **hp}, name)
 
 
-def _case(name, fo_cls, torch_name, base, rows, full):
-    rows = tuple(rows)
-    assert full in rows
-    return Case(name, fo_cls, torch_name, rows, full, base)
+def _case(spec) -> Case:
+    ex = spec.examples
+    assert ex.full in ex.grid, f"{spec.name}: the full row must be one of the grid's rows"
+    return Case(spec.functional or spec.name.lower(), CLASSES[spec.name], spec.oracle.rpartition(".")[2],
+                tuple(ex.grid), ex.full, ex.base, spec.oracle)
 
 
-CASES = (
-    _case("sgd", fo.SGD, "SGD", dict(lr=0.01), [
-        {},
-        dict(weight_decay=0.01, maximize=True),
-        dict(momentum=0.9),
-        dict(momentum=0.9, dampening=0.1, weight_decay=0.01, maximize=True),
-        dict(momentum=0.9, nesterov=True, maximize=True),
-        dict(momentum=0.9, nesterov=True, weight_decay=0.01),
-    ], full=dict(momentum=0.9, dampening=0.1, weight_decay=0.01, maximize=True)),
-    _case("adagrad", fo.Adagrad, "Adagrad", dict(lr=0.05), [
-        {},
-        dict(lr_decay=0.01),
-        dict(initial_accumulator_value=0.1, weight_decay=0.01),
-        dict(lr_decay=0.01, initial_accumulator_value=0.1, weight_decay=0.01, eps=1e-6,
-             maximize=True),
-    ], full=dict(lr_decay=0.01, initial_accumulator_value=0.1, weight_decay=0.01, eps=1e-6,
-                 maximize=True)),
-    _case("rmsprop", fo.RMSprop, "RMSprop", dict(lr=1e-3), [
-        {},
-        dict(centered=True),
-        dict(momentum=0.5),
-        dict(alpha=0.9, eps=1e-6, weight_decay=0.01),
-        dict(centered=True, momentum=0.5, weight_decay=0.01, maximize=True),
-    ], full=dict(centered=True, momentum=0.5, weight_decay=0.01, maximize=True)),
-    _case("adam", fo.Adam, "Adam", dict(lr=0.01), [
-        {},
-        dict(amsgrad=True),
-        dict(weight_decay=0.1, maximize=True),
-        dict(weight_decay=0.1, decoupled_weight_decay=True, amsgrad=True),
-        dict(betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1, amsgrad=True, maximize=True),
-    ], full=dict(betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1, amsgrad=True, maximize=True)),
-    _case("adamw", fo.AdamW, "AdamW", dict(lr=0.01), [
-        {},
-        dict(weight_decay=0.0, amsgrad=True),
-        dict(weight_decay=0.1, amsgrad=True, maximize=True),
-    ], full=dict(weight_decay=0.1, amsgrad=True, maximize=True)),
-    # The rest of the torch-named family (fastopt.family; no functional forms yet).
-    _case("adamax", _family.Adamax, "Adamax", dict(lr=0.01), [
-        {},
-        dict(weight_decay=0.1, maximize=True),
-        dict(betas=(0.5, 0.9), eps=1e-3, weight_decay=0.1, maximize=True),
-    ], full=dict(betas=(0.5, 0.9), eps=1e-3, weight_decay=0.1, maximize=True)),
-    _case("nadam", _family.NAdam, "NAdam", dict(lr=0.01), [
-        {},
-        dict(weight_decay=0.1, momentum_decay=0.1),
-        dict(betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1, decoupled_weight_decay=True,
-             maximize=True),
-    ], full=dict(betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1, decoupled_weight_decay=True,
-                 maximize=True)),
-    _case("radam", _family.RAdam, "RAdam", dict(lr=0.01), [
-        {},
-        dict(weight_decay=0.1, maximize=True),
-        dict(betas=(0.9, 0.9), eps=1e-6, weight_decay=0.1, decoupled_weight_decay=True,
-             maximize=True),
-    ], full=dict(betas=(0.9, 0.9), eps=1e-6, weight_decay=0.1, decoupled_weight_decay=True,
-                 maximize=True)),
-    _case("adadelta", _family.Adadelta, "Adadelta", dict(lr=0.5), [
-        {},
-        dict(rho=0.5, eps=1e-4, weight_decay=0.1, maximize=True),
-    ], full=dict(rho=0.5, eps=1e-4, weight_decay=0.1, maximize=True)),
-)
+# Optimizers with examples and torch.optim as their oracle; the others (Adan: its oracle
+# is pytorch-optimizer) are in EXTERNAL_CASES, tested against their oracle where the
+# test names one.
+CASES = tuple(_case(s) for s in SPECS if s.examples is not None and s.oracle.startswith("torch.optim."))
+EXTERNAL_CASES = tuple(_case(s) for s in SPECS
+                       if s.examples is not None and not s.oracle.startswith("torch.optim."))
 
 BY_NAME = {c.name: c for c in CASES}
+# Every optimizer with examples, whatever its oracle: what tests that need no external
+# oracle (the reference, the backends, bad input, state dicts) run over.
+ALL_CASES = CASES + EXTERNAL_CASES
+ALL_BY_NAME = {c.name: c for c in ALL_CASES}
 
 
 def row_id(row: dict) -> str:
@@ -155,15 +115,77 @@ def row_id(row: dict) -> str:
     return ",".join(parts)
 
 
-def grid_params():
+def grid_params(cases=CASES):
     """(case, row) pairs of every grid row, with ids like ``adam-amsgrad``."""
     import pytest
-    return [pytest.param(c, row, id=f"{c.name}-{row_id(row)}") for c in CASES for row in c.grid]
+    return [pytest.param(c, row, id=f"{c.name}-{row_id(row)}") for c in cases for row in c.grid]
 
 
-def case_params():
+def case_params(cases=CASES):
     import pytest
-    return [pytest.param(c, id=c.name) for c in CASES]
+    return [pytest.param(c, id=c.name) for c in cases]
+
+
+# -- bad hyperparameters, from the specs ------------------------------------------------
+NAN, INF = math.nan, math.inf
+
+# Values every hyperparameter of a kind must refuse. Which hyperparameters an optimizer
+# has, their names and their kinds come from its spec (hyper_kind); a betas tuple's bad
+# values are made from its default (bad_hyperparameters).
+BAD_VALUES = {
+    "flag": ["yes", None, 0, 1],                       # only a bool is a flag
+    "real": [NAN, INF, "0.1"],                         # a finite real number
+    "nonnegative": [-0.1, NAN, INF, "0.1"],            # ... and >= 0
+    "unit": [-0.1, 1.5, NAN, INF, "0.1"],              # ... in [0, 1]
+}
+
+
+def _refuses(h, value) -> bool:
+    try:
+        h.check(value, "")
+    except (TypeError, ValueError):
+        return True
+    return False
+
+
+def hyper_kind(h) -> str:
+    """The kind of hyperparameter ``h`` (a :class:`fastopt.spec.Hyper`) by its default and
+    its declared check: "flag", "betas", "real", "nonnegative", "unit", or "unknown"
+    (a check the bad-value table does not know: tests fail on it)."""
+    if isinstance(h.default, bool):
+        return "flag"
+    if isinstance(h.default, tuple):
+        return "betas"
+    if h.check is None:
+        return "unknown"
+    return {(False, False): "real", (True, False): "nonnegative",
+            (True, True): "unit"}.get((_refuses(h, -0.1), _refuses(h, 1.5)), "unknown")
+
+
+def bad_hyperparameters(case, first_only=False) -> list:
+    """``[(name, bad value, the name the error must mention)]`` for every hyperparameter
+    of ``case``'s spec (the fixed ones, as AdamW's ``decoupled_weight_decay``, too: they
+    are in the groups). ``first_only``: one value per hyperparameter (two for betas)."""
+    out = []
+    for h in case.spec.hypers:
+        kind = hyper_kind(h)
+        if kind == "betas":
+            values = []
+            for k in range(len(h.default)):
+                for bad in (1.0, -0.1, NAN):
+                    v = list(h.default)
+                    v[k] = bad
+                    values.append((tuple(v), f"{h.name}[{k}]"))
+            values += [(h.default[:-1], h.name), (h.default[0], h.name)]
+            out += [(h.name, v, m) for v, m in (values[::3] if first_only else values)]
+        else:
+            values = BAD_VALUES.get(kind, [])
+            out += [(h.name, v, h.name) for v in (values[:1] if first_only else values)]
+    return out
+
+
+def bad_value_id(name, value) -> str:
+    return f"{name}={value!r}".replace(" ", "")
 
 
 # -- comparisons ------------------------------------------------------------------------

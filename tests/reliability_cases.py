@@ -20,22 +20,12 @@ import numpy as np
 from hypothesis import strategies as st
 
 import fastopt as fo
-from cases import CASES, _case
+from cases import ALL_BY_NAME, ALL_CASES, CASES, EXTERNAL_CASES  # noqa: F401 (re-exported)
 
 # -- the optimizers -------------------------------------------------------------------
-EXTRA_CASES = (
-    _case("lion", fo.Lion, "Lion", dict(lr=1e-3), [
-        {}, dict(betas=(0.8, 0.95), weight_decay=0.1, maximize=True),
-    ], full=dict(betas=(0.8, 0.95), weight_decay=0.1, maximize=True)),
-    _case("lamb", fo.LAMB, "LAMB", dict(lr=1e-2), [
-        {}, dict(betas=(0.8, 0.99), eps=1e-4, eps_root=1e-8, weight_decay=0.1),
-    ], full=dict(betas=(0.8, 0.99), eps=1e-4, eps_root=1e-8, weight_decay=0.1)),
-    _case("lars", fo.LARS, "LARS", dict(lr=1.0), [
-        {}, dict(momentum=0.5, weight_decay=0.1, trust_coefficient=1e-2, eps=1e-8, nesterov=True),
-    ], full=dict(momentum=0.5, weight_decay=0.1, trust_coefficient=1e-2, eps=1e-8, nesterov=True)),
-)
-ALL_CASES = tuple(CASES) + EXTRA_CASES
-ALL_BY_NAME = {c.name: c for c in ALL_CASES}
+# The database of tests/cases.py; optimizers whose oracle is not torch (optax's Lion,
+# LAMB, LARS; pytorch-optimizer's Adan) are compared with the reference here.
+EXTRA_CASES = EXTERNAL_CASES
 TORCH_NAMES = frozenset(c.name for c in CASES)
 
 

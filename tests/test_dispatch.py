@@ -21,18 +21,18 @@ def spy(monkeypatch):
     """A list that records 'cpu' or 'numpy' for every bucket an Adam step runs."""
     calls: list = []
     monkeypatch.delenv("FASTOPT_BACKEND", raising=False)
-    ref = fo.Adam._reference.__func__
+    ref = _backend._Reference.step
     run = _backend._CpuBackend.run
 
-    def spy_reference(cls, *args, **kwargs):
+    def spy_reference(self, *args, **kwargs):
         calls.append("numpy")
-        return ref(cls, *args, **kwargs)
+        return ref(self, *args, **kwargs)
 
     def spy_run(self, *args, **kwargs):
         calls.append("cpu")
         return run(self, *args, **kwargs)
 
-    monkeypatch.setattr(fo.Adam, "_reference", classmethod(spy_reference))
+    monkeypatch.setattr(_backend._Reference, "step", spy_reference)
     monkeypatch.setattr(_backend._CpuBackend, "run", spy_run)
     return calls
 

@@ -1,0 +1,444 @@
+"""One declaration per optimizer, and everything made from it.
+
+A :class:`Spec` sits beside its optimizer's element function (``kernels/<name>.py``) and
+says everything else about the optimizer once: its hyperparameters (name, default,
+check), its state columns (the name torch or optax gives them, when each one is active,
+its initial value), its per-param host state (NAdam's ``mu_product``), its host-scalar
+function (taking the param group), its passes (a per-tensor reduction and host
+arithmetic before the step: LAMB's and LARS's trust ratios), its sparse-gradient rule,
+its independent NumPy reference, its external oracle, and the rows it is tested and
+benchmarked with. From it are generated:
+
+- the optimizer class (:func:`optimizer_class`; ``fastopt.Adam``),
+- the functional form (:func:`functional_form`; ``fastopt.functional.adam``),
+- the ``fastopt.torch`` class (from the optimizer class's signature),
+- the test database row (``tests/cases.py``) and the bench row
+  (``fastopt/benchmark/cases.py``).
+
+``kernels/registry.py`` lists the specs; adding an optimizer is its kernel file (element,
+scalars, spec), its reference, and one line there.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Callable
+
+import numpy as np
+
+from . import _validate as v
+
+REQUIRED = inspect.Parameter.empty
+
+
+# -- the parts of a spec --------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Hyper:
+    """A hyperparameter: its name, default and check.
+
+    check: ``check(value, where) -> value`` (normalised, e.g. betas to a tuple of floats);
+      it raises naming the hyperparameter. See the helpers below (:func:`real`, ...).
+    keyword: keyword-only in the constructor (torch's ``*, maximize=False``).
+    functional: a keyword of the functional form (False for values the caller owns there,
+      as Adagrad's ``initial_accumulator_value``: the caller initialises the state).
+    fixed: its default is fixed by the optimizer (AdamW's ``decoupled_weight_decay``): in
+      the groups and checked there, in no signature.
+    """
+
+    name: str
+    default: Any
+    check: Callable = None
+    keyword: bool = False
+    functional: bool = True
+    fixed: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+    """A state column: an array per param, aligned with it element for element.
+
+    when: ``when(group) -> bool``, whether the column exists for these hyperparameters
+      (``None``: always). An inactive column is neither allocated, read nor written.
+    initial: its initial value: a number, or the name of the hyperparameter holding it.
+    argument: its argument name in the functional form (default: the name plus "s").
+    """
+
+    name: str
+    when: Callable = None
+    initial: Any = 0.0
+    argument: str = ""
+
+    def active(self, group) -> bool:
+        return self.when is None or bool(self.when(group))
+
+    def initial_value(self, group) -> float:
+        return float(group[self.initial] if isinstance(self.initial, str) else self.initial)
+
+    @property
+    def functional_name(self) -> str:
+        return self.argument or self.name + "s"
+
+
+@dataclasses.dataclass(frozen=True)
+class HostState:
+    """A float32 scalar per param kept on the host and saved in the state dict.
+
+    advance: ``advance(values, step, group) -> values`` after step ``step`` (1-based).
+      The element's scalars see this step's value as ``group[name]``; params whose values
+      differ run as separate passes.
+    """
+
+    name: str
+    advance: Callable
+    initial: float = 1.0
+    low: float = 0.0
+    high: float = 1.0
+
+    def after(self, steps: int, group) -> np.float32:
+        """The value of a fresh param after ``steps`` steps at ``group``'s hyperparameters."""
+        value = np.float32(self.initial)
+        for s in range(1, steps + 1):
+            value = self.advance(value, s, group)
+        return np.float32(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class PerTensor:
+    """A pass before the step: one reduction per tensor, host arithmetic, then the step
+    with one value per tensor (kernels/per_tensor.py).
+
+    reducer: ``(p, g, s..., h) -> (a, b)``, or ``(a, b, p, s...)`` with ``writes``.
+    writes: what the reducer also stores, ``(p, s0, s1, ...)``; None for nothing.
+    values: ``values(group, sums) -> array``, one per tensor from the ``(n, 2)`` sums.
+    mode: "slot" (the value is the element's state argument ``row_slot``, read-only) or
+      "grad" (it multiplies the tensor's gradients).
+    step_writes: the state columns the step stores (None: every active one).
+    The element's scalars must have a ``grad_scale`` field: the reducer reads raw
+    gradients and applies the step's gradient scale itself.
+    """
+
+    reducer: Callable
+    values: Callable
+    writes: tuple = None
+    step_writes: tuple = None
+    mode: str = "slot"
+    row_slot: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Sparse:
+    """Sparse-gradient rows (:class:`fastopt.SparseGrad`) for this optimizer.
+
+    check: ``check(group, where)`` refuses hyperparameters sparse steps lack.
+    scalars: the scalars of a sparse step (None: the dense ones).
+    all_seen: update every row seen so far, not only this step's (SGD's momentum).
+    reference: ``(group, step, param, index, rows, slots)``; None runs the dense reference
+      with a gradient that is zero outside the rows.
+    """
+
+    check: Callable = None
+    scalars: Callable = None
+    all_seen: Callable = None
+    reference: Callable = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Examples:
+    """The hyperparameter rows the tests run (every flag on in some row, off in another)
+    and the row with the most terms active."""
+
+    base: dict
+    grid: tuple
+    full: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchRow:
+    """A row of ``fastopt bench`` (fastopt/benchmark/cases.py).
+
+    passes: a multi-pass step's passes over memory, in order, as ``"reads -> writes"``
+      over "p", "g", "s0", "s1", ... with a leading "reduce: " for a reduction (their
+      bytes and roof); empty for a one-pass step.
+    variants: other hyperparameter sets whose drivers ``fastopt warmup`` compiles too.
+    """
+
+    name: str
+    hyper: dict
+    default: bool = False
+    passes: tuple = ()
+    variants: tuple = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """One optimizer (see the module doc).
+
+    name: the class name (``"Adam"``); functional: the functional form's name, or "".
+    element: ``(p, g, s0, ..., h) -> (p, s0, ...)``; its state positions follow the
+      columns, and positions past them are unused (or a per-tensor value's slot).
+    scalars: ``scalars(group, step, cast)``: the element's host scalars, float64 math then
+      ``cast``; ``step`` counts this step.
+    reference: the NumPy reference, called as ``reference(params, grads, *columns,
+      step=..., <hyperparameters>)`` with ``betas`` split into ``beta1, beta2, ...`` and
+      only the keywords its signature names (or ``reference_call`` to call it otherwise).
+    check: cross-hyperparameter checks ``check(group, where)``, after each one's own.
+    oracle: the external implementation tests compare with ("torch.optim.Adam", ...).
+    parent: the name of the spec whose class this one's subclasses (AdamW: Adam).
+    """
+
+    name: str
+    element: Callable
+    scalars: Callable
+    hypers: tuple
+    columns: tuple
+    reference: Callable
+    functional: str = ""
+    doc: str = ""
+    step_state: bool = True
+    host: HostState = None
+    per_tensor: PerTensor = None
+    sparse: Sparse = None
+    check: Callable = None
+    reference_call: Callable = None
+    oracle: str = ""
+    parent: str = ""
+    examples: Examples = None
+    bench: tuple = ()
+
+    @property
+    def positions(self) -> int:
+        """The element's number of state arguments."""
+        return len(inspect.signature(self.element).parameters) - 3
+
+    @property
+    def column_names(self) -> tuple:
+        return tuple(c.name for c in self.columns)
+
+    @property
+    def settable(self) -> tuple:
+        """The hyperparameters a caller sets (the signatures'): all but the fixed ones."""
+        return tuple(h for h in self.hypers if not h.fixed)
+
+    def derive(self, name, *, defaults=None, fixed=None, **changes) -> "Spec":
+        """A variant (AdamW from Adam): other defaults, some hyperparameters fixed."""
+        defaults, fixed = defaults or {}, fixed or {}
+        hypers = tuple(dataclasses.replace(h, default=fixed[h.name], fixed=True) if h.name in fixed
+                       else dataclasses.replace(h, default=defaults.get(h.name, h.default))
+                       for h in self.hypers)
+        return dataclasses.replace(self, name=name, hypers=hypers, parent=self.name, **changes)
+
+    # -- what the engine asks of it ---------------------------------------------------------
+    def check_group(self, group, where) -> None:
+        for h in self.hypers:
+            if h.check is not None:
+                group[h.name] = h.check(group[h.name], where)
+        if self.check is not None:
+            self.check(group, where)
+
+    def active_slots(self, group) -> tuple:
+        names = tuple(c.name if c.active(group) else None for c in self.columns)
+        return names + (None,) * (self.positions - len(names))
+
+    def initial_value(self, group, name) -> float:
+        for c in self.columns:
+            if c.name == name:
+                return c.initial_value(group)
+        return 0.0
+
+    def run_reference(self, group, step, params, grads, slots) -> None:
+        if self.reference_call is not None:
+            self.reference_call(group, step, params, grads, slots)
+            return
+        accepted = _keywords_of(self.reference)
+        given = {"step": step, **flat_hypers(group)}
+        self.reference(params, grads, *slots[:len(self.columns)],
+                       **{k: val for k, val in given.items() if k in accepted})
+
+
+_KEYWORDS: dict = {}
+
+
+def _keywords_of(fn) -> frozenset:
+    names = _KEYWORDS.get(fn)
+    if names is None:
+        names = _KEYWORDS[fn] = frozenset(inspect.signature(fn).parameters)
+    return names
+
+
+def flat_hypers(group) -> dict:
+    """The group's hyperparameters with ``betas`` split into ``beta1, beta2, ...`` (the
+    references' and functional forms' names)."""
+    out = {k: val for k, val in group.items() if k != "params"}
+    betas = out.pop("betas", None)
+    if betas is not None:
+        for k, b in enumerate(betas, 1):
+            out[f"beta{k}"] = b
+    return out
+
+
+# -- checks a Hyper can name --------------------------------------------------------------------
+def real(low=None, high=None, low_open=False, high_open=False):
+    """A finite real number in the given range."""
+    def make(name):
+        return lambda value, where: v.number(name, value, low=low, high=high, low_open=low_open,
+                                            high_open=high_open, where=where)
+    return make
+
+
+def hyper(name, default, check=None, **options) -> Hyper:
+    """A Hyper whose check is a factory of the name (:func:`real`, :func:`flag`, ...)."""
+    return Hyper(name, default, None if check is None else check(name), **options)
+
+
+def flag():
+    return lambda name: (lambda value, where: v.flag(name, value, where=where))
+
+
+def learning_rate():
+    return lambda name: (lambda value, where: v.learning_rate(value, where=where))
+
+
+def betas(n=2):
+    """A tuple of ``n`` coefficients in [0, 1)."""
+    def make(name):
+        def check(value, where):
+            if n == 2:
+                return v.betas(value, where)
+            prefix = f"{where}: " if where else ""
+            try:
+                values = tuple(value)
+            except TypeError:
+                values = ()
+            if len(values) != n:
+                names = ", ".join(f"beta{k}" for k in range(1, n + 1))
+                raise TypeError(f"{prefix}{name} must be a tuple ({names}), got {value!r}")
+            for k, b in enumerate(values):
+                v.number(f"{name}[{k}]", b, low=0.0, high=1.0, high_open=True, where=where)
+            return tuple(float(b) for b in values)
+        return check
+    return make
+
+
+# The hyperparameters most optimizers share, spelled once.
+def lr(default):
+    return hyper("lr", default, learning_rate())
+
+
+def weight_decay(default=0.0, **options):
+    return hyper("weight_decay", default, real(low=0.0), **options)
+
+
+def eps(default):
+    return hyper("eps", default, real(low=0.0))
+
+
+def maximize():
+    return hyper("maximize", False, flag(), keyword=True)
+
+
+def no_weight_decay(group, where):
+    """Sparse steps take no weight decay (as torch)."""
+    if group["weight_decay"] != 0:
+        raise ValueError(f"{where}: weight_decay must be 0 with sparse gradients (as in torch), "
+                         f"got {group['weight_decay']}")
+
+
+# -- the classes ---------------------------------------------------------------------------------
+def constructor_signature(spec: Spec) -> inspect.Signature:
+    """``(params, <hyperparameters in order>, *, <keyword ones>, backend=None, **options)``."""
+    P = inspect.Parameter
+    params = [P("params", P.POSITIONAL_OR_KEYWORD)]
+    params += [P(h.name, P.POSITIONAL_OR_KEYWORD, default=h.default) for h in spec.settable
+               if not h.keyword]
+    params += [P(h.name, P.KEYWORD_ONLY, default=h.default) for h in spec.settable if h.keyword]
+    params += [P("backend", P.KEYWORD_ONLY, default=None), P("options", P.VAR_KEYWORD)]
+    return inspect.Signature(params)
+
+
+def optimizer_class(spec: Spec, base: type, module: str) -> type:
+    """The optimizer class of ``spec``: ``base`` (a spec-driven Optimizer class) with the
+    spec attached and a constructor with the spec's signature."""
+    sig = constructor_signature(spec)
+    # The engine's constructor: the first class above that is not made from a spec.
+    engine_init = next(c.__init__ for c in base.__mro__
+                       if "__init__" in c.__dict__ and c.__dict__.get("spec") is None)
+    positional = [h.name for h in spec.settable if not h.keyword]
+    hyper_names = {h.name for h in spec.settable}
+
+    def __init__(self, params, *args, backend=None, **kwargs):
+        if len(args) > len(positional):
+            raise TypeError(f"{spec.name}() takes at most {len(positional)} positional "
+                            f"hyperparameters ({', '.join(positional)}), got {len(args)}")
+        values = {h.name: h.default for h in spec.hypers}
+        for name, value in zip(positional, args):
+            if name in kwargs:
+                raise TypeError(f"{spec.name}() got multiple values for argument {name!r}")
+            values[name] = value
+        options = {}
+        for k, value in kwargs.items():
+            if k in hyper_names:
+                values[k] = value
+            else:
+                options[k] = value
+        engine_init(self, params, values, backend, **options)
+
+    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    __init__.__signature__ = sig.replace(parameters=[self_param, *sig.parameters.values()])
+    __init__.__qualname__ = f"{spec.name}.__init__"
+    return type(spec.name, (base,), {
+        "spec": spec, "element": staticmethod(spec.element), "slot_names": spec.column_names,
+        "has_step_state": spec.step_state, "supports_sparse": spec.sparse is not None,
+        "__init__": __init__, "__doc__": spec.doc, "__module__": module, "__qualname__": spec.name})
+
+
+# -- the functional form -----------------------------------------------------------------------
+def functional_signature(spec: Spec) -> inspect.Signature:
+    """``(params, grads, <columns>, *, step=1, <hyperparameters>, [host state], backend=None)``:
+    columns always active are required, the others default to None; ``betas`` are split."""
+    P = inspect.Parameter
+    params = [P("params", P.POSITIONAL_OR_KEYWORD), P("grads", P.POSITIONAL_OR_KEYWORD)]
+    for c in spec.columns:
+        params.append(P(c.functional_name, P.POSITIONAL_OR_KEYWORD,
+                        default=REQUIRED if c.when is None else None))
+    params.append(P("step", P.KEYWORD_ONLY, default=1))
+    for h in spec.settable:
+        if not h.functional:
+            continue
+        if h.name == "betas":
+            params += [P(f"beta{k}", P.KEYWORD_ONLY, default=b) for k, b in enumerate(h.default, 1)]
+        else:
+            params.append(P(h.name, P.KEYWORD_ONLY, default=h.default))
+    if spec.host is not None:
+        params.append(P(spec.host.name, P.KEYWORD_ONLY, default=None))
+    params.append(P("backend", P.KEYWORD_ONLY, default=None))
+    return inspect.Signature(params)
+
+
+def functional_form(spec: Spec, cls: type, run: Callable) -> Callable:
+    """``fastopt.functional.<name>``: binds its arguments, rebuilds the param group, then
+    ``run(cls, name, group, step, params, grads, column arrays, backend)``."""
+    sig = functional_signature(spec)
+    n_betas = next((len(h.default) for h in spec.hypers if h.name == "betas"), 0)
+
+    def step_fn(*args, **kwargs):
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = dict(bound.arguments)
+        group = {h.name: h.default for h in spec.hypers}
+        for k in list(group):
+            if k == "betas":
+                group[k] = tuple(a.pop(f"beta{i}") for i in range(1, n_betas + 1))
+            elif k in a:
+                group[k] = a.pop(k)
+        if spec.host is not None:
+            value = a.pop(spec.host.name)
+            if value is not None:
+                group[spec.host.name] = v.number(spec.host.name, value, where=spec.functional)
+        columns = tuple(a[c.functional_name] for c in spec.columns)
+        run(cls, spec.functional, group, a["step"], a["params"], a["grads"], columns, a["backend"])
+
+    step_fn.__signature__ = sig
+    step_fn.__name__ = step_fn.__qualname__ = spec.functional
+    step_fn.__doc__ = (f"{spec.name} step in place over caller-owned state (see fastopt.{spec.name}). "
+                       "``step`` counts this step (1 on the first).")
+    return step_fn
