@@ -1,9 +1,11 @@
 """Keras's base optimizer for fastopt.keras: config, lazy build, the apply methods and
 the base options (weight-decay exclusions, EMA, gradient accumulation, loss scaling, state
-dicts). The public classes and the rules they follow are in :mod:`fastopt.keras`.
+dicts), and :func:`keras_class`, which makes the public classes from the specs of
+kernels/keras.py. The rules they follow are in :mod:`fastopt.keras`.
 """
 from __future__ import annotations
 
+import inspect
 import numbers
 import re
 
@@ -11,11 +13,10 @@ import numpy as np
 
 from . import _backend
 from . import _validate as v
-from ._keras_engine import _ROW_SPARSE, _Engine, _GradientAccumulators, _check_keras
+from ._keras_engine import _GradientAccumulators, engine_class
 from ._state import _host, _to_like
 from .ema import EMA
 from .flat import FlatParams
-from .kernels import keras as _k
 from .schedules import LearningRateSchedule
 from .sparse import SparseGrad, check as _check_sparse_grad
 
@@ -61,7 +62,7 @@ def _looks_like_variables(x) -> bool:
 class _KerasOptimizer:
     """Base of the Keras-style optimizers: config, lazy build, Keras's apply methods."""
 
-    _kind = ""
+    spec = None                     # the optimizer's declaration (kernels/keras.py)
 
     def __new__(cls, *args, **kwargs):
         # Python raises "got multiple values for argument 'learning_rate'" for the torch
@@ -84,9 +85,10 @@ class _KerasOptimizer:
             _backend._check_name(backend, "backend")
         self.name = name or type(self).__name__.lower()
         self.backend = backend
-        self._hp = dict(learning_rate=learning_rate, weight_decay=weight_decay, clipnorm=clipnorm,
-                        clipvalue=clipvalue, global_clipnorm=global_clipnorm, **hyperparameters)
-        _check_keras(self._kind, self._hp)
+        given = dict(learning_rate=learning_rate, weight_decay=weight_decay, clipnorm=clipnorm,
+                     clipvalue=clipvalue, global_clipnorm=global_clipnorm, **hyperparameters)
+        self._hp = {h.name: given[h.name] for h in self.spec.hypers}
+        self._check(self._hp)
         self._options = dict(use_ema=use_ema, ema_momentum=ema_momentum,
                              ema_overwrite_frequency=ema_overwrite_frequency or None,
                              loss_scale_factor=loss_scale_factor,
@@ -104,7 +106,15 @@ class _KerasOptimizer:
         self._position: dict = {}             # id(variable) -> build index
         self._row_sparse: list = []           # per variable: sparse rows step in place
         self._iterations = 0                  # apply() calls (Keras's _iterations)
-        self._u_product = 1.0
+        host = self.spec.host                 # one value per optimizer, as Keras's variable
+        self._host_value = None if host is None else float(host.initial)
+
+    def _check(self, hp) -> None:
+        """Validate hyperparameters (the spec's checks), naming the bad one."""
+        self.spec.check_group(dict(hp), "")
+        decay = next(h for h in self.spec.hypers if h.name == "weight_decay")
+        if hp["weight_decay"] is None and decay.default is not None:     # AdamW
+            raise ValueError(f"weight_decay must be a float for {self.spec.name}, got None")
 
     # -- Keras's interface ------------------------------------------------------------------
     @property
@@ -132,7 +142,7 @@ class _KerasOptimizer:
                 groups.append({"params": [variables[b] for b in excluded], "weight_decay": None})
             if excluded and decayed:
                 order = decayed + excluded
-            engine = _Engine(groups, self._kind, dict(self._hp), self.backend)
+            engine = engine_class(self.spec)(groups, backend=self.backend, **self._hp)
             if self._options["use_ema"]:
                 ema = EMA(flat if flat is not None else variables,
                           decay=self._options["ema_momentum"], backend=self.backend)
@@ -143,7 +153,7 @@ class _KerasOptimizer:
         self._position = {id(w): b for b, w in enumerate(variables)}
         # Sparse rows step in place where no weight decay applies (Keras decays whole variables).
         no_decay = set(excluded) if self._hp["weight_decay"] else set(range(len(variables)))
-        self._row_sparse = [self._kind in _ROW_SPARSE and b in no_decay for b in range(len(variables))]
+        self._row_sparse = [self.spec.sparse is not None and b in no_decay for b in range(len(variables))]
         self._built = True
 
     def exclude_from_weight_decay(self, var_list=None, var_names=None) -> None:
@@ -205,7 +215,7 @@ class _KerasOptimizer:
             raise TypeError("this optimizer was created with a LearningRateSchedule as its "
                             "learning_rate, so its learning rate is not settable")
         hp = dict(self._hp, learning_rate=value)
-        _check_keras(self._kind, hp)
+        self._check(hp)
         self._hp = hp
         if self._engine is not None:
             for group in self._engine.param_groups:
@@ -332,12 +342,11 @@ class _KerasOptimizer:
         reads it."""
         eng = self._engine
         eng.iterations = self.iterations
-        eng.lr_now = lr
         eng.grad_factor = factor
-        u_product = self._u_product
-        if self._kind == "Nadam":
-            u_product = self._u_product * _k.nadam_u(self.iterations + 1, self._hp["beta_1"])
-        eng.u_product = u_product
+        host = self.spec.host
+        eng.step_values = {"learning_rate": lr}
+        if host is not None:
+            eng.step_values[host.name] = host.advance(self._host_value, self.iterations + 1, self._hp)
         scattered = []
         if grads is not None:
             if sparse:
@@ -349,8 +358,8 @@ class _KerasOptimizer:
         finally:
             for dense, index in scattered:
                 dense[index] = 0
-        if applied:
-            self._u_product = u_product
+        if applied and host is not None:
+            self._host_value = eng.step_values[host.name]
         return applied
 
     def _densified(self, grads, sparse, scattered) -> list:
@@ -384,7 +393,8 @@ class _KerasOptimizer:
 
     def state_dict(self) -> dict:
         """The engine's state dict (torch layout, Keras's state names, ids = positions in
-        the built variables) with ``iterations`` (the call count), Nadam's ``u_product``,
+        the built variables) with ``iterations`` (the call count), host state (Nadam's
+        ``u_product``),
         and with the options on, ``average`` (EMA) and ``gradient_accumulator`` (lists
         aligned with the variables)."""
         if not self._built:
@@ -398,8 +408,8 @@ class _KerasOptimizer:
                 for g in sd["param_groups"]:
                     g["params"] = [self._order[i] for i in g["params"]]
         sd["iterations"] = self._iterations
-        if self._kind == "Nadam":
-            sd["u_product"] = self._u_product
+        if self.spec.host is not None:
+            sd[self.spec.host.name] = self._host_value
         for key, arrays in self._extra_state().items():
             sd[key] = [_host(a) for a in arrays]
         return sd
@@ -414,9 +424,10 @@ class _KerasOptimizer:
         iterations = state_dict.get("iterations")
         if not _is_int(iterations) or iterations < 0:
             raise ValueError(f"state_dict['iterations'] must be a non-negative integer, got {iterations!r}")
-        u_product = 1.0
-        if self._kind == "Nadam":
-            u_product = v.number("state_dict['u_product']", state_dict.get("u_product"), low=0.0, high=1.0)
+        host = self.spec.host
+        if host is not None:
+            host_value = v.number(f"state_dict[{host.name!r}]", state_dict.get(host.name),
+                                  low=host.low, high=host.high)
         extra = self._extra_state()
         for key in ("average", "gradient_accumulator"):
             if key in state_dict and key not in extra:
@@ -439,7 +450,8 @@ class _KerasOptimizer:
             for src, dst in zip(state_dict[key], arrays):
                 dst[...] = _to_like(dst, np.asarray(src) if isinstance(dst, np.ndarray) else src)
         self._iterations = int(iterations)
-        self._u_product = u_product
+        if host is not None:
+            self._host_value = host_value
 
     # -- helpers ----------------------------------------------------------------------------
     def _extra_state(self) -> dict:
@@ -482,3 +494,39 @@ class _KerasOptimizer:
 
     def __repr__(self):
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.get_config().items())})"
+
+
+# -- the public classes ------------------------------------------------------------------------
+_BASE_OPTIONS = dict(use_ema=False, ema_momentum=0.99, ema_overwrite_frequency=None,
+                     loss_scale_factor=None, gradient_accumulation_steps=None)
+_NAMES = {"SGD": "SGD"}       # Keras's default ``name``: the class name lower-cased but for these
+
+
+def keras_signature(spec) -> inspect.Signature:
+    """Keras's signature: the spec's hyperparameters in order, the base options, then
+    keyword-only ``name`` and ``backend``."""
+    P = inspect.Parameter
+    params = [P("self", P.POSITIONAL_OR_KEYWORD)]
+    params += [P(h.name, P.POSITIONAL_OR_KEYWORD, default=h.default) for h in spec.settable]
+    params += [P(k, P.POSITIONAL_OR_KEYWORD, default=d) for k, d in _BASE_OPTIONS.items()]
+    params += [P("name", P.KEYWORD_ONLY, default=_NAMES.get(spec.name, spec.name.lower())),
+               P("backend", P.KEYWORD_ONLY, default=None)]
+    return inspect.Signature(params)
+
+
+def keras_class(spec, base: type, module: str) -> type:
+    """The fastopt.keras class of ``spec``: ``base`` with the spec attached and Keras's
+    constructor signature; every argument goes on to :class:`_KerasOptimizer`."""
+    sig = keras_signature(spec)
+
+    def __init__(self, *args, **kwargs):
+        bound = sig.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+        del arguments["self"]
+        _KerasOptimizer.__init__(self, **arguments)
+
+    __init__.__signature__ = sig
+    __init__.__qualname__ = f"{spec.name}.__init__"
+    return type(spec.name, (base,), {"spec": spec, "__init__": __init__, "__doc__": spec.doc,
+                                     "__module__": module, "__qualname__": spec.name})

@@ -49,122 +49,16 @@ variable weight decay applies to, run the dense fused step on the scattered grad
 """
 from __future__ import annotations
 
-from ._keras_base import _KerasOptimizer
+from ._keras_base import _KerasOptimizer, keras_class
+from .kernels.keras import SPECS
 
-__all__ = ["SGD", "RMSprop", "Adagrad", "Adam", "AdamW", "Adamax", "Nadam", "Adadelta"]
+CLASSES: dict = {}
+"""{class name: class}: one per spec of kernels/keras.py (Keras's signature: its
+positional order, then the base options; AdamW subclasses Adam)."""
 
+for _spec in SPECS:
+    CLASSES[_spec.name] = globals()[_spec.name] = keras_class(
+        _spec, CLASSES[_spec.parent] if _spec.parent else _KerasOptimizer, __name__)
+del _spec
 
-def _forward(arguments: dict) -> dict:
-    """A subclass's ``__init__`` arguments (``locals()``), passed on to the base class."""
-    return {k: val for k, val in arguments.items() if k not in ("self", "__class__")}
-
-
-# The classes: Keras's signatures (its positional order, then the base options); the
-# bodies pass every argument on to _KerasOptimizer.
-class SGD(_KerasOptimizer):
-    """keras.optimizers.SGD: ``v = momentum v - lr g``, ``w += v`` (Nesterov:
-    ``w += momentum v - lr g``). State: ``momentum`` (when momentum != 0)."""
-
-    _kind = "SGD"
-
-    def __init__(self, learning_rate=0.01, momentum=0.0, nesterov=False, weight_decay=None,
-                 clipnorm=None, clipvalue=None, global_clipnorm=None, use_ema=False,
-                 ema_momentum=0.99, ema_overwrite_frequency=None, loss_scale_factor=None,
-                 gradient_accumulation_steps=None, *, name="SGD", backend=None):
-        super().__init__(**_forward(locals()))
-
-
-class RMSprop(_KerasOptimizer):
-    """keras.optimizers.RMSprop: eps inside the square root, lr inside the momentum.
-    State: ``velocity``, ``momentum`` (momentum > 0), ``average_gradient`` (centered)."""
-
-    _kind = "RMSprop"
-
-    def __init__(self, learning_rate=0.001, rho=0.9, momentum=0.0, epsilon=1e-7, centered=False,
-                 weight_decay=None, clipnorm=None, clipvalue=None, global_clipnorm=None,
-                 use_ema=False, ema_momentum=0.99, ema_overwrite_frequency=None,
-                 loss_scale_factor=None, gradient_accumulation_steps=None, *, name="rmsprop",
-                 backend=None):
-        super().__init__(**_forward(locals()))
-
-
-class Adagrad(_KerasOptimizer):
-    """keras.optimizers.Adagrad: accumulators start at 0.1, eps inside the square root.
-    State: ``accumulator``."""
-
-    _kind = "Adagrad"
-
-    def __init__(self, learning_rate=0.001, initial_accumulator_value=0.1, epsilon=1e-7,
-                 weight_decay=None, clipnorm=None, clipvalue=None, global_clipnorm=None,
-                 use_ema=False, ema_momentum=0.99, ema_overwrite_frequency=None,
-                 loss_scale_factor=None, gradient_accumulation_steps=None, *, name="adagrad",
-                 backend=None):
-        super().__init__(**_forward(locals()))
-
-
-class Adam(_KerasOptimizer):
-    """keras.optimizers.Adam: ``w -= m lr sqrt(1 - b2^t) / (1 - b1^t) / (sqrt(v) + eps)``.
-    State: ``momentum``, ``velocity``, ``velocity_hat`` (amsgrad)."""
-
-    _kind = "Adam"
-
-    def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, amsgrad=False,
-                 weight_decay=None, clipnorm=None, clipvalue=None, global_clipnorm=None,
-                 use_ema=False, ema_momentum=0.99, ema_overwrite_frequency=None,
-                 loss_scale_factor=None, gradient_accumulation_steps=None, *, name="adam",
-                 backend=None):
-        super().__init__(**_forward(locals()))
-
-
-class AdamW(Adam):
-    """keras.optimizers.AdamW: Adam with ``w -= w * weight_decay * lr`` first (0.004)."""
-
-    def __init__(self, learning_rate=0.001, weight_decay=0.004, beta_1=0.9, beta_2=0.999,
-                 epsilon=1e-7, amsgrad=False, clipnorm=None, clipvalue=None, global_clipnorm=None,
-                 use_ema=False, ema_momentum=0.99, ema_overwrite_frequency=None,
-                 loss_scale_factor=None, gradient_accumulation_steps=None, *, name="adamw",
-                 backend=None):
-        if weight_decay is None:
-            raise ValueError("weight_decay must be a float for AdamW, got None")
-        super().__init__(**_forward(locals()))
-
-
-class Adamax(_KerasOptimizer):
-    """keras.optimizers.Adamax: ``w -= lr m / ((1 - b1^t)(u + eps))``, ``u = max(b2 u, |g|)``.
-    State: ``momentum``, ``norm``."""
-
-    _kind = "Adamax"
-
-    def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
-                 weight_decay=None, clipnorm=None, clipvalue=None, global_clipnorm=None,
-                 use_ema=False, ema_momentum=0.99, ema_overwrite_frequency=None,
-                 loss_scale_factor=None, gradient_accumulation_steps=None, *, name="adamax",
-                 backend=None):
-        super().__init__(**_forward(locals()))
-
-
-class Nadam(_KerasOptimizer):
-    """keras.optimizers.Nadam: the schedule ``u_t = b1 (1 - 0.5 * 0.96^t)`` and its product.
-    State: ``momentum``, ``velocity`` (and ``u_product`` in the state dict)."""
-
-    _kind = "Nadam"
-
-    def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
-                 weight_decay=None, clipnorm=None, clipvalue=None, global_clipnorm=None,
-                 use_ema=False, ema_momentum=0.99, ema_overwrite_frequency=None,
-                 loss_scale_factor=None, gradient_accumulation_steps=None, *, name="nadam",
-                 backend=None):
-        super().__init__(**_forward(locals()))
-
-
-class Adadelta(_KerasOptimizer):
-    """keras.optimizers.Adadelta: ``delta = -sqrt(a + eps) g / sqrt(s + eps)``, ``w += lr delta``.
-    State: ``accumulated_grad``, ``accumulated_delta_var``."""
-
-    _kind = "Adadelta"
-
-    def __init__(self, learning_rate=0.001, rho=0.95, epsilon=1e-7, weight_decay=None,
-                 clipnorm=None, clipvalue=None, global_clipnorm=None, use_ema=False,
-                 ema_momentum=0.99, ema_overwrite_frequency=None, loss_scale_factor=None,
-                 gradient_accumulation_steps=None, *, name="adadelta", backend=None):
-        super().__init__(**_forward(locals()))
+__all__ = list(CLASSES)

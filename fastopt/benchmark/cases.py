@@ -152,45 +152,42 @@ def _case(name, fastopt, kwargs=None, torch=None, **extra) -> OptimizerCase:
     return OptimizerCase(name, fastopt, dict(kwargs or {}), torch, **extra)
 
 
-# The table. Hyperparameters are ordinary training values; flags that change which state
-# slots exist (momentum, centered, amsgrad) get rows of their own because they change
-# the bytes moved. Rows for optimizers fastopt does not have yet are skipped.
+def _pass(text: str) -> Pass:
+    """A spec's ``"reduce: p g s0 -> s0"`` as a :class:`Pass`."""
+    reduce = text.startswith("reduce:")
+    reads, _, writes = text.removeprefix("reduce:").partition("->")
+    return Pass(reads.strip(), writes.strip(), reduce=reduce)
+
+
+def _spec_rows(specs=None, module=""):
+    """The bench rows the specs declare, in order: kernels/registry.py's by default, or
+    ``specs`` whose classes live in ``fastopt.<module>`` (kernels/keras.py's: "keras.")."""
+    if specs is None:
+        from ..kernels.registry import SPECS as specs
+    for spec in specs:
+        torch = spec.oracle.removeprefix("torch.optim.") if spec.oracle.startswith("torch.optim.") else None
+        for row in spec.bench:
+            yield _case(row.name, module + spec.name, row.hyper, torch, default=row.default,
+                        passes=tuple(map(_pass, row.passes)), variants=tuple(row.variants))
+
+
+def _keras_rows():
+    from ..kernels.keras import SPECS
+    return _spec_rows(SPECS, "keras.")
+
+
+# The table: the specs' rows, then fastopt.keras's. Hyperparameters are ordinary training
+# values; flags that change which state slots exist (momentum, centered, amsgrad) get
+# rows of their own because they change the bytes moved.
 # The default run (``default=True``) is one row per access pattern that torch also has
 # fused (12, 20 and 28 B/param) plus AdamW, the usual transformer optimizer. Measured on
 # the idle 2-core machine with a cold Numba cache: 41 s for these 4, 87 s for the 13
 # non-Keras rows (each optimizer adds about 6 s: compiling, torch's first step, timing);
 # two to three times that while other jobs load the machine.
 OPTIMIZERS: tuple[OptimizerCase, ...] = (
-    _case("sgd", "SGD", dict(lr=1e-2), "SGD"),
-    _case("sgd-momentum", "SGD", dict(lr=1e-2, momentum=0.9), "SGD"),
-    _case("sgd-nesterov", "SGD", dict(lr=1e-2, momentum=0.9, nesterov=True), "SGD", default=False),
-    _case("adagrad", "Adagrad", dict(lr=1e-2), "Adagrad", default=False),
-    _case("rmsprop", "RMSprop", dict(lr=1e-2), "RMSprop", default=False,
-          variants=(dict(momentum=0.9), dict(centered=True), dict(momentum=0.9, centered=True))),
-    _case("rmsprop-centered", "RMSprop", dict(lr=1e-2, momentum=0.9, centered=True), "RMSprop",
-          default=False),
-    _case("adam", "Adam", dict(lr=1e-3), "Adam"),
-    _case("adam-amsgrad", "Adam", dict(lr=1e-3, amsgrad=True), "Adam", default=False),
-    _case("adamw", "AdamW", dict(lr=1e-3, weight_decay=1e-2), "AdamW"),
-    _case("adamax", "Adamax", dict(lr=2e-3), "Adamax", default=False),
-    _case("nadam", "NAdam", dict(lr=2e-3), "NAdam", default=False),
-    _case("radam", "RAdam", dict(lr=1e-3), "RAdam", default=False),
-    _case("adadelta", "Adadelta", dict(lr=1.0), "Adadelta", default=False),
-    _case("lion", "Lion", dict(lr=1e-4), default=False),
-    # LAMB and LARS: a per-tensor reduction for the trust ratios, then the update.
-    _case("lamb", "LAMB", dict(lr=1e-3), default=False, passes=(
-        Pass("p g s0 s1", "s0 s1", reduce=True), Pass("p s0 s1", "p"))),
-    _case("lars", "LARS", dict(lr=1e-1), default=False, passes=(
-        Pass("p g", reduce=True), Pass("p g s0", "p s0"))),
+    *_spec_rows(),
     # fastopt.keras: Keras 3's equations and names (not in the default run).
-    _case("keras-sgd", "keras.SGD", dict(learning_rate=1e-2, momentum=0.9), default=False),
-    _case("keras-rmsprop", "keras.RMSprop", dict(learning_rate=1e-3), default=False),
-    _case("keras-adagrad", "keras.Adagrad", dict(learning_rate=1e-2), default=False),
-    _case("keras-adam", "keras.Adam", dict(learning_rate=1e-3), default=False),
-    _case("keras-adamw", "keras.AdamW", dict(learning_rate=1e-3), default=False),
-    _case("keras-adamax", "keras.Adamax", dict(learning_rate=1e-3), default=False),
-    _case("keras-nadam", "keras.Nadam", dict(learning_rate=1e-3), default=False),
-    _case("keras-adadelta", "keras.Adadelta", dict(learning_rate=1.0), default=False),
+    *_keras_rows(),
 )
 
 
