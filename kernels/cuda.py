@@ -1,7 +1,7 @@
 """The CUDA driver: one kernel launch per step over a device-side chunk table.
 
 A step over any number of tensors of one dtype is described, as on the CPU, by rows
-``(n, p_addr, g_addr, s0_addr .. s{K-1}_addr, w_addr)``: K state columns, any number,
+``(n, p_addr, g_addr, s0_addr .. s{K-1}_addr[, w_addr])``: K state columns, any number,
 and with master weights a 16-bit model copy ``w`` (back-to-back tensors merged, so a
 FlatParams arena is one row; an absent column repeats the grad address). On the device
 the rows become one *chunk table* and one *span* per column:
@@ -165,7 +165,7 @@ def _step_kernel_for(element, table, scalars, writes, mode, slot, stochastic):
         if mode == ROW_SLOT:
             reads = tuple(r and k != slot for k, r in enumerate(reads))
         if writes is not None and len(writes) != table.n_slots:
-            raise ValueError(f"writes: one bool per state position ({table.n_slots}), got {len(writes)}")
+            raise ValueError(f"writes: one entry per state column ({table.n_slots}), got {len(writes)}")
         model = table.model + ("-stochastic" if stochastic and table.model == BFLOAT16 else "")
         layout = Layout.of(reads, writes, table.formats, mode, slot, model)
         kernel = _STEPS[key] = step_kernel(element, layout, scalars)
@@ -293,14 +293,14 @@ class CudaBackend:
         (this synchronises: the caller needs the number).
 
         ``fn(p, g, s0 .. s{K-1}, h) -> (a, b)``; with ``writes`` (p, s0 .. s{K-1}: the
-        arrays it also updates, missing entries False) it returns ``(a, b, p, s0 ..)``,
-        as ``kernels.cpu.reduce_chunks``. Gradients are read unscaled.
+        arrays it also updates) it returns ``(a, b, p, s0 ..)``, as
+        ``kernels.cpu.reduce_chunks``. Gradients are read unscaled.
         """
         n_slots = table.n_slots
-        writes = tuple(map(bool, writes or ()))
-        if any(writes[1 + n_slots:]):
-            raise ValueError(f"writes {writes} name more than the param and {n_slots} state columns")
-        writes = (writes + (False,) * (1 + n_slots))[:1 + n_slots]
+        writes = (False,) * (1 + n_slots) if writes is None else tuple(map(bool, writes))
+        if len(writes) != 1 + n_slots:
+            raise ValueError(f"writes: one entry per column (p, s0 .. s{n_slots - 1}), {1 + n_slots} "
+                             f"entries, got {len(writes)}")
         if any(w and not h for w, h in zip(writes[1:], table.has)):
             raise ValueError(f"writes {writes} name a state slot absent from the table {table.has}")
         if not table.n_chunks:

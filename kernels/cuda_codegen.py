@@ -21,7 +21,7 @@ The simulator imports the very same files.
 Kernel arguments, for a table of K state columns (absent columns get the gradient's
 span and offsets, never read): ``p, g, s0 .. s{K-1}, w`` spans (``w``: the model copy,
 or the gradient's span again), then for the chunk walks the device chunk table with
-columns ``(count, position, row, p, g, s0 .. s{K-1}, w)`` of element offsets, and for
+columns ``(count, position, row, p, g, s0 .. s{K-1}[, w])`` of element offsets, and for
 the row walk the index array and the row width.
 """
 from __future__ import annotations

@@ -143,12 +143,13 @@ class _Columns(NamedTuple):
     model: str              # "" or the model copy's format (float16, bfloat16)
 
     def storage(self) -> list:
-        """The element dtype of each address column: p, g, s0 .. s{K-1}, w."""
+        """The element dtype of each address column: p, g, s0 .. s{K-1} and, with master
+        weights, w."""
         u16 = np.dtype(np.uint16)
         grad = u16 if self.model else self.dtype
         states = [(self.dtype if f == NATIVE else u16) if h else grad
                   for h, f in zip(self.has, self.formats)]
-        return [self.dtype, grad] + states + [u16 if self.model else grad]
+        return [self.dtype, grad] + states + ([u16] if self.model else [])
 
 
 # -- the table ------------------------------------------------------------------------------
@@ -209,6 +210,8 @@ class _DeviceTable:
             if key not in made:
                 made[key] = span(key[0], (key[1] - key[0]) // dt.itemsize, dt)
             spans.append(made[key])
+        if not columns.model:
+            spans.append(spans[1])      # the kernel's model argument, never touched
         # Chunks: (row, lo, hi) on the host; (count, position, row, offsets + lo) on the device.
         size = chunk_size(self.n_elements, chunking)
         counts = -(-sizes // size)
@@ -233,7 +236,7 @@ class CudaTable:
     """The device-side description of one step over aligned lists of device arrays.
 
     Attributes:
-      table: host int64 rows ``(n, p, g, s0 .. s{K-1}, w)`` of addresses, as the CPU table.
+      table: host int64 rows ``(n, p, g, s0 .. s{K-1}[, w])`` of addresses, as the CPU table.
       chunks: host int64 ``(row, lo, hi)`` per chunk, as the CPU table (combine
         reduction partials per row with ``np.add.reduceat``).
       args: the kernel's array arguments (a span per column and the device chunk table).
@@ -343,12 +346,13 @@ class _TableCache:
     def __call__(self, fixed, grad_addresses, columns, kind, sample, merge, refs, chunking):
         g_addr = np.asarray(grad_addresses, dtype=np.int64).reshape(-1)
         n_slots = len(columns.has)
-        full = np.empty((fixed.shape[0], 4 + n_slots), dtype=np.int64)
+        full = np.empty((fixed.shape[0], 3 + n_slots + bool(columns.model)), dtype=np.int64)
         full[:, :2] = fixed[:, :2]
         full[:, 2] = g_addr
         for k in range(n_slots):
             full[:, 3 + k] = fixed[:, 2 + k] if columns.has[k] else g_addr
-        full[:, -1] = fixed[:, -1] if columns.model else g_addr
+        if columns.model:
+            full[:, 3 + n_slots] = fixed[:, 2 + n_slots]
         full = full[full[:, 0] > 0]
         key = (columns, merge, chunking, full.tobytes())
         layout = self.layouts.get(key)

@@ -242,6 +242,7 @@ def test_any_number_of_state_columns(n_slots, mode):
         slots = [arena(s) for s in slots]
     table = be.table(params, grads, slots)
     assert table.n_slots == n_slots and table.n_elements == sum(int(np.prod(s)) for s in shapes)
+    assert table.table.shape[1] == 3 + n_slots             # (n, p, g, s0 .. s{K-1})
     if mode == "arena":
         assert table.table.shape[0] == 1                # back-to-back views: one row
     before = be.launches
@@ -397,7 +398,7 @@ def test_explicit_formats_and_mismatches():
         be.table(p, g, ([np.ones(5, F32)],), formats=("int8",))
     with pytest.raises(ValueError, match="elements"):
         be.table(p, g, ([np.ones(4, F32)],))
-    with pytest.raises(ValueError, match="one bool per state position"):
+    with pytest.raises(ValueError, match="one entry per state column"):
         be.run(elem1, be.table(p, g, ([np.ones(5, F32)],)), H, writes=(True, True, True))
 
 
@@ -423,6 +424,7 @@ def test_master_weights_match_the_cpu_driver(model_dtype, shapes):
     table = be.table(master, grads, slots, model=model)
     ctable = cpu.ChunkTable(cm, cg, cs, model=cw)
     assert table.model == ("float16" if model_dtype == np.float16 else "bfloat16")
+    assert table.table.shape[1] == 3 + 3 + 1               # (n, p, g, s0, s1, s2, w)
     for step in (1, 2, 3):
         h = adam.adam_scalars(step, 0.01, 0.9, 0.999, 1e-8, 0.0, False, False, False, F32)
         before = be.launches
@@ -693,9 +695,10 @@ def test_reductions_any_columns_sum_max_and_writes():
     assert_same(slots[2], s2_new, "state 2")
     with pytest.raises(ValueError, match="absent"):
         be.reduce_chunks(absmax_writes, be.table(params, grads, (None, None, None)), H,
-                         writes=(False, True))
-    with pytest.raises(ValueError, match="more than"):
-        be.reduce_chunks(absmax_writes, table, H, writes=(False, False, False, False, True))
+                         writes=(False, True, False, False))
+    for wrong in ((False, True), (False,) * 5):
+        with pytest.raises(ValueError, match="4 entries"):
+            be.reduce_chunks(absmax_writes, table, H, writes=wrong)
 
 
 def test_reduction_over_master_weights_reads_widened_gradients():
