@@ -325,6 +325,122 @@ def test_write_masks_match_the_cpu_driver():
     assert rel_err(host(dp), cp) <= 1e-6 and not np.array_equal(cp, p)
 
 
+def _bf16():
+    import ml_dtypes
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def _as_patterns(a):
+    """A device copy of 16-bit host array ``a`` (CuPy has no bfloat16: its uint16 bits)."""
+    return dev(a.view(np.uint16) if a.dtype == _bf16() else a)
+
+
+@needs_cuda
+@pytest.mark.parametrize("low", ["float16", "bfloat16"])
+def test_master_weights_through_the_driver(low):
+    """float32 masters, 16-bit gradients and model copies on the device: the masters as
+    the CPU driver's, each copy the master rounded (nearest even, or a stochastic
+    neighbour for bfloat16)."""
+    from fastopt.kernels import adam, cpu
+    be = backend()
+    low = np.dtype(np.float16) if low == "float16" else _bf16()
+    rng = np.random.default_rng(12)
+    shapes = [(70,), (1,), (3, 5)]
+    masters = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    grads = [rng.standard_normal(s).astype(low) for s in shapes]
+    h = adam.adam_scalars(1, 0.01, 0.9, 0.999, 1e-8, 0.1, False, False, True, np.float32)
+    for stochastic in ((False, True) if low == _bf16() else (False,)):
+        cm = [m.copy() for m in masters]
+        cs = ([np.zeros(s, np.float32) for s in shapes], [np.zeros(s, np.float32) for s in shapes], None)
+        cpu.run(adam.adam_element, cpu.ChunkTable(cm, grads, cs, model=[m.astype(low) for m in cm]), h)
+        dm = [dev(m) for m in masters]
+        dw = [_as_patterns(m.astype(low)) for m in masters]
+        ds = ([dev(np.zeros(s, np.float32)) for s in shapes], [dev(np.zeros(s, np.float32)) for s in shapes], None)
+        table = be.table(dm, [_as_patterns(g) for g in grads], ds, model=dw)
+        be.run(adam.adam_element, table, h, seed=3, stochastic=stochastic)
+        for i, (m, w) in enumerate(zip(dm, dw)):
+            assert rel_err(host(m), cm[i]) <= 1e-6, f"master {i}"
+            got = host(w).view(np.uint16)
+            nearest = host(m).astype(low).view(np.uint16)
+            if stochastic:
+                down = (host(m).view(np.uint32) >> 16).astype(np.uint16)
+                assert np.all((got == down) | (got == down + 1)), f"model copy {i}"
+            else:
+                np.testing.assert_array_equal(got, nearest, err_msg=f"model copy {i}")
+
+
+@needs_cuda
+def test_sparse_rows_through_the_driver():
+    from fastopt.kernels import adagrad, cpu
+    be = backend()
+    rng = np.random.default_rng(13)
+    param = rng.standard_normal((50, 3)).astype(np.float32)
+    state = rng.uniform(0, 1, (50, 3)).astype(np.float32)
+    index = np.array([41, 0, 7, 49, 12])
+    rows = rng.standard_normal((5, 3)).astype(np.float32)
+    h = adagrad.adagrad_scalars(2, 0.1, 0.0, 1e-10, 0.0, False, np.float32)
+    cp, cs = param.copy(), state.copy()
+    cpu.run_rows(adagrad.adagrad_element, cp, index, rows, (cs, None, None), h, 0.5)
+    for index_on in (np.asarray, dev):          # a host index is copied over; a device one read
+        dp, ds = dev(param), dev(state)
+        before = be.launches
+        be.run_rows(adagrad.adagrad_element, dp, index_on(index), dev(rows), (ds, None, None), h, 0.5)
+        assert be.launches == before + 1
+        assert rel_err(host(dp), cp) <= 1e-6 and rel_err(host(ds), cs) <= 1e-6
+        untouched = np.setdiff1d(np.arange(50), index)
+        np.testing.assert_array_equal(host(dp)[untouched], param[untouched])
+
+
+@needs_cuda
+@pytest.mark.parametrize("n_slots", [0, 1, 5])
+def test_any_number_of_bfloat16_state_columns_through_the_driver(n_slots):
+    """K state columns stored as bfloat16 bits (uint16 device arrays, format given)."""
+    be = backend()
+    rng = np.random.default_rng(14)
+    shapes = [(40,), (0,), (3, 3)]
+    params = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    states = [[rng.uniform(0.5, 2, s).astype(_bf16()) for s in shapes] for _ in range(n_slots)]
+    dp = [dev(p) for p in params]
+    ds = [[_as_patterns(a) for a in col] for col in states]
+    be.run(_decaying_sums[n_slots], be.table(dp, [dev(g) for g in grads], ds,
+                                             formats=("bfloat16",) * n_slots), _Decay())
+    for i, (p, g) in enumerate(zip(params, grads)):
+        total = np.zeros_like(p)
+        for k, col in enumerate(states):
+            new = col[i].astype(np.float32) * np.float32(0.5) + g
+            total += new
+            got = host(ds[k][i]).view(_bf16()).astype(np.float32)
+            np.testing.assert_allclose(got, new, rtol=2 ** -7, err_msg=f"state {k} of {i}")
+        assert rel_err(host(dp[i]), p - np.float32(0.25) * (g + total)) <= 1e-2
+
+
+class _Decay(NamedTuple):
+    decay: float = np.float32(0.5)
+    lr: float = np.float32(0.25)
+
+
+def _sums0(p, g, h):
+    return (p - h.lr * g,)
+
+
+def _sums1(p, g, a, h):
+    a = a * h.decay + g
+    return p - h.lr * (g + a), a
+
+
+def _sums5(p, g, a, b, c, d, e, h):
+    a = a * h.decay + g
+    b = b * h.decay + g
+    c = c * h.decay + g
+    d = d * h.decay + g
+    e = e * h.decay + g
+    return p - h.lr * (g + a + b + c + d + e), a, b, c, d, e
+
+
+_decaying_sums = {0: _sums0, 1: _sums1, 5: _sums5}
+
+
 @needs_cuda
 def test_clip_grad_norm_on_cuda_matches_numpy():
     if not hasattr(fo, "clip_grad_norm"):
