@@ -224,9 +224,10 @@ class CudaBackend:
         ``slots``: one entry per state position of the element (K of them, any number),
         each None (absent) or a list of arrays aligned with ``params``. ``formats``: one
         storage format per position (kernels.layout.FORMATS), default read from the
-        arrays' dtypes (16-bit integer arrays hold bfloat16). ``model``: 16-bit arrays
-        aligned with ``params``, which are then float32 master weights; ``grads`` are then
-        16-bit, as the model. ``merge=False`` keeps one row per non-empty tensor.
+        arrays' dtypes (float16, ml_dtypes bfloat16; uint16 bits need theirs given).
+        ``model``: 16-bit arrays aligned with ``params`` (float16, or bfloat16 as
+        ml_dtypes or uint16/int16 bits), which are then float32 master weights; ``grads``
+        are then 16-bit, as the model. ``merge=False`` keeps one row per non-empty tensor.
         """
         slots = tuple(slots)
         fixed, columns, kind = fixed_columns(params, slots, model, formats)
