@@ -56,20 +56,22 @@ _PTX = textwrap.dedent("""
     from fastopt.kernels import adam, cuda as driver, lamb
     from fastopt.kernels.layout import Layout
 
-    F32, U16 = numba.float32[::1], numba.uint16[::1]
+    U16 = numba.uint16[::1]
 
-    def spans(layout):
-        grad = U16 if layout.model else F32
-        states = [(F32 if f == "native" else U16) if r else grad
+    def spans(layout, dtype):
+        native = dtype[::1]
+        grad = U16 if layout.model else native
+        states = [(native if f == "native" else U16) if r else grad
                   for r, f in zip(layout.reads, layout.formats)]
-        return [F32, grad] + states + [U16 if layout.model else grad]
+        return [native, grad] + states + [U16 if layout.model else grad]
 
-    def ptx(kernel, layout, h, tail):
-        text, _ = cuda.compile_ptx(kernel.py_func, (*spans(layout), *tail(typeof(h))), cc=(9, 0))
+    def ptx(kernel, layout, h, tail, dtype=numba.float32):
+        text, _ = cuda.compile_ptx(kernel.py_func, (*spans(layout, dtype), *tail(typeof(h))),
+                                   cc=(9, 0))
         return text
 
-    def step(h, row_values=()):
-        return lambda th: (numba.int64[:, ::1], th, numba.float32, typeof(row_values), numba.int64)
+    def step(h, row_values=(), dtype=numba.float32):
+        return lambda th: (numba.int64[:, ::1], th, dtype, typeof(row_values), numba.int64)
 
     h = adam.adam_scalars(3, 0.01, 0.9, 0.999, 1e-8, 0.1, True, False, True, np.float32)
     hl = lamb.lamb_scalars(3, 1e-3, 0.9, 0.999, 1e-6, 0.0, 0.01, np.float32)
@@ -88,6 +90,12 @@ _PTX = textwrap.dedent("""
         text = ptx(driver.step_kernel(fn, layout, hh), layout, hh, tail)
         assert "call.uni" not in text and "call " not in text, name + ": a call left in"
         print("ok", name, len(text))
+    # float64 math with 16-bit state: stored through float32 (the documented double rounding)
+    h64 = adam.adam_scalars(3, 0.01, 0.9, 0.999, 1e-8, 0.1, True, False, True, np.float64)
+    layout = Layout.of((True, True, True), formats=("bfloat16", "float16", "native"))
+    ptx(driver.step_kernel(adam.adam_element, layout, h64), layout, h64,
+        step(h64, dtype=numba.float64), numba.float64)
+    print("ok float64 with 16-bit state")
     layout = Layout.of((True, True, False), (True, True, False), formats=("bfloat16", "native", "native"))
     text = ptx(driver.reduce_kernel(lamb.lamb_moments, layout, hl, write_p=False), layout, hl,
                lambda th: (numba.int64[:, ::1], th, numba.float64[:, ::1]))
