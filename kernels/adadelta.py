@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-SLOTS = ("square_avg", "acc_delta", None)
 
 
 class AdadeltaScalars(NamedTuple):

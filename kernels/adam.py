@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-SLOTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
 class AdamScalars(NamedTuple):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-SLOTS = ("exp_avg", "exp_inf", None)
 
 
 class AdamaxScalars(NamedTuple):

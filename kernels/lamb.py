@@ -34,7 +34,6 @@ from typing import NamedTuple
 
 import numpy as np
 
-SLOTS = ("exp_avg", "exp_avg_sq", None)
 
 
 class LambScalars(NamedTuple):

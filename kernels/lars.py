@@ -20,7 +20,6 @@ from typing import NamedTuple
 
 import numpy as np
 
-SLOTS = ("trace", None, None)
 
 
 class LarsScalars(NamedTuple):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-SLOTS = ("exp_avg", None, None)
 
 
 class LionScalars(NamedTuple):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-SLOTS = ("exp_avg", "exp_avg_sq", None)
 
 # torch's rectification threshold on rho_t (the length of the approximated SMA).
 RHO_THRESHOLD = 5.0

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-SLOTS = ("square_avg", "momentum_buffer", "grad_avg")
 
 
 class RMSpropScalars(NamedTuple):

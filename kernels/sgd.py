@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-SLOTS = ("momentum_buffer", None, None)
 
 
 class SGDScalars(NamedTuple):
