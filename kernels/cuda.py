@@ -196,9 +196,6 @@ def _chunking():
     return CHUNK_MIN, CHUNK_MAX, TARGET_CHUNKS
 
 
-NO_WRITES = (False, False, False, False)
-
-
 class CudaBackend:
     """The ``"cuda"`` backend: ``table()`` once per set of arrays, ``run()`` once per step.
 
