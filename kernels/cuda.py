@@ -351,7 +351,9 @@ class CudaBackend:
         else:
             index = span(index_addr, k, index_dtype)
         layout = Layout.of(columns.has, None, columns.formats)
-        launch = _launcher(rows_kernel(element, layout, scalars), min(k, MAX_GRID), BLOCK, stream)
+        # A block per row: no more threads than the row's elements (a warp at least).
+        block = min(BLOCK, max(min(32, BLOCK), 1 << (width - 1).bit_length()))
+        launch = _launcher(rows_kernel(element, layout, scalars), min(k, MAX_GRID), block, stream)
         launch(*spans, spans[1], index, np.int64(width), scalars, dtype.type(grad_scale))
         self.launches += 1
 
