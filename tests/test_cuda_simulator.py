@@ -43,10 +43,12 @@ def test_cuda_kernels_under_the_simulator():
     print(summary)
 
 
-# Compiles kernels of every kind and column description for compute capability 9.0.
+# Compiles kernels of every kind and column description for compute capability 9.0, and
+# checks that numba's disk cache (FASTOPT_CUDA_CACHE=1) locates a generated kernel's file.
 # Numba asks the current device for its compute capability when it compiles a device
 # function called from a kernel; there is none here, so the child says 9.0 itself.
 _PTX = textwrap.dedent("""
+    import os
     import types
     import numpy as np
     import numba
@@ -113,6 +115,11 @@ _PTX = textwrap.dedent("""
     driver.PAIR = True
     paired = ptx(driver.step_kernel(adam.adam_element, layout, h), layout, h, step(h))
     assert paired != frozen
+    # FASTOPT_CUDA_CACHE=1: numba caches the kernel beside its generated source file.
+    os.environ["FASTOPT_CUDA_CACHE"] = "1"
+    cached = driver.step_kernel(adam.adam_element, Layout.of((True, False, False)), h)
+    assert cached._cache._cache_path.startswith(os.path.dirname(cached.fastopt_source)), (
+        cached._cache._cache_path, cached.fastopt_source)
     print("PTX OK")
 """)
 
