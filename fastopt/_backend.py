@@ -60,7 +60,7 @@ DENSE = "dense steps"
 CAPABILITIES = {
     "cpu": frozenset({DENSE, MASTER_WEIGHTS, SPARSE_ROWS, PER_TENSOR}),
     "numpy": frozenset({DENSE, MASTER_WEIGHTS, SPARSE_ROWS, PER_TENSOR}),
-    "cuda": frozenset({DENSE, PER_TENSOR}),
+    "cuda": frozenset({DENSE, MASTER_WEIGHTS, SPARSE_ROWS, PER_TENSOR}),
 }
 """{backend: the features it runs}; :func:`require` refuses the others."""
 

@@ -364,6 +364,7 @@ def optimizer_class(spec: Spec, base: type, module: str) -> type:
                        if "__init__" in c.__dict__ and c.__dict__.get("spec") is None)
     positional = [h.name for h in spec.settable if not h.keyword]
     hyper_names = {h.name for h in spec.settable}
+    fixed = {h.name: h.default for h in spec.hypers if h.fixed}
 
     def __init__(self, params, *args, backend=None, **kwargs):
         if len(args) > len(positional):
@@ -378,6 +379,9 @@ def optimizer_class(spec: Spec, base: type, module: str) -> type:
         for k, value in kwargs.items():
             if k in hyper_names:
                 values[k] = value
+            elif k in fixed:
+                raise TypeError(f"{spec.name}() got an unexpected keyword argument {k!r}: "
+                                f"{spec.name} fixes {k}={fixed[k]!r} ({spec.parent} takes it)")
             else:
                 options[k] = value
         engine_init(self, params, values, backend, **options)
