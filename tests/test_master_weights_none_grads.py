@@ -262,3 +262,34 @@ def test_cuda_master_weights_with_none_grads_match_the_cpu():
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", (out.stdout + out.stderr)[-3000:]
+
+
+def test_cuda_sparse_rows_match_the_cpu():
+    """SparseGrad steps through the CUDA driver's row kernel (under the simulator) for every
+    optimizer that takes them: the same params and state as the CPU driver's."""
+    script = textwrap.dedent("""
+        import numpy as np, fastopt as fo
+        rng = np.random.default_rng(1)
+        init = rng.standard_normal((9, 4)).astype(np.float32)
+        grads = [fo.SparseGrad(np.array(ix), rng.standard_normal((len(ix), 4)).astype(np.float32))
+                 for ix in ([1, 5], [5, 0, 8], [2])]
+        for cls, hp in ((fo.SGD, dict(lr=0.1, momentum=0.9)), (fo.Adagrad, dict(lr=0.1)),
+                        (fo.Adam, dict(lr=0.1))):
+            runs = {}
+            for backend in ("cpu", "cuda"):
+                p = init.copy()
+                opt = cls([p], backend=backend, **hp)
+                for g in grads:
+                    opt.step([g])
+                runs[backend] = (p, opt.state_dict())
+            (pc, sc), (pg, sg) = runs["cpu"], runs["cuda"]
+            assert np.array_equal(pc, pg), cls.__name__
+            assert not np.array_equal(pc[1], init[1]) and np.array_equal(pc[3], init[3])
+            for k, v in sc["state"][0].items():
+                assert np.array_equal(v, sg["state"][0][k]), (cls.__name__, k)
+        print("ok")
+    """)
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", (out.stdout + out.stderr)[-3000:]
