@@ -20,7 +20,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 import fastopt as fo
-from cases import ALL_BY_NAME, ALL_CASES, CASES, EXTERNAL_CASES  # noqa: F401 (re-exported)
+from cases import ALL_BY_NAME, ALL_CASES, CASES, EXTERNAL_CASES, hyper_kind  # noqa: F401 (re-exported)
 
 # -- the optimizers -------------------------------------------------------------------
 # The database of tests/cases.py; optimizers whose oracle is not torch (optax's Lion,
@@ -69,12 +69,34 @@ _COMMON = {
     "trust_coefficient": st.floats(1e-4, 1e-1),
     "betas": st.tuples(st.floats(0.0, 0.99), st.floats(0.5, 0.9999)),
 }
+# Numerical tuning, optional: ranges found to keep long random runs well-conditioned. An
+# optimizer or hyperparameter not named here gets a strategy derived from its spec
+# (_from_spec), so a new optimizer needs no entry.
 _LR = {"sgd": (1e-4, 0.1), "adagrad": (1e-3, 0.1), "rmsprop": (1e-4, 1e-2), "adadelta": (0.05, 1.0),
        "lion": (1e-5, 1e-3), "lars": (0.05, 1.0)}
 _PER_CASE = {
     "lars": {"eps": st.sampled_from([0.0, 1e-8, 1e-6])},
     "lion": {"weight_decay": _maybe_zero(1e-4, 0.5)},
 }
+
+
+def _from_spec(case, h):
+    """A strategy for hyperparameter ``h`` of ``case``'s spec, from the kind of its check,
+    its default and the values the spec's examples use: flags on or off; betas with the
+    first in [0, 0.99] and the others in [0.5, 0.9999]; a number between a tenth of the
+    smallest nonzero value used and the largest, or 0 where the examples use 0."""
+    kind = hyper_kind(h)
+    if kind == "flag":
+        return st.booleans()
+    if kind == "betas":
+        return st.tuples(st.floats(0.0, 0.99), *[st.floats(0.5, 0.9999)] * (len(h.default) - 1))
+    values = {float(case.hp(row).get(h.name, h.default)) for row in case.grid} | {float(h.default)}
+    nonzero = sorted(v for v in values if v != 0)
+    if not nonzero:
+        return st.just(0.0)
+    hi = min(nonzero[-1], 1.0) if kind == "unit" else nonzero[-1]
+    drawn = st.floats(nonzero[0] / 10, hi)
+    return st.one_of(st.just(0.0), drawn) if 0.0 in values else drawn
 
 
 def default_hp(case) -> dict:
@@ -90,6 +112,7 @@ def hyperparameters(draw, case) -> dict:
     """Valid hyperparameters for ``case``: every one of the class's, each drawn over its
     legal range (flags on or off; momentum-like terms zero or not)."""
     names = default_hp(case)
+    hypers = {h.name: h for h in case.spec.hypers}
     hp = {}
     lo, hi = _LR.get(case.name, (1e-4, 0.05))
     hp["lr"] = draw(st.floats(lo, hi))
@@ -101,13 +124,24 @@ def hyperparameters(draw, case) -> dict:
         elif name == "dampening":
             hp[name] = draw(_maybe_zero(0.01, 0.5))
         elif name == "nesterov":
-            ok = hp.get("momentum", 0.0) > 0 and hp.get("dampening", 0.0) == 0
-            hp[name] = draw(st.booleans()) if ok or case.name == "lars" else False
+            hp[name] = draw(st.booleans()) if _accepts(case, {**names, **hp, name: True}) else False
         else:
             strat = _PER_CASE.get(case.name, {}).get(name, _COMMON.get(name))
-            assert strat is not None, f"no strategy for {case.name}'s {name!r}"
+            if strat is None or (name == "betas" and len(hypers[name].default) != 2):
+                strat = _from_spec(case, hypers[name])
             hp[name] = draw(strat)
     return hp
+
+
+def _accepts(case, hp) -> bool:
+    """Whether the spec's checks (its cross-hyperparameter rules included) accept ``hp``."""
+    group = {h.name: h.default for h in case.spec.hypers}
+    group.update(hp)
+    try:
+        case.spec.check_group(group, "")
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 # -- snapshots ------------------------------------------------------------------------

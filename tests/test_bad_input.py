@@ -5,11 +5,13 @@ with a snapshot of the bytes of every param and state array taken before; after 
 error the bytes must be identical. Then the optimizer and an identical twin that never
 saw the bad call take one more good step: they must agree bit for bit, which also
 catches hidden damage (step counts, cached tables).
+
+Every optimizer of the database (``cases.ALL_CASES``); the hyperparameters tried are each
+spec's, with the bad values of their kind (``cases.bad_hyperparameters``).
 """
 from __future__ import annotations
 
 import copy
-import math
 import re
 
 import numpy as np
@@ -17,9 +19,10 @@ import pytest
 
 import fastopt as fo
 
-from cases import BY_NAME, CASES, case_params
+from cases import (ALL_CASES, BY_NAME, CASES, NAN, bad_hyperparameters, bad_value_id, case_params,
+                   hyper_kind)
 
-NAN, INF = math.nan, math.inf
+ALL_CASE_PARAMS = case_params(ALL_CASES)
 
 
 # -- fixtures ---------------------------------------------------------------------------
@@ -141,7 +144,7 @@ def test_disjoint_views_of_one_buffer_are_fine():
     assert np.array_equal(b, [-1.0] * 5 + [-2.0] * 5)
 
 
-@pytest.mark.parametrize("case", case_params())
+@pytest.mark.parametrize("case", ALL_CASE_PARAMS)
 def test_add_param_group_overlapping_leaves_optimizer_unchanged(case):
     (params, opt), twin = stepped_twins(case)
     snap, groups = snapshot(params, opt), groups_of(opt)
@@ -156,51 +159,50 @@ def test_add_param_group_overlapping_leaves_optimizer_unchanged(case):
 
 
 # -- hyperparameters ------------------------------------------------------------------
-BAD_VALUES = {
-    "lr": [-0.1, NAN, INF, "0.1"],
-    "betas": [(1.0, 0.999), (0.9, 1.0), (-0.1, 0.999), (NAN, 0.999), (0.9, NAN), (0.9,), 0.9],
-    "eps": [-1e-8, NAN, INF],
-    "momentum": [-0.5, NAN],
-    "alpha": [-0.1, 1.5, NAN],
-    "weight_decay": [-0.01, NAN, INF],
-    "lr_decay": [-0.01, NAN],
-    "initial_accumulator_value": [-0.1, NAN],
-    "dampening": [NAN],
-    "nesterov": ["yes"],
-    "maximize": [None],
-    "amsgrad": ["no"],
-    "centered": [2],
-    "decoupled_weight_decay": [None],
-}
-
-
 def _bad_hp_params():
-    out = []
-    for case in CASES:
-        names = case.fo_cls([np.zeros(1)]).defaults
-        for name, values in BAD_VALUES.items():
-            if name in names:
-                for v in values:
-                    out.append(pytest.param(case, name, v, id=f"{case.name}-{name}={v!r}"))
+    """Every hyperparameter of every spec with each bad value of its kind (cases.BAD_VALUES),
+    and the cross-hyperparameter rules of a spec's ``check``."""
+    out = [pytest.param(case, name, value, mention, id=f"{case.name}-{bad_value_id(name, value)}")
+           for case in ALL_CASES for name, value, mention in bad_hyperparameters(case)]
     # nesterov needs momentum > 0 and dampening == 0
     sgd = BY_NAME["sgd"]
-    out.append(pytest.param(sgd, None, dict(nesterov=True, momentum=0.0, dampening=0.0),
+    out.append(pytest.param(sgd, None, dict(nesterov=True, momentum=0.0, dampening=0.0), "nesterov",
                             id="sgd-nesterov_without_momentum"))
-    out.append(pytest.param(sgd, None, dict(nesterov=True, momentum=0.9, dampening=0.1),
+    out.append(pytest.param(sgd, None, dict(nesterov=True, momentum=0.9, dampening=0.1), "nesterov",
                             id="sgd-nesterov_with_dampening"))
     return out
 
 
-def _bad_hp(case, name, value):
-    """(the group overrides, the name the error must mention)."""
-    if name is None:
-        return dict(value), "nesterov"
-    return {name: value}, name
+@pytest.mark.parametrize("case", case_params(CASES))
+def test_refuses_what_torch_refuses(case):
+    """The ranges the specs declare are not looser than torch.optim's: every value the
+    torch class refuses at construction, fastopt refuses too, naming the hyperparameter."""
+    torch = pytest.importorskip("torch")
+    params = [np.zeros(3)]
+    refused = 0
+    for h in case.spec.settable:
+        if isinstance(h.default, bool) or not isinstance(h.default, (int, float, tuple)):
+            continue
+        candidates = ([(-0.1,) + h.default[1:], h.default[:1] + (1.0,) + h.default[2:]]
+                      if isinstance(h.default, tuple) else [-0.1, -1.0, 1.5])
+        for value in candidates:
+            try:
+                case.torch_cls()([torch.zeros(3)], **{**case.hp({}), h.name: value})
+            except ValueError:
+                refused += 1
+                with pytest.raises((ValueError, TypeError), match=named(h.name)):
+                    case.fo_cls(params, **{**case.hp({}), h.name: value})
+    assert refused, "torch refused none of the values: the test tested nothing"
 
 
-@pytest.mark.parametrize("case,name,value", _bad_hp_params())
-def test_bad_hyperparameter_at_construction(case, name, value):
-    over, mention = _bad_hp(case, name, value)
+def _bad_hp(name, value):
+    """The group overrides: ``{name: value}``, or ``value`` itself for a rule."""
+    return dict(value) if name is None else {name: value}
+
+
+@pytest.mark.parametrize("case,name,value,mention", _bad_hp_params())
+def test_bad_hyperparameter_at_construction(case, name, value, mention):
+    over = _bad_hp(name, value)
     params = make_params()
     before = [p.tobytes() for p in params]
     with pytest.raises((ValueError, TypeError), match=named(mention)):
@@ -210,11 +212,11 @@ def test_bad_hyperparameter_at_construction(case, name, value):
     assert [p.tobytes() for p in params] == before
 
 
-@pytest.mark.parametrize("case,name,value", _bad_hp_params())
-def test_bad_hyperparameter_set_between_steps(case, name, value):
+@pytest.mark.parametrize("case,name,value,mention", _bad_hp_params())
+def test_bad_hyperparameter_set_between_steps(case, name, value, mention):
     """A group edited into a bad state: the step raises, naming the hyperparameter and
     the group, and nothing moves (the other group neither)."""
-    over, mention = _bad_hp(case, name, value)
+    over = _bad_hp(name, value)
     (params, opt), twin = stepped_twins(case, hp=case.hp({}), groups=True)
     snap, groups = snapshot(params, opt), groups_of(opt)
     opt.param_groups[1].update(over)
@@ -262,7 +264,7 @@ BAD_GRADS = {
 }
 
 
-@pytest.mark.parametrize("case", case_params())
+@pytest.mark.parametrize("case", ALL_CASE_PARAMS)
 @pytest.mark.parametrize("what", list(BAD_GRADS))
 def test_bad_grads_change_nothing(case, what):
     """The bad gradient sits at index 2: params 0 and 1 (both dtypes) come before it and
@@ -275,7 +277,7 @@ def test_bad_grads_change_nothing(case, what):
     assert_unchanged(params, opt, snap, twin)
 
 
-@pytest.mark.parametrize("case", case_params())
+@pytest.mark.parametrize("case", ALL_CASE_PARAMS)
 def test_bad_grad_in_second_group_leaves_first_group(case):
     (params, opt), twin = stepped_twins(case, groups=True)
     snap = snapshot(params, opt)
@@ -286,7 +288,7 @@ def test_bad_grad_in_second_group_leaves_first_group(case):
     assert_unchanged(params, opt, snap, twin)
 
 
-@pytest.mark.parametrize("case", case_params())
+@pytest.mark.parametrize("case", ALL_CASE_PARAMS)
 def test_bad_grads_flat_mode(case):
     """FlatParams optimizer given an explicit bad grads list, and grads=None over params
     that are not FlatParams views."""
@@ -332,8 +334,9 @@ def _bad_state_dicts(case, opt):
         variant("fractional_step", "step", lambda sd: sd["state"][1].__setitem__("step", np.float32(1.5)))
     variant("missing_group_key", named("lr"), lambda sd: sd["param_groups"][0].pop("lr"))
     variant("bad_group_value", named("lr"), lambda sd: sd["param_groups"][0].__setitem__("lr", -1.0))
-    variant("nan_group_value", named("weight_decay"),
-            lambda sd: sd["param_groups"][0].__setitem__("weight_decay", NAN))
+    real = [h.name for h in case.spec.hypers if hyper_kind(h) in ("real", "nonnegative", "unit")]
+    variant("nan_group_value", named(real[-1]),
+            lambda sd: sd["param_groups"][0].__setitem__(real[-1], NAN))
     variant("wrong_shape", rf"\[3\]\[{re.escape(repr(slot))}\] has shape \(4,\)",
             lambda sd: sd["state"][3].__setitem__(slot, np.zeros(4)))
     variant("transposed_shape", r"has shape \(4, 3\)",
@@ -361,7 +364,7 @@ _STEP_CASES = {"missing_step", "nan_step", "negative_step", "fractional_step"}
 
 
 @pytest.mark.parametrize("case,what", [
-    pytest.param(c, w, id=f"{c.name}-{w}") for c in CASES for w in _SD_CASES
+    pytest.param(c, w, id=f"{c.name}-{w}") for c in ALL_CASES for w in _SD_CASES
     if c.fo_cls.has_step_state or w not in _STEP_CASES])
 def test_bad_state_dict_changes_nothing(case, what):
     (params, opt), twin = stepped_twins(case)
@@ -379,8 +382,8 @@ def test_bad_state_dict_changes_nothing(case, what):
 
 def _wrong_optimizer_params():
     out = []
-    for a in CASES:
-        for b in CASES:
+    for a in ALL_CASES:
+        for b in ALL_CASES:
             da = a.fo_cls([np.zeros(1)]).defaults
             db = b.fo_cls([np.zeros(1)]).defaults
             # A state dict is recognised as another optimizer's by the hyperparameters it

@@ -6,22 +6,31 @@ must equal the class's reference bit for bit; CPU and reference agree within RTO
 """
 from __future__ import annotations
 
-import math
+import re
 
 import numpy as np
 import pytest
 
 import fastopt as fo
 
-from cases import CASES, DTYPES, BY_NAME, Grads, assert_close, init_params, row_id
+from cases import (ALL_CASES, DTYPES, Grads, assert_close, bad_hyperparameters, bad_value_id,
+                   init_params, row_id)
 
 SHAPES = [(0,), (1,), (3, 5), (70,)]
 N_STEPS = 20
 
 
+# Every optimizer whose spec declares a functional form (not LAMB and LARS: their
+# per-tensor passes have none).
+FUNCTIONAL = [c for c in ALL_CASES if c.spec.functional]
+
+
 def _functional_grid():
-    return [pytest.param(c, row, id=f"{c.name}-{row_id(row)}") for c in CASES
-            if hasattr(fo.functional, c.name) for row in c.grid]
+    return [pytest.param(c, row, id=f"{c.name}-{row_id(row)}") for c in FUNCTIONAL for row in c.grid]
+
+
+def test_functional_forms_are_the_specs():
+    assert [c.name for c in FUNCTIONAL] == [c.name for c in ALL_CASES if hasattr(fo.functional, c.name)]
 
 
 class FunctionalRun:
@@ -77,10 +86,9 @@ def test_functional_equals_class_and_reference(case, row, dtype):
     assert not np.array_equal(f_cpu.params[2], init[2])
 
 
-@pytest.mark.parametrize("name", ["sgd", "adagrad", "rmsprop", "adam", "adamw"])
-def test_functional_mixed_dtypes_in_one_call(name):
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.name) for c in FUNCTIONAL])
+def test_functional_mixed_dtypes_in_one_call(case):
     """float32 and float64 tensors in one call: one pass per dtype, each as if alone."""
-    case = BY_NAME[name]
     hp = case.hp()
     shapes = [(4,), (3,), (2, 2)]
     dtypes = [np.float32, np.float64, np.float32]
@@ -129,15 +137,9 @@ BAD_CALLS = {
     "state_twice": (lambda p, g, m, v: fo.functional.adam(p, g, m, m), ValueError, "same array"),
     "state_read_only": (lambda p, g, m, v: fo.functional.adam(
         p, g, m, [v[0], (lambda a: (a.setflags(write=False), a)[1])(v[1])]), ValueError, "read-only"),
-    "lr": (lambda p, g, m, v: fo.functional.adam(p, g, m, v, lr=-1.0), ValueError, "lr"),
-    "beta1": (lambda p, g, m, v: fo.functional.adam(p, g, m, v, beta1=1.0), ValueError, "betas"),
-    "eps_nan": (lambda p, g, m, v: fo.functional.adam(p, g, m, v, eps=math.nan), ValueError, "eps"),
     "sgd_nesterov": (lambda p, g, m, v: fo.functional.sgd(p, g, m, nesterov=True), ValueError, "nesterov"),
     "sgd_missing_buffers": (lambda p, g, m, v: fo.functional.sgd(p, g, None, momentum=0.9), ValueError,
                             "momentum_buffer"),
-    "rmsprop_alpha": (lambda p, g, m, v: fo.functional.rmsprop(p, g, m, alpha=2.0), ValueError, "alpha"),
-    "adagrad_lr_decay": (lambda p, g, m, v: fo.functional.adagrad(p, g, m, lr_decay=-1.0), ValueError,
-                         "lr_decay"),
 }
 
 
@@ -149,6 +151,38 @@ def test_functional_bad_input_changes_nothing(what):
     with pytest.raises(exc, match=pattern):
         call(p, g, m, v)
     assert [a.tobytes() for a in p + m + v] == before
+
+
+def _functional_bad_hypers():
+    """Each keyword hyperparameter of each functional form (betas split into beta1, ...)
+    with each bad value of its kind (cases.BAD_VALUES)."""
+    out = []
+    for c in FUNCTIONAL:
+        keywords = {h.name for h in c.spec.settable if h.functional}
+        for name, value, mention in bad_hyperparameters(c):
+            if name not in keywords:
+                continue
+            if name == "betas":
+                n = len(next(h.default for h in c.spec.hypers if h.name == "betas"))
+                if not isinstance(value, tuple) or len(value) != n:
+                    continue                    # the functional form takes the betas one by one
+                kw = {f"beta{k}": b for k, b in enumerate(value, 1)}
+            else:
+                kw = {name: value}
+            out.append(pytest.param(c, kw, mention, id=f"{c.name}-{bad_value_id(name, value)}"))
+    return out
+
+
+@pytest.mark.parametrize("case,kw,mention", _functional_bad_hypers())
+def test_functional_bad_hyperparameter_changes_nothing(case, kw, mention):
+    hp = case.hp({})
+    init = init_params([(3,), (2, 2)], np.float32, 4)
+    run = FunctionalRun(case, hp, init, "cpu")
+    before = [a.tobytes() for a in run.params + [x for xs in run.slots.values() for x in xs]]
+    with pytest.raises((ValueError, TypeError), match=rf"(?<![\w]){re.escape(mention)}(?![\w])"):
+        case.functional(run.params, [np.ones_like(a) for a in init], *run.slots.values(),
+                        **{**run.kw, **kw})
+    assert [a.tobytes() for a in run.params + [x for xs in run.slots.values() for x in xs]] == before
 
 
 def test_functional_sgd_without_momentum_needs_no_buffers():

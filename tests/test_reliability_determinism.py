@@ -1,12 +1,11 @@
 """Determinism: the same inputs give the same bits, whatever the threads, mode or process.
 
-Every optimizer, float32 and float64, separate arrays and FlatParams, with and without
-fused gradient clipping (a reduction pass), with tensors spanning several 65536-element
-chunks so the parallel loop really splits: params and every state array must be
-bit-identical for 1 and 2 Numba threads, between list and FlatParams mode, and between
-this process and fresh interpreters (other hash seeds, other thread counts). The
-global norm (fixed-order float64 chunk partials) must be bit-identical across thread
-counts and layouts for every norm type.
+Optimizers with tensors spanning several 65536-element chunks so the parallel loop
+really splits: params and every state array must be bit-identical between this process
+and fresh interpreters (other hash seeds, other thread counts). The global norm
+(fixed-order float64 chunk partials) must be bit-identical across thread counts and
+layouts for every norm type. Every optimizer for 1 and 2 Numba threads, in list and
+FlatParams mode, with and without fused clipping: tests/test_database.py.
 """
 from __future__ import annotations
 
@@ -22,7 +21,7 @@ import pytest
 
 import fastopt as fo
 
-from reliability_cases import ALL_BY_NAME, ALL_CASES, STATS
+from reliability_cases import ALL_BY_NAME, STATS
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 SHAPES = [(2 * 65536 + 4099,), (33, 17), (), (0, 4), (5,), (65536,)]
@@ -79,35 +78,6 @@ def digest(result: dict) -> str:
     for k in sorted(result):
         h.update(k.encode() + b"\0" + result[k] + b"\0")
     return h.hexdigest()
-
-
-def _assert_same(a, b, what):
-    assert a.keys() == b.keys(), what
-    diff = [k for k in a if a[k] != b[k]]
-    assert not diff, f"{what}: differ in {diff}"
-    STATS["determinism_bytes_compared"] += sum(len(v) for v in a.values())
-
-
-RUNS = [pytest.param(c.name, dtype, clip, id=f"{c.name}-{np.dtype(dtype).name}"
-                     + ("-clip" if clip else ""))
-        for c in ALL_CASES for dtype, clip in ((np.float32, None), (np.float64, 0.5))]
-
-
-@needs_two_threads
-@pytest.mark.parametrize("name,dtype,clip", RUNS)
-def test_one_and_two_threads_and_both_modes_are_bit_identical(name, dtype, clip):
-    results = {}
-    for n in (1, 2):
-        with threads(n):
-            for mode in ("list", "flat"):
-                results[n, mode] = train(name, mode, dtype, seed=3, clip=clip)
-    ref = results[1, "list"]
-    for key, res in results.items():
-        _assert_same(res, ref, f"{name}: {key} vs (1 thread, list)")
-    # The run did something: the big param moved from its initial value.
-    init = np.random.default_rng(3).standard_normal(SHAPES[0]).astype(dtype)
-    assert ref["param0"] != init.tobytes()
-    STATS["determinism_runs"] += len(results)
 
 
 def test_runs_are_not_trivially_equal():

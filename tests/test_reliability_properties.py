@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 import fastopt as fo
 
-from cases import DTYPES, Grads, assert_close, compare_impls, init_params, make_impls, rms
+from cases import DTYPES, Grads, assert_close, compare_impls, hyper_kind, init_params, make_impls, rms
 from reliability_cases import (ALL_CASES, STATS, assert_unchanged, default_hp, hyperparameters,
                                snapshot)
 
@@ -288,9 +288,11 @@ def bad_grad_scale(env, draw):
     return (lambda: env.opt.step(env.grads(), grad_scale=scale)), (TypeError, ValueError), None
 
 
-# Hyperparameters with a lower bound of 0 (negative is invalid) per class.
-_NON_NEGATIVE = {"lr", "weight_decay", "eps", "momentum", "lr_decay", "initial_accumulator_value",
-                 "alpha", "rho", "momentum_decay", "eps_root", "trust_coefficient"}
+# Hyperparameters with a lower bound of 0 (negative is invalid) in every spec that has
+# them, by their declared checks (cases.hyper_kind).
+_NON_NEGATIVE = frozenset(
+    h.name for c in ALL_CASES for h in c.spec.hypers if hyper_kind(h) in ("nonnegative", "unit")) - \
+    frozenset(h.name for c in ALL_CASES for h in c.spec.hypers if hyper_kind(h) == "real")
 
 
 def bad_hyperparameter(env, draw):

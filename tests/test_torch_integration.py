@@ -14,26 +14,16 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 import fastopt.torch as ft  # noqa: E402
 
+from cases import ALL_CASES  # noqa: E402
+
 N_LAYERS, WIDTH, BATCH, STEPS = 50, 16, 8, 300
 
-# Hyperparameters per optimizer: flags and optional terms switched on. A row with
-# maximize=True trains on the negated loss, so every run descends the same landscape.
-HYPER = {
-    "SGD": dict(lr=0.02, momentum=0.9, nesterov=True, weight_decay=1e-3),
-    "Adagrad": dict(lr=0.02, lr_decay=1e-3, weight_decay=1e-3, initial_accumulator_value=0.1),
-    "RMSprop": dict(lr=1e-3, momentum=0.5, centered=True, weight_decay=1e-3),
-    "Adam": dict(lr=1e-3, amsgrad=True, weight_decay=1e-3, maximize=True),
-    "AdamW": dict(lr=1e-3, weight_decay=1e-2),
-    "Adamax": dict(lr=2e-3, weight_decay=1e-3),
-    "NAdam": dict(lr=2e-3, weight_decay=1e-2, decoupled_weight_decay=True),
-    "RAdam": dict(lr=1e-3, weight_decay=1e-3),
-    "Adadelta": dict(lr=0.1, weight_decay=1e-3, maximize=True),
-    "Lion": dict(lr=1e-4, weight_decay=1e-2),
-    "LAMB": dict(lr=1e-3, weight_decay=1e-2),
-    "LARS": dict(lr=0.5, momentum=0.9, weight_decay=1e-4, nesterov=True),
-}
-WITH_TORCH = sorted(n for n in ft.OPTIMIZERS if hasattr(torch.optim, n))
-WITHOUT_TORCH = sorted(n for n in ft.OPTIMIZERS if not hasattr(torch.optim, n))
+# Every optimizer of the database (cases.ALL_CASES, from the specs) with its row of most
+# terms on (the spec's ``full`` example). A row with maximize=True trains on the negated
+# loss, so every run descends the same landscape.
+BY_CLASS = {c.spec.name: c for c in ALL_CASES}
+WITH_TORCH = [pytest.param(c, id=c.spec.name) for c in ALL_CASES if c.in_torch]
+WITHOUT_TORCH = [pytest.param(c, id=c.spec.name) for c in ALL_CASES if not c.in_torch]
 
 
 class Bank(nn.Module):
@@ -100,12 +90,13 @@ def test_model_has_enough_tensors():
     assert len(list(make_model().parameters())) >= 100
 
 
-@pytest.mark.parametrize("name", WITH_TORCH)
-def test_300_steps_match_torch_optim(name):
-    hp = HYPER.get(name, {})
+@pytest.mark.parametrize("case", WITH_TORCH)
+def test_300_steps_match_torch_optim(case):
+    hp = case.hp()
+    name = case.spec.name
     sign = -1.0 if hp.get("maximize") else 1.0
     m_torch = make_model()
-    train(m_torch, getattr(torch.optim, name)(m_torch.parameters(), foreach=True, **hp), STEPS, sign)
+    train(m_torch, case.torch_cls()(m_torch.parameters(), foreach=True, **hp), STEPS, sign)
     m_fast = make_model()
     train(m_fast, ft.OPTIMIZERS[name](m_fast.parameters(), **hp), STEPS, sign)
     m_flat = make_model()
@@ -116,26 +107,30 @@ def test_300_steps_match_torch_optim(name):
     assert_same_params(m_torch, m_flat)
 
 
-@pytest.mark.parametrize("name", WITHOUT_TORCH)
-def test_300_steps_match_the_numpy_reference(name):
+@pytest.mark.parametrize("case", WITHOUT_TORCH)
+def test_300_steps_match_the_numpy_reference(case):
     """No torch.optim counterpart: hold the kernels to fastopt's NumPy reference."""
-    hp = HYPER.get(name, {})
+    hp = case.hp()
+    name = case.spec.name
+    sign = -1.0 if hp.get("maximize") else 1.0
     m_ref = make_model()
-    train(m_ref, ft.OPTIMIZERS[name](m_ref.parameters(), backend="numpy", **hp), STEPS)
+    train(m_ref, ft.OPTIMIZERS[name](m_ref.parameters(), backend="numpy", **hp), STEPS, sign)
     m_fast = make_model()
-    train(m_fast, ft.OPTIMIZERS[name](m_fast.parameters(), **hp), STEPS)
+    train(m_fast, ft.OPTIMIZERS[name](m_fast.parameters(), **hp), STEPS, sign)
     m_flat = make_model()
-    train(m_flat, ft.OPTIMIZERS[name](m_flat.parameters(), flat=True, **hp), STEPS)
+    train(m_flat, ft.OPTIMIZERS[name](m_flat.parameters(), flat=True, **hp), STEPS, sign)
     assert rel_errors(make_model(), m_ref)[0] > 1e-4
     assert_same_params(m_ref, m_fast)
     assert_same_params(m_ref, m_flat)
 
 
 def test_every_fastopt_optimizer_has_a_torch_class():
-    import fastopt
-    for name in ("SGD", "Adagrad", "RMSprop", "Adam", "AdamW"):
-        assert issubclass(ft.OPTIMIZERS[name], torch.optim.Optimizer)
-        assert ft.OPTIMIZERS[name]._fastopt_class is getattr(fastopt, name)
+    """One fastopt.torch class per spec: a torch.optim.Optimizer wrapping the fastopt class."""
+    from fastopt.optimizers import CLASSES
+    assert list(ft.OPTIMIZERS) == list(BY_CLASS) == list(CLASSES)
+    for name, cls in ft.OPTIMIZERS.items():
+        assert issubclass(cls, torch.optim.Optimizer), name
+        assert cls._fastopt_class is CLASSES[name], name
     assert "flat" in str(inspect.signature(ft.Adam))
 
 
