@@ -82,6 +82,7 @@ SPEC = _s.Spec(
     """,
     examples=_s.Examples(base=dict(lr=1e-3), grid=(
         {}, dict(betas=(0.8, 0.95), weight_decay=0.1, maximize=True),
+        dict(weight_decay=0.0, maximize=True),
     ), full=dict(betas=(0.8, 0.95), weight_decay=0.1, maximize=True)),
     bench=(_s.BenchRow("lion", dict(lr=1e-4)),),
 )

@@ -180,12 +180,7 @@ def _flags(case, hp):
 
 
 def _grid_cases():
-    lion_gap = pytest.mark.xfail(strict=True, reason=(
-        "kernels/lion.py: the spec's examples have no weight_decay=0 row, so Lion's "
-        "decay-off path (the old tests/test_family.py grid's row) is in no grid row; add "
-        "dict(weight_decay=0.0, maximize=True) to its grid"))
-    return [pytest.param(c, id=c.name, marks=[lion_gap] if c.name == "lion" else [])
-            for c in ALL_CASES]
+    return [pytest.param(c, id=c.name) for c in ALL_CASES]
 
 
 @pytest.mark.parametrize("case", _grid_cases())
