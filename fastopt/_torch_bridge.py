@@ -227,11 +227,6 @@ class ParamState(dict):
         return (dict, (dict(self),))
 
 
-# Per-param scalar state fastopt keeps on the host beside 'step': the fastopt attribute
-# holding it as an array over params, so opt.state views it live, as torch's tensor is.
-_HOST_SCALAR_STORES = {"mu_product": "_mu_product"}
-
-
 class StateView(MutableMapping):
     """``opt.state``: {param: {key: tensor}}, live zero-copy views of fastopt's state.
 
@@ -267,12 +262,11 @@ class StateView(MutableMapping):
         items = {k: tensor_view(a, device) for k, a in st.items()}
         if opt._fo.has_step_state:
             items["step"] = torch.from_numpy(opt._step_store[i:i + 1]).view(())
-        for key, value in opt._fo._state_of(i).items():     # host scalars: NAdam's mu_product
-            if key not in items:
-                attr = _HOST_SCALAR_STORES.get(key)
-                store = getattr(opt._fo, attr, None) if attr else None
-                items[key] = (torch.from_numpy(store[i:i + 1]).view(())
-                              if isinstance(store, np.ndarray) else torch.tensor(value))
+        # The spec's host state (NAdam's mu_product): a live 0-d view of fastopt's
+        # float32 array over params, as torch's tensor is.
+        host = opt._fo.spec.host if opt._fo.spec is not None else None
+        if host is not None:
+            items[host.name] = torch.from_numpy(opt._fo._host_values[i:i + 1]).view(())
         view = ParamState(self, p, items)
         self._views[i] = (st, len(st), view)
         return view
