@@ -26,21 +26,32 @@ FILES = ["test_cuda_sim.py", "test_family_cudasim.py", "test_cuda_columns_sim.py
 UNDER_SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 
 
-@pytest.mark.skipif(UNDER_SIMULATOR, reason="already under the simulator: the files run directly")
-def test_cuda_kernels_under_the_simulator():
+def _under_the_simulator(args, at_least):
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
-           "-o", "addopts=-rfE", *(str(HERE / f) for f in FILES)]
+           "-o", "addopts=-rfE", *args]
     proc = subprocess.run(cmd, cwd=HERE.parent, env=env, capture_output=True, text=True,
                           timeout=1800)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"CUDA simulator run failed:\n{out[-8000:]}"
     summary = out.strip().splitlines()[-1]
     passed = re.search(r"(\d+) passed", summary)
-    # Every kernel test ran: a run that skipped them all would pass with nothing tested.
-    assert passed and int(passed.group(1)) >= 150, summary
+    # Every test ran: a run that skipped them all would pass with nothing tested.
+    assert passed and int(passed.group(1)) >= at_least, summary
     assert "failed" not in summary and "error" not in summary, summary
     print(summary)
+
+
+@pytest.mark.skipif(UNDER_SIMULATOR, reason="already under the simulator: the files run directly")
+def test_cuda_kernels_under_the_simulator():
+    _under_the_simulator([str(HERE / f) for f in FILES], 150)
+
+
+@pytest.mark.skipif(UNDER_SIMULATOR, reason="already under the simulator: the file runs directly")
+@pytest.mark.skipif(not (HERE / "test_database.py").exists(), reason="no optimizer database")
+def test_optimizer_database_on_the_cuda_backend_under_the_simulator():
+    """Every optimizer of the database through the front end on backend 'cuda'."""
+    _under_the_simulator([str(HERE / "test_database.py"), "-k", "cuda"], 50)
 
 
 # Compiles kernels of every kind and column description for compute capability 9.0, and
