@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+from .pieces import lerp_fields
 
 
 class AdamScalars(NamedTuple):
@@ -37,8 +38,8 @@ def adam_element(p, g, m, v, v_max, h):
         p = p * h.decay_factor
     elif h.l2:
         g = g + h.weight_decay * p
-    if h.lerp_from_end:                           # torch.lerp(m, g, 1 - beta1), both forms:
-        m = g - (g - m) * h.lerp_back             # they differ for infinite gradients
+    if h.lerp_from_end:                  # torch.lerp(m, g, w), both of its forms
+        m = g - (g - m) * h.lerp_back        # (they differ for infinite inputs)
     else:
         m = m + h.one_minus_beta1 * (g - m)
     v = h.beta2 * v + (h.one_minus_beta2 * g) * g
@@ -60,8 +61,7 @@ def adam_scalars(step, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
     return AdamScalars(
         step_size=cast(lr / bias_correction1),
         beta2=cast(beta2),
-        one_minus_beta1=cast(1.0 - beta1),
-        lerp_back=cast(cast(1.0) - cast(1.0 - beta1)),
+        **lerp_fields(beta1, cast),
         one_minus_beta2=cast(1.0 - beta2),
         bias_correction2_sqrt=cast(math.sqrt(bias_correction2)),
         eps=cast(eps),
@@ -71,7 +71,6 @@ def adam_scalars(step, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
         decoupled=bool(decoupled_weight_decay and weight_decay != 0),
         amsgrad=bool(amsgrad),
         maximize=bool(maximize),
-        lerp_from_end=bool(1.0 - beta1 >= 0.5),
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from .pieces import lerp_fields
 
 
 class AdamaxScalars(NamedTuple):
@@ -31,7 +32,7 @@ def adamax_element(p, g, m, u, unused, h):
     if h.l2:
         g = g + h.weight_decay * p
     if h.lerp_from_end:                  # torch.lerp(m, g, w), both of its forms
-        m = g - (g - m) * h.lerp_back
+        m = g - (g - m) * h.lerp_back        # (they differ for infinite inputs)
     else:
         m = m + h.one_minus_beta1 * (g - m)
     u = u * h.beta2
@@ -46,13 +47,11 @@ def adamax_scalars(step, lr, beta1, beta2, eps, weight_decay, maximize, cast):
     """Host scalars for step ``step`` (1-based), computed in float64 then cast."""
     return AdamaxScalars(
         clr=cast(lr / (1.0 - beta1 ** step)),
-        one_minus_beta1=cast(1.0 - beta1),
-        lerp_back=cast(1.0 - float(cast(1.0 - beta1))),
+        **lerp_fields(beta1, cast),
         beta2=cast(beta2),
         eps=cast(eps),
         weight_decay=cast(weight_decay),
         l2=bool(weight_decay != 0),
-        lerp_from_end=bool(1.0 - beta1 >= 0.5),
         maximize=bool(maximize),
     )
 

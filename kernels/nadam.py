@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+from .pieces import lerp_fields
+
 import numpy as np
 
 
@@ -47,7 +49,7 @@ def nadam_element(p, g, m, v, unused, h):
     elif h.l2:
         g = g + h.weight_decay * p
     if h.lerp_from_end:                  # torch.lerp(m, g, w), both of its forms
-        m = g - (g - m) * h.lerp_back
+        m = g - (g - m) * h.lerp_back        # (they differ for infinite inputs)
     else:
         m = m + h.one_minus_beta1 * (g - m)
     v = h.beta2 * v + (h.one_minus_beta2 * g) * g
@@ -75,8 +77,7 @@ def nadam_scalars(step, mu_product, lr, beta1, beta2, eps, weight_decay, momentu
     mu_product = float(mu_product)
     return NAdamScalars(
         beta2=cast(beta2),
-        one_minus_beta1=cast(1.0 - beta1),
-        lerp_back=cast(1.0 - float(cast(1.0 - beta1))),
+        **lerp_fields(beta1, cast),
         one_minus_beta2=cast(1.0 - beta2),
         bias_correction2=cast(1.0 - beta2 ** step),
         eps=cast(eps),
@@ -86,7 +87,6 @@ def nadam_scalars(step, mu_product, lr, beta1, beta2, eps, weight_decay, momentu
         decay_factor=cast(1.0 - lr * weight_decay if decoupled_weight_decay else 1.0),
         l2=bool(weight_decay != 0 and not decoupled_weight_decay),
         decoupled=bool(decoupled_weight_decay and weight_decay != 0),
-        lerp_from_end=bool(1.0 - beta1 >= 0.5),
         maximize=bool(maximize),
     )
 

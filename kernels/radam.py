@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+from .pieces import lerp_fields
+
 
 # torch's rectification threshold on rho_t (the length of the approximated SMA).
 RHO_THRESHOLD = 5.0
@@ -49,7 +51,7 @@ def radam_element(p, g, m, v, unused, h):
     elif h.l2:
         g = g + h.weight_decay * p
     if h.lerp_from_end:                  # torch.lerp(m, g, w), both of its forms
-        m = g - (g - m) * h.lerp_back
+        m = g - (g - m) * h.lerp_back        # (they differ for infinite inputs)
     else:
         m = m + h.one_minus_beta1 * (g - m)
     v = h.beta2 * v + (h.one_minus_beta2 * g) * g
@@ -78,8 +80,7 @@ def radam_scalars(step, lr, beta1, beta2, eps, weight_decay, decoupled_weight_de
     rectify, rect = rectification(step, beta2)
     return RAdamScalars(
         beta2=cast(beta2),
-        one_minus_beta1=cast(1.0 - beta1),
-        lerp_back=cast(1.0 - float(cast(1.0 - beta1))),
+        **lerp_fields(beta1, cast),
         one_minus_beta2=cast(1.0 - beta2),
         bias_correction1=cast(1.0 - beta1 ** step),
         bias_correction2_sqrt=cast(math.sqrt(1.0 - beta2 ** step)),
@@ -91,7 +92,6 @@ def radam_scalars(step, lr, beta1, beta2, eps, weight_decay, decoupled_weight_de
         l2=bool(weight_decay != 0 and not decoupled_weight_decay),
         decoupled=bool(decoupled_weight_decay and weight_decay != 0),
         rectify=bool(rectify),
-        lerp_from_end=bool(1.0 - beta1 >= 0.5),
         maximize=bool(maximize),
     )
 
