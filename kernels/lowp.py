@@ -7,8 +7,10 @@ overflow to infinity and quiet NaN; widening is exact. bfloat16 is the top half 
 float32: widening is a shift; narrowing rounds to nearest even on the dropped 16 bits,
 or stochastically when given random bits.
 
-Kinds (compile-time constants of the master-weights driver):
+Kinds (compile-time constants of the generated drivers, kernels/codegen.py):
   FLOAT16 = 1, BFLOAT16 = 2, BFLOAT16 with stochastic rounding = 3.
+State columns stored in 16 bits go through :func:`load` and :func:`store`; the model
+column of master weights through :func:`round_to_bits`.
 """
 from __future__ import annotations
 
@@ -134,3 +136,29 @@ def narrow(value, kind, noise):
     else:
         u = u + 0x7FFF + ((u >> 16) & 1)
     return numba.uint16(u >> 16)
+
+
+@intrinsic
+def as_type_of(typingctx, value, like):
+    """``value`` converted to the type of ``like`` (no instruction when they agree)."""
+    if not isinstance(value, types.Float) or not isinstance(like, types.Float):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return context.cast(builder, args[0], signature.args[0], signature.return_type)
+
+    return like(value, like), codegen
+
+
+@numba.njit(inline="always", cache=True)
+def load(bits, kind, like):
+    """A 16-bit state value in the math type of ``like`` (float32; float64 params get
+    the float32 value widened exactly)."""
+    return as_type_of(widen(bits, kind), like)
+
+
+@numba.njit(inline="always", cache=True)
+def store(value, kind):
+    """A math value stored as a 16-bit pattern, rounded to nearest even (a float64 value
+    is rounded to float32 first)."""
+    return narrow(numba.float32(value), kind, numba.uint32(0))

@@ -1,0 +1,285 @@
+"""The CPU driver's loops, generated from a :class:`~.layout.Layout` and compiled.
+
+One generator writes the three loops of ``kernels/cpu.py`` from the description of the
+columns: a step over a chunk table (:func:`step_source`), a blocked reduction over it
+(:func:`reduce_source`) and a sparse update of rows (:func:`rows_source`). They share
+their pieces: which columns are bound, how each one is loaded into the math type and
+stored back in its format, and how the element is called (:func:`_element_lines`).
+
+Generated functions see these globals, set before their module runs: ``prange``,
+``view`` (an address as an array), ``lowp`` (16-bit loads and stores), ``accumulate``,
+``ELEMENT`` (the element function, inlined) and ``FREEZE`` (its scalars with their bool
+flags made constants).
+
+Numba caches a function on disk only when its source file exists and its modification
+time does not change, so :func:`load` writes each generated module to a file named by a
+hash of its text, only when absent, and imports it from there.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import re
+import sys
+import tempfile
+
+import numba
+from numba import carray, prange, types
+from numba.extending import intrinsic
+
+from . import lowp
+from .layout import BFLOAT16, FLOAT16, NATIVE, ROW_GRAD, ROW_SLOT, Layout
+from .specialize import accumulate, flag_tag, freezer, source_tag
+
+# 16-bit storage formats and model columns as lowp kinds (compile-time constants).
+_KIND = {FLOAT16: lowp.FLOAT16, BFLOAT16: lowp.BFLOAT16}
+_MODEL_KIND = {"float16": lowp.FLOAT16, "bfloat16": lowp.BFLOAT16,
+               "bfloat16-stochastic": lowp.BFLOAT16_STOCHASTIC}
+MODELS = ("",) + tuple(_MODEL_KIND)
+
+
+@intrinsic
+def _address_to_pointer(typingctx, address, like):
+    """Reinterpret an integer address as a pointer to elements of ``like``'s type."""
+    pointer_type = types.CPointer(like)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(pointer_type))
+
+    return pointer_type(address, like), codegen
+
+
+@numba.njit(inline="always", cache=True)
+def view(address, n, like):
+    """The ``n`` elements of ``like``'s type at ``address``, as a 1-D array."""
+    return carray(_address_to_pointer(address, like), n)
+
+
+# -- the pieces ------------------------------------------------------------------------
+def _load(fmt: str, expr: str) -> str:
+    return expr if fmt == NATIVE else f"lowp.load({expr}, {_KIND[fmt]}, like)"
+
+
+def _store(fmt: str, expr: str) -> str:
+    return expr if fmt == NATIVE else f"lowp.store({expr}, {_KIND[fmt]})"
+
+
+def _columns(layout: Layout) -> list:
+    """``(name, table column, element type)`` of every column the loop indexes."""
+    k_slots = layout.n_slots
+    low = "bits" if layout.model else "like"
+    cols = [("p", 1, "like"), ("g", 2, low)]
+    cols += [(f"s{k}", 3 + k, "like" if layout.formats[k] == NATIVE else "bits")
+             for k in range(k_slots) if layout.reads[k]]
+    if layout.model:
+        cols.append(("w", 3 + k_slots, "bits"))
+    return cols
+
+
+def _chunk_views(layout: Layout, lo: str, hi: str) -> list:
+    # Slice first, then loop from 0: LLVM vectorises this form (a loop over
+    # range(lo, hi) of the whole row's view did not).
+    return [f"{name} = view(table[r, {col}], n, {like})[{lo}:{hi}]"
+            for name, col, like in _columns(layout)]
+
+
+def _element_lines(layout: Layout, out: str, first: int, scaled: bool, write_p: bool,
+                   rounding: str = "") -> list:
+    """The body of the element loop over ``i``: load, call ``ELEMENT``, store.
+
+    ``out[first]`` is the new param and ``out[first + 1 + k]`` the new state ``k``.
+    The gradient is multiplied by ``scale`` when ``scaled``; an absent column gets the
+    gradient in its place (no load, as the CUDA driver); the per-row slot gets ``rv``.
+    ``rounding``: the seed and position arguments of the model column's rounding.
+    """
+    gi = (f"lowp.load(g[i], {_MODEL_KIND[layout.model]}, like)" if layout.model else "g[i]")
+    if scaled:
+        gi += " * scale"
+    args = ["p[i]", "gi"]
+    for k in range(layout.n_slots):
+        if layout.row_mode == ROW_SLOT and k == layout.row_slot:
+            args.append("rv")
+        elif layout.reads[k]:
+            args.append(_load(layout.formats[k], f"s{k}[i]"))
+        else:
+            args.append("gi")
+    lines = [f"gi = {gi}", f"{out} = ELEMENT({', '.join(args)}, hc)"]
+    if write_p:
+        lines.append(f"p[i] = {out}[{first}]")
+        if layout.model:
+            lines.append(f"w[i] = lowp.round_to_bits({out}[{first}], "
+                         f"{_MODEL_KIND[layout.model]}, {rounding})")
+    lines += [f"s{k}[i] = {_store(layout.formats[k], f'{out}[{first + 1 + k}]')}"
+              for k in range(layout.n_slots) if layout.writes[k]]
+    return lines
+
+
+def _row_values(layout: Layout) -> list:
+    if layout.row_mode == ROW_GRAD:
+        return ["scale = grad_scale * row_values[r]"]
+    lines = ["scale = grad_scale"]
+    if layout.row_mode == ROW_SLOT:
+        lines.append("rv = row_values[r]")
+    return lines
+
+
+def _chunk_head() -> list:
+    return ["hc = FREEZE(h)  # inside the loop: parfor bodies are outlined",
+            "r = chunks[c, 0]", "lo = chunks[c, 1]", "hi = chunks[c, 2]", "n = table[r, 0]"]
+
+
+def _block(indent: int, lines) -> list:
+    return ["    " * indent + line for line in lines]
+
+
+# -- the three loops -------------------------------------------------------------------
+def step_source(name: str, layout: Layout, chunk: int) -> str:
+    """One step of the element over every chunk ``(r, lo, hi)`` of a chunk table."""
+    lines = [f"def {name}(table, chunks, like, bits, h, grad_scale, row_values, seed):",
+             "    for c in prange(chunks.shape[0]):"]
+    lines += _block(2, _chunk_head() + _row_values(layout) + _chunk_views(layout, "lo", "hi"))
+    lines += _block(2, ["for i in range(hi - lo):"])
+    lines += _block(3, _element_lines(layout, "out", 0, True, True, f"seed, c * {chunk} + i"))
+    return "\n".join(lines) + "\n"
+
+
+def reduce_source(name: str, layout: Layout, block: int, maximum: bool, write_p: bool) -> str:
+    """Per-chunk partials ``out[c] = (a, b)`` of an element returning ``(a, b)``, or
+    ``(a, b, p, s0, ...)`` when it also stores the columns ``write_p`` and
+    ``layout.writes``. Blocks of ``block`` elements are combined in the element's own
+    precision, then into ``out``'s: one chunk is one thread's, in a fixed order."""
+    combine = ("{0} = max({0}, {1})" if maximum else "{0} = accumulate({0}, {1})")
+    total = ("{0} = max({0}, {1})" if maximum else "{0} += {1}")
+    lines = [f"def {name}(table, chunks, like, bits, h, out):",
+             "    for c in prange(chunks.shape[0]):"]
+    lines += _block(2, _chunk_head() + ["acc_a = out[c, 0] * 0", "acc_b = out[c, 1] * 0",
+                                        f"for start in range(lo, hi, {block}):"])
+    lines += _block(3, [f"stop = min(start + {block}, hi)"] + _chunk_views(layout, "start", "stop")
+                    + ["block_a = like - like  # unifies with the element's output type",
+                       "block_b = like - like", "for i in range(stop - start):"])
+    lines += _block(4, _element_lines(layout, "res", 2, False, write_p, "0, start + i")
+                    + [combine.format("block_a", "res[0]"), combine.format("block_b", "res[1]")])
+    lines += _block(3, [total.format("acc_a", "block_a"), total.format("acc_b", "block_b")])
+    lines += _block(2, ["out[c, 0] = acc_a", "out[c, 1] = acc_b"])
+    return "\n".join(lines) + "\n"
+
+
+def rows_source(name: str, layout: Layout) -> str:
+    """A step of rows ``index`` (unique) of ``(rows, width)`` arrays ``P`` and ``S*``;
+    ``G`` holds the gradient rows ``(len(index), width)``."""
+    if layout.model or layout.row_mode:
+        raise ValueError("sparse rows take neither a model column nor per-row values")
+    present = [k for k in range(layout.n_slots) if layout.reads[k]]
+    args = ["P", "G"] + [f"S{k}" for k in present] + ["index", "like", "h", "grad_scale"]
+    lines = [f"def {name}({', '.join(args)}):", "    for k in prange(index.size):"]
+    lines += _block(2, ["hc = FREEZE(h)", "r = index[k]", "p = P[r]", "g = G[k]", "scale = grad_scale"]
+                    + [f"s{k} = S{k}[r]" for k in present] + ["for i in range(p.size):"])
+    lines += _block(3, _element_lines(layout, "out", 0, True, True))
+    return "\n".join(lines) + "\n"
+
+
+# -- compiling -------------------------------------------------------------------------
+_HEADER = ('"""Generated by fastopt.kernels.codegen; named by a hash of this text, never '
+           'edited.\n\nGlobals (prange, view, lowp, accumulate, ELEMENT, FREEZE) are set '
+           'before it runs.\n"""\n\n\n')
+
+
+def driver_name(kind: str, element, layout: Layout, flags: tuple, extra: str = "") -> str:
+    """The function's name, which is also its on-disk cache entry's: the element's name
+    and source hash, the layout and the flags."""
+    prefix = "master" if kind == "step" and layout.model else kind
+    name = getattr(element, "__name__", "element")
+    return re.sub(r"\W", "_", f"{prefix}_{name}_{layout.tag()}_{flag_tag(flags)}{extra}_"
+                               f"{source_tag(element)}")
+
+
+def build(kind: str, element, layout: Layout, flags: tuple, chunk: int, block: int,
+          maximum: bool = False, write_p: bool = False):
+    """The compiled driver ``kind`` ("step", "reduce" or "rows") for ``element`` over
+    ``layout``, specialised on the scalars' ``flags``."""
+    if kind == "step":
+        name = driver_name(kind, element, layout, flags)
+        text = step_source(name, layout, chunk)
+    elif kind == "reduce":
+        name = driver_name(kind, element, layout, flags, f"_{'max' if maximum else 'sum'}"
+                           f"{'_p' if write_p else ''}")
+        text = reduce_source(name, layout, block, maximum, write_p)
+    elif kind == "rows":
+        name = driver_name(kind, element, layout, flags)
+        text = rows_source(name, layout)
+    else:
+        raise ValueError(f"unknown driver kind {kind!r}")
+    namespace = dict(prange=prange, view=view, lowp=lowp, accumulate=accumulate,
+                     ELEMENT=numba.njit(inline="always", cache=True)(element),
+                     FREEZE=freezer(flags))
+    module = load(_HEADER + text, namespace)
+    return numba.njit(parallel=True, cache=True, nogil=True)(getattr(module, name))
+
+
+def source_dir() -> str:
+    """Where generated modules are written: beside Numba's cache when NUMBA_CACHE_DIR is
+    set, else in this package's __pycache__, else in the user's cache directory."""
+    candidates = []
+    if numba.config.CACHE_DIR:
+        candidates.append(os.path.join(numba.config.CACHE_DIR, "fastopt_drivers"))
+    candidates.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__",
+                                   "fastopt_drivers"))
+    from numba.misc.appdirs import AppDirs
+    candidates.append(os.path.join(AppDirs(appname="fastopt").user_cache_dir, "drivers"))
+    for directory in candidates:
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(directory, os.W_OK):
+            return directory
+    raise OSError(f"fastopt: no writable directory for generated drivers among {candidates}")
+
+
+def write_source(text: str, directory: str | None = None) -> str:
+    """The path of a file holding ``text``, named by its hash; written only when absent
+    (or different), so that its modification time, part of Numba's cache key, stays."""
+    directory = directory or source_dir()
+    digest = hashlib.sha256(text.encode()).hexdigest()[:24]
+    path = os.path.join(directory, f"fastopt_driver_{digest}.py")
+    try:
+        with open(path, encoding="utf-8") as f:
+            if f.read() == text:
+                return path
+        exists = True
+    except FileNotFoundError:
+        exists = False
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".fastopt_driver_", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        if exists:
+            os.replace(tmp, path)
+            return path
+        try:
+            # A link never replaces a file another process wrote meanwhile (same text).
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        except OSError:
+            os.replace(tmp, path)
+            return path
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load(text: str, namespace: dict):
+    """A fresh module run from the file of ``text``, with ``namespace`` as its first
+    globals (each call its own module: two drivers may share a text, not an element)."""
+    path = write_source(text)
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    module.__dict__.update(namespace)
+    spec.loader.exec_module(module)
+    sys.modules[name] = module
+    return module
