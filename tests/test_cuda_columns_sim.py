@@ -812,7 +812,7 @@ def test_reductions_and_sparse_rows_match_the_cpu_driver_for_any_columns():
     ctable = cpu.ChunkTable(c_params, c_grads, c_slots, merge=False)
     ours = np.add.reduceat(be.reduce_chunks(absmax_writes, table, H, writes=writes), table.starts)
     theirs = np.add.reduceat(cpu.reduce_chunks(absmax_writes, ctable, H, writes=writes), ctable.starts)
-    np.testing.assert_allclose(ours, theirs, rtol=1e-12)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6)     # the CPU sums float32 blocks
     assert_same(params, c_params, "params")
     for k in range(3):
         assert_same(slots[k], c_slots[k], f"state {k}")
