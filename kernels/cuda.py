@@ -51,6 +51,7 @@ import numpy as np
 from numba import cuda
 
 from . import cuda_codegen as codegen
+from .codegen import load
 from .cuda_tables import (SIMULATOR, TABLES, CudaTable, current_stream, describe,
                           fixed_columns, grad_addresses, index_description, shape_of, span)
 from .layout import BFLOAT16, ROW_SLOT, Layout, parse_row_mode
@@ -91,15 +92,15 @@ def _compile(fn, generated):
     """The kernel of ``generated`` (codegen.generate) calling ``fn`` as its element."""
     if not _FORMAT_FUNCTIONS:
         _FORMAT_FUNCTIONS.update(codegen.format_functions(cuda.jit(device=True)))
-    module, path = codegen.write_source(generated.text)
     namespace = dict(_FORMAT_FUNCTIONS, cuda=cuda, np=np, element=_device_function(fn),
                      Scalars=generated.scalars_class)
-    py_kernel = getattr(codegen.import_source(module, path, namespace), generated.name)
+    module = load(generated.text, namespace)
+    py_kernel = getattr(module, generated.name)
     options = {}
     if not SIMULATOR and os.environ.get("FASTOPT_CUDA_CACHE") == "1":
         options["cache"] = True     # opt-in on-disk cache of compiled kernels
     kernel = cuda.jit(**options)(py_kernel)
-    kernel.fastopt_source = path    # tests and curious readers: the generated file
+    kernel.fastopt_source = module.__file__     # tests and curious readers: the generated file
     return kernel
 
 

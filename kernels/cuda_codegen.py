@@ -13,10 +13,10 @@ column, master weights, per-row values and compile-time flags. A kernel is two p
   copy. The reduction's body adds its two outputs to per-thread sums instead.
 
 The source goes to a file named by a hash of its text, written only when absent, and is
-imported from there, so numba's on-disk cache (``FASTOPT_CUDA_CACHE=1``) can find the
-kernel again in a fresh process. Its globals (the element as a device function, the
-scalars' class, the format conversions) are set in the module before its body runs.
-The simulator imports the very same files.
+imported from there (``kernels.codegen.load``, as the CPU driver's), so numba's on-disk
+cache (``FASTOPT_CUDA_CACHE=1``) can find the kernel again in a fresh process. Its
+globals (the element as a device function, the scalars' class, the format conversions)
+are set in the module before its body runs. The simulator imports the very same files.
 
 Kernel arguments, for a table of K state columns (absent columns get the gradient's
 span and offsets, never read): ``p, g, s0 .. s{K-1}, w`` spans (``w``: the model copy,
@@ -26,11 +26,6 @@ the row walk the index array and the row width.
 """
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import os
-import sys
-import tempfile
 import types as pytypes
 
 import numpy as np
@@ -227,46 +222,7 @@ def _rows_source(name, layout, freeze):
                           [freeze, "nt = cuda.blockDim.x"], "index", body)
 
 
-# -- files, modules, kernels ------------------------------------------------------------------------
-def source_dir() -> str:
-    """Where generated kernel sources live: ``FASTOPT_CUDA_SOURCE_DIR``, else a per-user
-    cache folder (kept across processes, so the on-disk kernel cache can hit)."""
-    path = os.environ.get("FASTOPT_CUDA_SOURCE_DIR")
-    if not path:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        path = os.path.join(base, "fastopt", "cuda-kernels")
-        try:
-            os.makedirs(path, exist_ok=True)
-        except OSError:                 # a read-only home: the temp folder, per user
-            path = os.path.join(tempfile.gettempdir(), f"fastopt-cuda-kernels-{os.getuid()}")
-    os.makedirs(path, exist_ok=True)
-    return path
-
-
-def write_source(text: str) -> tuple[str, str]:
-    """(module name, path) of the file holding ``text``, written only when absent."""
-    digest = hashlib.sha1(text.encode()).hexdigest()[:20]
-    module = f"fastopt_cuda_{digest}"
-    path = os.path.join(source_dir(), module + ".py")
-    if not os.path.exists(path):
-        # Written whole and renamed: a process importing it never reads half a file.
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    return module, path
-
-
-def import_source(module: str, path: str, namespace: dict):
-    """Execute the generated file as module ``module`` with ``namespace`` preset."""
-    spec = importlib.util.spec_from_file_location(module, path)
-    mod = importlib.util.module_from_spec(spec)
-    mod.__dict__.update(namespace)
-    spec.loader.exec_module(mod)
-    sys.modules.setdefault(module, mod)
-    return mod
-
-
+# -- kernels ---------------------------------------------------------------------------------------
 class Generated:
     """A kernel's source text and the names its globals must hold."""
 
