@@ -32,7 +32,8 @@ import numpy as np
 
 from . import cuda_formats
 from .layout import BFLOAT16, FLOAT16, NATIVE, ROW_GRAD, ROW_SLOT
-from .specialize import flag_tag, source_tag
+from .codegen import driver_name
+from .specialize import source_tag
 
 STEP, REDUCE, ROWS = "step", "reduce", "rows"
 # Chunk table columns before the per-column offsets.
@@ -236,13 +237,12 @@ def generate(kind, fn, layout, flags=(), scalars=None, pair=False, maximum=False
     ``fn`` over ``layout``, with the bool fields ``flags`` of ``scalars`` frozen."""
     named = scalars is not None and hasattr(scalars, "_fields")
     freeze = _freeze(flags, len(scalars) if scalars is not None else 0, named)
-    tag = layout.tag().replace("-", "x") + ("_" + flag_tag(flags) if flags else "")
+    extra = ""
     if kind == STEP:
-        tag += "_pair" if pair else ""
+        extra = "_pair" if pair else ""
     elif kind == REDUCE:
-        tag += f"_{'max' if maximum else 'sum'}{rblock}" + ("_wp" if write_p else "")
-    fn_name = "".join(ch if ch.isalnum() else "_" for ch in fn.__name__)    # <lambda>
-    name = f"cuda_{kind}_{fn_name}_{tag}_{source_tag(fn)}"
+        extra = f"_{'max' if maximum else 'sum'}{rblock}" + ("_p" if write_p else "")
+    name = driver_name(f"cuda_{kind}", fn, layout, flags, extra)
     if kind == STEP:
         text = _step_source(name, layout, freeze, pair)
     elif kind == REDUCE:
