@@ -2,170 +2,80 @@
 
 A step is described by a *tensor table* and a *chunk table*:
 
-- ``table[r] = (n, p_addr, g_addr, s0_addr, s1_addr, s2_addr)``: row ``r`` is a run of
-  ``n`` elements of params, grads and up to three state slots, each given by the address
-  of its first element. A row is one tensor in list mode, or a stretch of a FlatParams
-  arena covering many tensors. An absent state slot repeats the grad address; the driver
-  is specialised not to write it.
+- ``table[r] = (n, p_addr, g_addr, s0_addr, ..., s{K-1}_addr[, model_addr])``: row ``r``
+  is a run of ``n`` elements of params, grads and K state columns, each given by the
+  address of its first element. A row is one tensor in list mode, or a stretch of a
+  FlatParams arena covering many tensors. An absent state column has address 0: the
+  driver never loads or stores it (the element gets the gradient in its place).
 - ``chunks[c] = (r, lo, hi)``: chunk ``c`` is elements ``[lo, hi)`` of row ``r``;
   chunks hold at most :data:`CHUNK` elements, so threads get balanced work.
 
-The driver knows chunks and addresses, never optimizer math: the per-element update is
-the optimizer's element function, inlined into the loop. Each (element, slot mask,
-setting of the scalars' bool flags) is compiled once and cached on disk (``cache=True``).
+The loops are generated from a :class:`~.layout.Layout` (which columns are read and
+written, each one's storage format, the per-row value, the model column of master
+weights; kernels/codegen.py) with the optimizer's element function inlined. Each
+(loop, element, layout, setting of the scalars' bool flags) is compiled once and cached
+on disk (``cache=True``), keyed by the element's source and the layout.
 """
 from __future__ import annotations
 
-import types as pytypes
-
-import numba
 import numpy as np
-from numba import carray, prange, types
-from numba.extending import intrinsic
 
-from . import lowp, threads
-from .specialize import accumulate, flag_tag, flags_of, freezer, source_tag
+from . import codegen, lowp, threads
+from .layout import BFLOAT16, FLOAT16, NATIVE, ROW_SLOT, Layout, parse_row_mode
+from .specialize import flags_of
 
 # Elements per chunk: 256 KiB of float32 per array, a few chunks per thread per MB.
 CHUNK = 1 << 16
 
-
+# Elements per block of a reduction: summed in the element's own precision, then added
+# to the chunk's float64 sum. A loop with float64 accumulators runs at the float64
+# vector width (4 lanes in 256-bit registers) and LAMB's divisions and square root ran
+# at that width too; float32 block sums keep the loop 8 lanes wide. 1024 float32
+# squares spread over LLVM's 32 partial sums are 32 terms each: an error near 2e-6 in
+# the worst case, far below one float32 ulp of the resulting norm's use.
+REDUCE_BLOCK = 1024
 
 # Numba's threading layer is TBB unless someone chose before fastopt was imported
 # (kernels/threads.py); every parallel call below goes through threads.launch, which
 # keeps thread- and fork-safety on the layer in use.
 
-
-@intrinsic
-def _address_to_pointer(typingctx, address, like):
-    """Reinterpret an integer address as a pointer to elements of ``like``'s type."""
-    pointer_type = types.CPointer(like)
-
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], context.get_value_type(pointer_type))
-
-    return pointer_type(address, like), codegen
-
-
-def _view(address, n, like):
-    return carray(_address_to_pointer(address, like), n)
-
-
-_view = numba.njit(inline="always", cache=True)(_view)
-
-
-def _driver_template(table, chunks, like, h, grad_scale, row_values):
-    # ELEMENT, HAS0..2 and ROW_MODE are compile-time constants injected by _instantiate.
-    # grad_scale multiplies every gradient on the fly (unscaling, fused clipping).
-    # ROW_MODE 1: row r's gradients are also multiplied by row_values[r] (a per-tensor
-    # clip factor); ROW_MODE 2: row_values[r] is the element's third state argument,
-    # read-only (a per-tensor trust ratio). ROW_MODE 0: row_values is None, unused.
-    for c in prange(chunks.shape[0]):
-        hc = FREEZE(h)  # noqa: F821  (inside the loop: parfor bodies are outlined)
-        r = chunks[c, 0]
-        lo = chunks[c, 1]
-        hi = chunks[c, 2]
-        n = table[r, 0]
-        scale = grad_scale
-        if ROW_MODE == 1:  # noqa: F821
-            scale = grad_scale * row_values[r]
-        # Slice first, then loop from 0: LLVM vectorises this form.
-        p = _view(table[r, 1], n, like)[lo:hi]
-        g = _view(table[r, 2], n, like)[lo:hi]
-        s0 = _view(table[r, 3], n, like)[lo:hi]
-        s1 = _view(table[r, 4], n, like)[lo:hi]
-        s2 = _view(table[r, 5], n, like)[lo:hi]
-        for i in range(hi - lo):
-            if ROW_MODE == 2:  # noqa: F821
-                third = row_values[r]
-            else:
-                third = s2[i]
-            out = ELEMENT(p[i], g[i] * scale, s0[i], s1[i], third, hc)  # noqa: F821
-            p[i] = out[0]
-            if HAS0:  # noqa: F821
-                s0[i] = out[1]
-            if HAS1:  # noqa: F821
-                s1[i] = out[2]
-            if HAS2:  # noqa: F821
-                s2[i] = out[3]
-
-
 _DRIVERS: dict = {}
+# The driver of each call's arguments, found with one hash of what they are made of: a
+# step of many small tensors is short, and building and hashing a Layout on every call
+# cost 20 us on the 2-core machine.
+_BY_CALL: dict = {}
+_BITS = np.uint16(0)        # the element type of 16-bit columns
+_MODEL_OF_KIND = {lowp.FLOAT16: FLOAT16, lowp.BFLOAT16: BFLOAT16}
 
 
-def _instantiate(template, prefix: str, fn, flags=(), **constants):
-    """Compile ``template`` with ``fn`` inlined as its global ELEMENT, the scalars' bool
-    fields ``flags`` (:func:`flags_of`) as constants and ``constants`` frozen as globals.
-    The qualname names the on-disk cache entry: one per template, function, flags,
-    constants and function source.
-    """
-    namespace = dict(globals())
-    namespace.update(constants)
-    namespace["ELEMENT"] = numba.njit(inline="always", cache=True)(fn)
-    namespace["FREEZE"] = freezer(flags)
-    compiled = pytypes.FunctionType(template.__code__, namespace, template.__name__)
-    tag = "".join(str(int(v)) for k, v in sorted(constants.items())) + "_" + flag_tag(flags)
-    compiled.__qualname__ = f"{prefix}_{fn.__name__}_{tag}_{source_tag(fn)}"
-    return numba.njit(parallel=True, cache=True, nogil=True)(compiled)
-
-
-def _cached(key, make):
+def _compiled(kind: str, element, layout: Layout, flags: tuple, **options):
+    key = (kind, element, layout, flags, tuple(sorted(options.items())))
     fn = _DRIVERS.get(key)
     if fn is None:
-        fn = _DRIVERS[key] = make()
+        fn = _DRIVERS[key] = codegen.build(kind, element, layout, flags, CHUNK, REDUCE_BLOCK,
+                                           **options)
     return fn
 
 
-ROW_MODES = {None: 0, "grad": 1, "slot2": 2}
+def _as_layout(layout) -> Layout:
+    # A bare mask of present (read and written) slots, as driver() took before layouts.
+    return layout if isinstance(layout, Layout) else Layout.of(layout)
 
 
-def driver(element, has: tuple[bool, bool, bool], flags: tuple = (), row_mode: int = 0):
-    """The compiled chunk-table driver for ``element`` with state slots ``has``,
-    specialised on the scalars' ``flags``."""
-    return _cached(("step", element, has, flags, row_mode), lambda: _instantiate(
-        _driver_template, "step", element, flags, HAS0=has[0], HAS1=has[1], HAS2=has[2],
-        ROW_MODE=row_mode))
+def driver(element, layout, flags: tuple = ()):
+    """The compiled step driver for ``element`` over ``layout`` (a :class:`Layout`, or a
+    tuple of present slots), specialised on the scalars' ``flags`` (:func:`flags_of`)."""
+    return _compiled("step", element, _as_layout(layout), flags)
 
 
-def _rows_template(p, g, s0, s1, s2, index, h, grad_scale):
-    # Sparse row update: p and s* are (rows, width) views of a param and its state; g is
-    # (k, width), the coalesced gradient rows for the unique row ids in index. Absent
-    # state slots are passed as p and never written.
-    for k in prange(index.size):
-        hc = FREEZE(h)  # noqa: F821
-        r = index[k]
-        pr = p[r]
-        gr = g[k]
-        a0 = s0[r]
-        a1 = s1[r]
-        a2 = s2[r]
-        for j in range(pr.size):
-            out = ELEMENT(pr[j], gr[j] * grad_scale, a0[j], a1[j], a2[j], hc)  # noqa: F821
-            pr[j] = out[0]
-            if HAS0:  # noqa: F821
-                a0[j] = out[1]
-            if HAS1:  # noqa: F821
-                a1[j] = out[2]
-            if HAS2:  # noqa: F821
-                a2[j] = out[3]
-
-
-def run_rows(element, param, index, rows, slots, scalars, grad_scale=1.0) -> None:
-    """Update only rows ``index`` (unique) of ``param`` with gradient ``rows``, in parallel.
-
-    ``param`` and each present slot are arrays of shape (R, ...); ``rows`` is (k, ...).
-    """
-    if index.size == 0:
-        return
-    has = tuple(s is not None for s in slots)
-    width = int(np.prod(param.shape[1:], dtype=np.int64))
-    p2 = param.reshape(param.shape[0], width)
-    s2 = [p2 if s is None else s.reshape(p2.shape) for s in slots]
-    flags = flags_of(scalars)
-    fn = _cached(("rows", element, has, flags), lambda: _instantiate(
-        _rows_template, "rows", element, flags, HAS0=has[0], HAS1=has[1], HAS2=has[2]))
-    threads.launch(fn, p2, rows.reshape(index.size, width), s2[0], s2[1], s2[2], index,
-                   scalars, param.dtype.type(grad_scale))
+def reducer(fn, layout, maximum: bool = False, flags: tuple = (), write_p: bool = False):
+    """The compiled reduction driver for ``fn`` over ``layout`` (sum, or max when
+    ``maximum``); ``layout.writes`` and ``write_p``: the columns it also stores."""
+    # The block sums' additions may be reassociated (specialize.accumulate): LLVM
+    # vectorises them with several accumulators. Each chunk is still summed by one thread
+    # in an order fixed by the compiled code, so results do not depend on the thread count.
+    return _compiled("reduce", fn, _as_layout(layout), flags, maximum=bool(maximum),
+                     write_p=bool(write_p))
 
 
 def address(a: np.ndarray) -> int:
@@ -185,13 +95,39 @@ def merge_runs(rows, itemsizes):
     return merged
 
 
+def column_format(dtype, native, given=None) -> str:
+    """The storage format of a state column of ``dtype`` beside params of ``native``:
+    ``given`` checked against the dtype, or inferred from it (uint16 patterns need it)."""
+    dtype, native = np.dtype(dtype), np.dtype(native)
+    allowed = {NATIVE: (native,), FLOAT16: (np.dtype(np.float16), np.dtype(np.uint16)),
+               BFLOAT16: tuple(d for d in (lowp.bfloat16_dtype(), np.dtype(np.uint16))
+                               if d is not None)}
+    if given is None:
+        inferred = [f for f, dtypes in allowed.items() if dtype in dtypes]
+        if len(inferred) != 1:
+            raise TypeError(f"a state column of {dtype} beside {native} params: "
+                            + ("give its format (formats=)" if dtype == np.uint16 else
+                               f"expected {native}, float16 or bfloat16"))
+        return inferred[0]
+    if given not in allowed:
+        raise ValueError(f"unknown storage format {given!r}; expected one of {tuple(allowed)}")
+    if dtype not in allowed[given]:
+        raise TypeError(f"a {given!r} state column cannot be {dtype}; expected one of "
+                        f"{[str(d) for d in allowed[given]]}")
+    return given
+
+
 class ChunkTable:
     """Tensor and chunk tables for one step over aligned lists of arrays.
 
-    ``params[i]``, ``grads[i]`` and ``slots[k][i]`` are C-contiguous arrays of equal size
-    (validated by the caller); params and slots share one dtype. Consecutive tensors
-    that sit back to back in memory in every column (a FlatParams arena) merge into one
-    row, so an arena is streamed as one run whatever its number of tensors.
+    ``params[i]``, ``grads[i]`` and ``slots[k][i]`` (``slots``: K state columns, each a
+    list or None) are C-contiguous arrays of equal size (validated by the caller).
+    ``formats[k]`` is the storage format of column ``k`` (kernels/layout.py FORMATS):
+    "native" (the params' dtype), "float16" or "bfloat16" (float16, ml_dtypes.bfloat16
+    or uint16 arrays of their bit patterns); by default inferred from the dtypes.
+    Consecutive tensors that sit back to back in memory in every column (a FlatParams
+    arena) merge into one row, so an arena is streamed as one run whatever its number
+    of tensors.
 
     With ``model`` (16-bit arrays aligned with ``params``), ``params`` are the float32
     master weights and the driver also writes each updated weight, rounded, into
@@ -201,15 +137,19 @@ class ChunkTable:
     re-targets the table at new gradient arrays for the cost of reading their addresses.
     """
 
-    __slots__ = ("fixed", "table", "chunks", "starts", "like", "low_kind", "has", "n_elements",
-                 "refs", "merge")
+    __slots__ = ("fixed", "table", "chunks", "starts", "like", "low_kind", "has", "formats",
+                 "n_elements", "refs", "merge")
 
     def __init__(self, params, grads, slots, grad_addresses=None, fixed=None, merge=True,
-                 model=None):
+                 model=None, formats=None):
+        slots = tuple(slots)
         self.has = tuple(s is not None for s in slots)
         dtype = np.dtype(params[0].dtype) if params else np.dtype(np.float32)
         self.like = dtype.type(0)
         self.low_kind = 0 if model is None else lowp.kind_of(model[0].dtype)
+        if formats is not None and len(formats) != len(slots):
+            raise ValueError(f"formats must have one entry per state column ({len(slots)}), "
+                             f"got {len(formats)}")
         if grads:
             # The driver reads gradients as the model's 16-bit patterns, or as the params'
             # dtype: a table without its model would read 16-bit gradients as float32.
@@ -219,33 +159,26 @@ class ChunkTable:
                                 + ("; 16-bit gradients need the table of their master weights "
                                    "(model=the 16-bit params)" if model is None else ""))
         if fixed is None:
-            # columns: n, p, s0, s1, s2[, model] (absent slots: replaced by the grad address)
-            fixed = np.zeros((len(params), 5 if model is None else 6), dtype=np.int64)
-            for i, p in enumerate(params):
-                fixed[i, 0] = p.size
-                if p.size:
-                    fixed[i, 1] = address(p)
-                    for k, s in enumerate(slots):
-                        if s is not None:
-                            fixed[i, 2 + k] = address(s[i])
-                    if model is not None:
-                        fixed[i, 5] = address(model[i])
+            formats = tuple(NATIVE if s is None or not params else
+                            column_format(s[0].dtype, dtype, None if formats is None else formats[k])
+                            for k, s in enumerate(slots))
+            fixed = self._fixed(params, slots, model)
+        self.formats = (NATIVE,) * len(slots) if formats is None else tuple(formats)
         self.fixed = fixed
         if grad_addresses is None:
             grad_addresses = [address(g) if g.size else 0 for g in grads]
-        g_addr = np.asarray(grad_addresses, dtype=np.int64)
         full = np.empty((len(params), fixed.shape[1] + 1), dtype=np.int64)
         full[:, :2] = fixed[:, :2]
-        full[:, 2] = g_addr
-        for k in range(3):
-            full[:, 3 + k] = fixed[:, 2 + k] if self.has[k] else g_addr
-        full[:, 6:] = fixed[:, 5:]
+        full[:, 2] = np.asarray(grad_addresses, dtype=np.int64)
+        full[:, 3:] = fixed[:, 2:]
         full = full[full[:, 0] > 0]
-        # Bytes per element of each address column, for the back-to-back test.
+        # Bytes per element of each address column, for the back-to-back test (an absent
+        # column's address 0 continues with size 0).
         grad_size = 2 if model is not None else dtype.itemsize
         itemsizes = np.array([dtype.itemsize, grad_size]
-                             + [dtype.itemsize if h else grad_size for h in self.has]
-                             + [2] * (full.shape[1] - 6), dtype=np.int64)
+                             + [0 if not h else dtype.itemsize if f == NATIVE else 2
+                                for h, f in zip(self.has, self.formats)]
+                             + [2] * (model is not None), dtype=np.int64)
         # merge=False keeps one row per non-empty tensor (per-tensor reductions need it).
         self.merge = merge
         self.table = merge_runs(full, itemsizes) if merge else full
@@ -253,6 +186,22 @@ class ChunkTable:
         self.n_elements = int(self.table[:, 0].sum())
         # The table holds raw addresses: keep every array alive while the table lives.
         self.refs = (params, grads, slots, model)
+
+    @staticmethod
+    def _fixed(params, slots, model):
+        """Columns n, p, s0 ... s{K-1}[, model]: the addresses a new gradient keeps."""
+        k_slots = len(slots)
+        fixed = np.zeros((len(params), 2 + k_slots + (model is not None)), dtype=np.int64)
+        for i, p in enumerate(params):
+            fixed[i, 0] = p.size
+            if p.size:
+                fixed[i, 1] = address(p)
+                for k, s in enumerate(slots):
+                    if s is not None:
+                        fixed[i, 2 + k] = address(s[i])
+                if model is not None:
+                    fixed[i, 2 + k_slots] = address(model[i])
+        return fixed
 
     @staticmethod
     def _split(sizes):
@@ -268,170 +217,125 @@ class ChunkTable:
     def with_grads(self, grads, grad_addresses=None) -> "ChunkTable":
         """The same params and state over new gradient arrays."""
         params, _, slots, model = self.refs
-        return ChunkTable(params, grads, slots, grad_addresses, self.fixed, self.merge, model)
+        return ChunkTable(params, grads, slots, grad_addresses, self.fixed, self.merge, model,
+                          self.formats)
 
-
-def _master_template(table, chunks, like, bits, h, grad_scale, seed):
-    # Master weights: p and s* are float32; g and the model copy are 16-bit patterns of
-    # kind KIND (kernels.lowp). Writes the master weight, the state and the rounded copy.
-    for c in prange(chunks.shape[0]):
-        hc = FREEZE(h)  # noqa: F821
-        r = chunks[c, 0]
-        lo = chunks[c, 1]
-        hi = chunks[c, 2]
-        n = table[r, 0]
-        p = _view(table[r, 1], n, like)[lo:hi]
-        g = _view(table[r, 2], n, bits)[lo:hi]
-        s0 = _view(table[r, 3], n, like)[lo:hi]
-        s1 = _view(table[r, 4], n, like)[lo:hi]
-        s2 = _view(table[r, 5], n, like)[lo:hi]
-        w = _view(table[r, 6], n, bits)[lo:hi]
-        for i in range(hi - lo):
-            out = ELEMENT(p[i], lowp.widen(g[i], KIND) * grad_scale,  # noqa: F821
-                          s0[i], s1[i], s2[i], hc)
-            p[i] = out[0]
-            if HAS0:  # noqa: F821
-                s0[i] = out[1]
-            if HAS1:  # noqa: F821
-                s1[i] = out[2]
-            if HAS2:  # noqa: F821
-                s2[i] = out[3]
-            w[i] = lowp.round_to_bits(out[0], KIND, seed, c * CHUNK + i)  # noqa: F821
+    def layout(self, writes=None, row_mode=None, stochastic=False) -> Layout:
+        """The layout of a step over this table: every present column is read; ``writes``
+        (one per state column) narrows which are stored; ``row_mode`` as :func:`run`."""
+        mode, slot = parse_row_mode(row_mode)
+        n_slots = len(self.has)
+        reads = list(self.has)
+        if mode == ROW_SLOT:
+            if not 0 <= slot < n_slots:
+                raise ValueError(f"row_mode 'slot{slot}' names no state position of a table "
+                                 f"with {n_slots}")
+            reads[slot] = False          # the row's value takes the column's place
+        if writes is not None and len(writes) != n_slots:
+            raise ValueError(f"writes must have one entry per state column ({n_slots}), "
+                             f"got {len(writes)}")
+        model = _MODEL_OF_KIND.get(self.low_kind, "")
+        if stochastic and model == BFLOAT16:
+            model = "bfloat16-stochastic"
+        return Layout.of(reads, writes, self.formats, mode, slot, model)
 
 
 def run(element, table: ChunkTable, scalars, grad_scale=1.0, seed=0, stochastic=False,
         row_values=None, row_mode=None, writes=None) -> None:
     """One fused step of ``element`` over every chunk of ``table``.
 
-    Each gradient is multiplied by ``grad_scale`` as it is read (1.0 leaves it exact).
-    For master-weight tables of bfloat16, ``stochastic`` rounds the model copy
-    stochastically with random bits derived from ``seed`` and the element's position.
-    ``row_values`` (one per row of a ``merge=False`` table) with ``row_mode`` "grad"
-    scales each row's gradients; with "slot2" it is the element's third state argument
-    (read-only; that slot must be absent): see kernels/per_tensor.py.
-    ``writes`` (three bools) narrows which present state slots are stored: the others
-    are read-only for this step (LAMB's second pass). The param is always written.
+    ``element(p, g, s0, ..., s{K-1}, h) -> (p, s0, ..., s{K-1})`` with K the table's
+    number of state columns. Each gradient is multiplied by ``grad_scale`` as it is
+    read (1.0 leaves it exact). For master-weight tables of bfloat16, ``stochastic``
+    rounds the model copy stochastically with random bits derived from ``seed`` and the
+    element's position. ``row_values`` (one per row of a ``merge=False`` table) with
+    ``row_mode`` "grad" scales each row's gradients; with "slot<k>" ("slot2" for LAMB
+    and LARS) it is the element's state argument k (read-only; that column is not
+    loaded): see kernels/per_tensor.py. ``writes`` (one bool per state column) narrows
+    which present columns are stored: the others are read-only for this step (LAMB's
+    second pass). The param is always written.
     """
     if table.chunks.shape[0] == 0:
         return
-    scale = table.like.dtype.type(grad_scale)
-    mode = ROW_MODES[row_mode]
-    has = table.has
     if writes is not None:
-        if table.low_kind:
-            raise NotImplementedError("write masks with master weights")
-        has = tuple(bool(w) and h for w, h in zip(writes, has))
-    if mode:
-        if table.low_kind:
-            raise NotImplementedError("per-row values with master weights")
-        has = (has[0], has[1], False) if mode == 2 else has
-        threads.launch(driver(element, has, flags_of(scalars), mode), table.table,
-                       table.chunks, table.like, scalars, scale, row_values)
-        return
-    if table.low_kind:
-        kind = table.low_kind
-        if stochastic and kind == lowp.BFLOAT16:
-            kind = lowp.BFLOAT16_STOCHASTIC
-        # Cached on disk like every driver. (It once was not: a cached master kernel
-        # "crashed on new gradient arrays", most likely the split-bucket bug that read
-        # 16-bit gradients as float32 past their end. tests/test_master_weights.py steps
-        # new gradients in a fresh process from a warm cache.)
-        flags = flags_of(scalars)
-        fn = _cached(("master", element, table.has, kind, flags), lambda: _instantiate(
-            _master_template, "master", element, flags, HAS0=table.has[0],
-            HAS1=table.has[1], HAS2=table.has[2], KIND=kind))
-        threads.launch(fn, table.table, table.chunks, table.like, np.uint16(0), scalars,
-                       scale, np.uint32(seed & 0xFFFFFFFF))
-        return
-    threads.launch(driver(element, has, flags_of(scalars)), table.table, table.chunks,
-                   table.like, scalars, scale, None)
-
-
-# Elements per block of a reduction: summed in the element's own precision, then added
-# to the chunk's float64 sum. A loop with float64 accumulators runs at the float64
-# vector width (4 lanes in 256-bit registers) and LAMB's divisions and square root ran
-# at that width too; float32 block sums keep the loop 8 lanes wide. 1024 float32
-# squares spread over LLVM's 32 partial sums are 32 terms each: an error near 2e-6 in
-# the worst case, far below one float32 ulp of the resulting norm's use.
-REDUCE_BLOCK = 1024
-
-
-def _reduce_template(table, chunks, like, h, out):
-    # ELEMENT(p, g, s0, s1, s2, h) -> (a, b), or with WRITES, (a, b, p, s0, s1, s2):
-    # WRITE_P and WRITE0..2 store those (a reduction that also updates state, as LAMB's
-    # first pass). MAXIMUM picks max instead of sum. One partial per chunk, combined by
-    # the caller in a fixed order: the result does not depend on the number of threads.
-    for c in prange(chunks.shape[0]):
-        hc = FREEZE(h)  # noqa: F821
-        r = chunks[c, 0]
-        lo = chunks[c, 1]
-        hi = chunks[c, 2]
-        n = table[r, 0]
-        acc_a = out[c, 0] * 0
-        acc_b = out[c, 1] * 0
-        for start in range(lo, hi, REDUCE_BLOCK):
-            stop = min(start + REDUCE_BLOCK, hi)
-            # Slice first, then loop from 0: LLVM vectorises this form.
-            p = _view(table[r, 1], n, like)[start:stop]
-            g = _view(table[r, 2], n, like)[start:stop]
-            s0 = _view(table[r, 3], n, like)[start:stop]
-            s1 = _view(table[r, 4], n, like)[start:stop]
-            s2 = _view(table[r, 5], n, like)[start:stop]
-            block_a = like - like   # unifies with the element's output type
-            block_b = like - like
-            for i in range(stop - start):
-                res = ELEMENT(p[i], g[i], s0[i], s1[i], s2[i], hc)  # noqa: F821
-                if WRITE_P:  # noqa: F821
-                    p[i] = res[2]
-                if WRITE0:  # noqa: F821
-                    s0[i] = res[3]
-                if WRITE1:  # noqa: F821
-                    s1[i] = res[4]
-                if WRITE2:  # noqa: F821
-                    s2[i] = res[5]
-                if MAXIMUM:  # noqa: F821
-                    block_a = max(block_a, res[0])
-                    block_b = max(block_b, res[1])
-                else:
-                    block_a = accumulate(block_a, res[0])
-                    block_b = accumulate(block_b, res[1])
-            if MAXIMUM:  # noqa: F821
-                acc_a = max(acc_a, block_a)
-                acc_b = max(acc_b, block_b)
-            else:
-                acc_a += block_a
-                acc_b += block_b
-        out[c, 0] = acc_a
-        out[c, 1] = acc_b
-
-
-NO_WRITES = (False, False, False, False)
-
-
-def reducer(fn, maximum: bool, flags: tuple = (), writes: tuple = NO_WRITES):
-    """The compiled reduction driver for ``fn`` (sum, or max when ``maximum``),
-    specialised on the scalars' ``flags``; ``writes`` = which of (p, s0, s1, s2) it stores."""
-    # The block sums' additions may be reassociated (_accumulate): LLVM vectorises them
-    # with several accumulators. Each chunk is still summed by one thread in an order
-    # fixed by the compiled code, so results do not depend on the thread count.
-    return _cached(("reduce", fn, maximum, flags, writes), lambda: _instantiate(
-        _reduce_template, "reduce", fn, flags, MAXIMUM=maximum,
-        WRITE_P=writes[0], WRITE0=writes[1], WRITE1=writes[2], WRITE2=writes[3]))
+        writes = tuple(writes)
+    flags = flags_of(scalars)
+    key = ("step", element, table.has, table.formats, table.low_kind, writes, row_mode,
+           bool(stochastic), flags)
+    fn = _BY_CALL.get(key)
+    if fn is None:
+        fn = _BY_CALL[key] = _compiled("step", element, table.layout(writes, row_mode, stochastic),
+                                       flags)
+    if row_mode is not None and row_values is None:
+        raise ValueError(f"row_mode {row_mode!r} needs row_values (one per row)")
+    threads.launch(fn, table.table, table.chunks, table.like, _BITS, scalars,
+                   table.like.dtype.type(grad_scale), row_values if row_mode is not None else None,
+                   np.uint32(seed & 0xFFFFFFFF))
 
 
 def reduce_chunks(fn, table: ChunkTable, scalars, maximum=False, accumulate=np.float64,
-                  writes=NO_WRITES) -> np.ndarray:
+                  writes=None) -> np.ndarray:
     """Per-chunk partials ``(n_chunks, 2)`` of ``fn`` over ``table``, in ``accumulate`` precision.
 
-    Rows of the chunk table are ``table.chunks[:, 0]``; combine partials per row with
-    ``np.add.reduceat`` / ``np.maximum.reduceat`` (fixed order, deterministic).
-    ``writes`` (p, s0, s1, s2): the arrays ``fn`` also updates (it then returns
-    ``(a, b, p, s0, s1, s2)``); a written slot must be present in the table.
+    ``fn(p, g, s0, ..., s{K-1}, h) -> (a, b)``. Rows of the chunk table are
+    ``table.chunks[:, 0]``; combine partials per row with ``np.add.reduceat`` /
+    ``np.maximum.reduceat`` (fixed order, deterministic). ``writes`` (p, s0, ...,
+    s{K-1}: K + 1 bools): the arrays ``fn`` also updates (it then returns
+    ``(a, b, p, s0, ..., s{K-1})``); a written state column must be present.
     """
-    if any(writes[1:][k] and not table.has[k] for k in range(3)):
-        raise ValueError(f"writes {writes} name a state slot absent from the table {table.has}")
     out = np.zeros((table.chunks.shape[0], 2), dtype=accumulate)
+    if writes is not None:
+        writes = tuple(writes)
+    flags = flags_of(scalars)
+    key = ("reduce", fn, table.has, table.formats, table.low_kind, writes, bool(maximum), flags)
+    driver_fn = _BY_CALL.get(key)
+    if driver_fn is None:
+        mask = _reduce_writes(table, writes)
+        if not out.shape[0]:
+            return out
+        driver_fn = _BY_CALL[key] = reducer(fn, table.layout(mask[1:]), maximum, flags, mask[0])
     if out.shape[0]:
-        threads.launch(reducer(fn, maximum, flags_of(scalars), tuple(map(bool, writes))),
-                       table.table, table.chunks, table.like, scalars, out)
+        threads.launch(driver_fn, table.table, table.chunks, table.like, _BITS, scalars, out)
     return out
+
+
+def _reduce_writes(table: ChunkTable, writes) -> tuple:
+    """The checked write mask of a reduction: p and each state column, all present."""
+    n_slots = len(table.has)
+    mask = (False,) * (n_slots + 1) if writes is None else tuple(map(bool, writes))
+    if len(mask) != n_slots + 1:
+        raise ValueError(f"writes must name p and each state column ({n_slots + 1} entries), "
+                         f"got {len(mask)}")
+    if any(w and not h for w, h in zip(mask[1:], table.has)):
+        raise ValueError(f"writes {mask} name a state slot absent from the table {table.has}")
+    return mask
+
+
+def _rows_column(s, shape, fmt):
+    # Numba has no float16 or bfloat16 arrays on the CPU: 16-bit columns go as uint16.
+    s = s.reshape(shape)
+    return s if fmt == NATIVE else s.view(np.uint16)
+
+
+def run_rows(element, param, index, rows, slots, scalars, grad_scale=1.0, formats=None) -> None:
+    """Update only rows ``index`` (unique) of ``param`` with gradient ``rows``, in parallel.
+
+    ``param`` and each present state column (``slots``: K of them, None where absent)
+    are arrays of shape (R, ...); ``rows`` is (k, ...). ``formats`` as for
+    :class:`ChunkTable`.
+    """
+    if index.size == 0:
+        return
+    slots = tuple(slots)
+    if formats is not None and len(formats) != len(slots):
+        raise ValueError(f"formats must have one entry per state column ({len(slots)})")
+    formats = tuple(NATIVE if s is None else
+                    column_format(s.dtype, param.dtype, None if formats is None else formats[k])
+                    for k, s in enumerate(slots))
+    width = int(np.prod(param.shape[1:], dtype=np.int64))
+    p2 = param.reshape(param.shape[0], width)
+    columns = [_rows_column(s, p2.shape, f) for s, f in zip(slots, formats) if s is not None]
+    layout = Layout.of([s is not None for s in slots], None, formats)
+    threads.launch(_compiled("rows", element, layout, flags_of(scalars)), p2,
+                   rows.reshape(index.size, width), *columns, index, param.dtype.type(0),
+                   scalars, param.dtype.type(grad_scale))

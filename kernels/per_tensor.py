@@ -4,19 +4,20 @@ LAMB and LARS scale each tensor's update by its trust ratio; Keras's ``clipnorm`
 scales each tensor's gradient by its own clip factor. Both are two passes over a table
 built with ``merge=False`` (one row per non-empty tensor; :func:`table`):
 
-1. :func:`row_sums`: the driver's ``reduce_chunks`` of a reducer ``fn(p, g, s0, s1, s2,
-   h) -> (a, b)`` (per-chunk float64 partials, on the host), combined per row in a fixed
-   order (deterministic whatever the threads or blocks). With ``writes`` the reducer
-   returns ``(a, b, p, s0, s1, s2)`` and the driver also stores the arrays named
-   (LAMB's first pass writes its moments).
+1. :func:`row_sums`: the driver's ``reduce_chunks`` of a reducer ``fn(p, g, s0, ...,
+   s{K-1}, h) -> (a, b)`` (per-chunk float64 partials, on the host), combined per row in
+   a fixed order (deterministic whatever the threads or blocks). With ``writes`` the
+   reducer returns ``(a, b, p, s0, ..., s{K-1})`` and the driver also stores the arrays
+   named (LAMB's first pass writes its moments).
 2. :func:`run`: the driver's step, where row ``r`` gets ``values[r]`` either as a
-   gradient multiplier (``mode="grad"``) or as the element's third state argument
-   (``mode="slot2"``: read-only, never written; the element's third state position must
-   be unused by its optimizer).
+   gradient multiplier (``mode="grad"``) or as the element's state argument ``k``
+   (``mode="slot<k>"``, LAMB and LARS use "slot2": read-only, never written; that state
+   position must be unused by its optimizer).
 
 Both passes are the drivers' own (``kernels/cpu.py``, ``kernels/cuda.py``: their
 ``ROW_MODE``); this module adds the per-row bookkeeping. ``backend`` is the backend
-object (``fastopt._backend.get(name)``); None, or the CPU backend, means the CPU driver.
+object (``fastopt._backend.get(name)``); None, or the CPU backend, means the CPU driver
+(kernels/cpu.py: any number K of state columns; the CUDA driver: its own contract).
 On CUDA a step is one reduction launch, one small copy of the partials to the host (the
 norms are needed there), one copy of the row values back into a device array allocated
 once per table, and one step launch.
@@ -26,8 +27,9 @@ from __future__ import annotations
 import numpy as np
 
 from . import cpu
+from .layout import parse_row_mode
 
-MODES = ("grad", "slot2")
+MODES = ("grad", "slot2")       # the common ones; "slot<k>" names any state position
 
 
 def _is_cpu(backend) -> bool:
@@ -50,8 +52,8 @@ def row_starts(table) -> np.ndarray:
 def row_sums(fn, table, scalars, backend=None, writes=None) -> np.ndarray:
     """``(n_rows, 2)`` float64 sums of ``fn``'s two outputs per row of ``table``.
 
-    ``writes`` (p, s0, s1, s2): the arrays ``fn`` also updates, the driver's
-    ``reduce_chunks`` contract (``fn`` then returns ``(a, b, p, s0, s1, s2)``).
+    ``writes`` (p, s0, ..., s{K-1}): the arrays ``fn`` also updates, the driver's
+    ``reduce_chunks`` contract (``fn`` then returns ``(a, b, p, s0, ..., s{K-1})``).
     """
     if table.chunks.shape[0] == 0:
         return np.zeros((0, 2))
@@ -72,8 +74,8 @@ def run(element, table, scalars, values, mode="grad", grad_scale=1.0, backend=No
         return
     if table.merge:
         raise ValueError("per-tensor values need a table built with merge=False")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode is None or parse_row_mode(mode)[0] == 0:
+        raise ValueError(f"mode must be 'grad' or 'slot<k>' (one of {MODES}, ...), got {mode!r}")
     n_rows = table.table.shape[0]
     if _is_cpu(backend):
         values = np.ascontiguousarray(values, dtype=table.like.dtype)

@@ -179,3 +179,96 @@ def test_no_driver_is_compiled_after_the_first_step(case, row):
     for g in grads[1:]:
         opt.step(g)
     assert set(cpu._DRIVERS) == compiled
+
+
+# ------------------------------------------------------------- generated, cached drivers
+_WARM_SCRIPT = '''
+import json, sys
+from typing import NamedTuple
+import numpy as np, ml_dtypes
+from fastopt.kernels import cpu, lamb
+
+class H(NamedTuple):
+    a: float
+    flip: bool
+
+def five(p, g, s0, s1, s2, s3, s4, h):
+    x = -g if h.flip else g
+    return p - h.a * x, s0 + x, s1 * h.a, s2 + s0, s3 - x, s4
+
+def none(p, g, h):
+    return (p - h.a * g,)
+
+def reduce_five(p, g, s0, s1, s2, s3, s4, h):
+    return p * g, g * g, p + g, s0 + g, s1, s2, s3, s4
+
+rng = np.random.default_rng(0)
+bf = np.dtype(ml_dtypes.bfloat16)
+h = H(np.float32(0.5), True)
+arr = lambda n, d=np.float32: rng.standard_normal(n).astype(d)
+sizes = [3, 70001, 25]
+ps, gs = [arr(n) for n in sizes], [arr(n) for n in sizes]
+slots = ([arr(n) for n in sizes], [arr(n, np.float16) for n in sizes], None,
+         [arr(n, bf) for n in sizes], [arr(n) for n in sizes])
+table = cpu.ChunkTable(ps, gs, slots, merge=False)
+cpu.run(five, table, h, writes=(True, True, False, True, True))
+cpu.run(five, table, h, row_values=np.ones(3, np.float32), row_mode="slot4")
+cpu.reduce_chunks(reduce_five, table, h, writes=(True, True, False, False, False, False))
+cpu.run(none, cpu.ChunkTable(ps, gs, ()), h)
+masters = [arr(n) for n in sizes]
+cpu.run(none, cpu.ChunkTable(masters, [g.astype(bf) for g in gs], (), model=[m.astype(bf) for m in masters]),
+        h, seed=3, stochastic=True)
+cpu.run_rows(five, arr((40, 3)).reshape(40, 3), np.array([1, 5]), arr((2, 3)).reshape(2, 3),
+             [arr(120).reshape(40, 3)] * 5, h)
+misses = sum(sum(fn.stats.cache_misses.values()) for fn in cpu._DRIVERS.values())
+hits = sum(sum(fn.stats.cache_hits.values()) for fn in cpu._DRIVERS.values())
+print(json.dumps(dict(drivers=len(cpu._DRIVERS), misses=misses, hits=hits,
+                      checksum=float(sum(float(p.sum()) for p in ps + masters)))))
+'''
+
+
+def test_warm_process_compiles_no_generated_driver(tmp_path):
+    """Every kind of generated driver (K = 5 and K = 0 columns, 16-bit columns, write
+    masks, a per-row slot, a reduction that writes, master weights with stochastic
+    rounding, sparse rows) is cached on disk: a second process loads all of them and
+    compiles none, and the generated modules are not rewritten (their modification
+    time is part of Numba's cache key)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    # Imported as a module, not run as __main__: cloudpickle stores __main__'s scalars
+    # class by value in Numba's index, and a new process never finds that key again.
+    (tmp_path / "warm_drivers.py").write_text(_WARM_SCRIPT)
+    cache = tmp_path / "cache"
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache))
+    runs, stamps = [], []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", "import warm_drivers"], env=env,
+                             cwd=tmp_path, capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        stamps.append({p.name: p.stat().st_mtime_ns for p in cache.rglob("fastopt_driver_*.py")})
+    assert runs[0]["drivers"] == 6 and runs[0]["misses"] == 6
+    assert runs[1]["misses"] == 0 and runs[1]["hits"] == 6
+    assert runs[1]["checksum"] == runs[0]["checksum"]
+    assert len(stamps[0]) == 6 and stamps[1] == stamps[0]
+
+
+def test_driver_and_reducer_take_a_layout_or_a_slot_mask():
+    from fastopt.kernels.layout import Layout
+    h = _Scalars(np.float32(1), False, np.float32(0), False)
+    flags = flags_of(h)
+    assert cpu.driver(_flagged, (True, False, False), flags) is cpu.driver(
+        _flagged, Layout.of((True, False, False)), flags)
+    p, g, m = _arrays(100)
+    p0, m0 = p.copy(), m.copy()
+    table = cpu.ChunkTable([p], [g], ([m], None, None))
+    cpu.driver(_flagged, table.layout(), flags)(table.table, table.chunks, table.like,
+                                                np.uint16(0), h, np.float32(1), None, np.uint32(0))
+    np.testing.assert_array_equal(p, p0 + g)
+    np.testing.assert_array_equal(m, m0 + g)
+    out = np.zeros((1, 2))
+    cpu.reducer(_flagged_reducer, table.layout((False,) * 3), False, flags)(
+        table.table, table.chunks, table.like, np.uint16(0), h, out)
+    assert out[0, 1] == pytest.approx(float(np.sum(p.astype(np.float64) ** 2)), rel=1e-6)
