@@ -40,7 +40,6 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-SLOTS = ("exp_avg", "exp_avg_sq", "exp_avg_diff", "previous_grad")
 
 
 class AdanScalars(NamedTuple):
@@ -135,3 +134,40 @@ def adan_scalars(step, lr, beta1, beta2, beta3, eps, weight_decay, weight_decoup
         lerp1_from_end=bool(float(w1) >= 0.5),
         lerp2_from_end=bool(float(w2) >= 0.5),
     )
+
+
+# -- the declaration -------------------------------------------------------------------------
+from .. import spec as _s  # noqa: E402
+from . import reference as _reference  # noqa: E402
+
+
+def scalars(group, step, cast):
+    beta1, beta2, beta3 = group["betas"]
+    return adan_scalars(step, group["lr"], beta1, beta2, beta3, group["eps"], group["weight_decay"],
+                        group["weight_decouple"], group["maximize"], cast)
+
+
+SPEC = _s.Spec(
+    name="Adan", functional="adan", element=adan_element, scalars=scalars,
+    hypers=(_s.lr(1e-3), _s.hyper("betas", (0.98, 0.92, 0.99), _s.betas(3)), _s.eps(1e-8),
+            _s.weight_decay(), _s.hyper("weight_decouple", False, _s.flag()), _s.maximize()),
+    columns=(_s.Column("exp_avg"), _s.Column("exp_avg_sq"), _s.Column("exp_avg_diff"),
+             _s.Column("previous_grad")),
+    reference=_reference.adan, oracle="pytorch_optimizer.Adan",
+    doc="""Adan: adaptive Nesterov momentum (four state columns).
+
+    References:
+      Xie et al., arXiv:2208.06677 (2022), IEEE TPAMI 2024; pytorch_optimizer.Adan.
+    Names and defaults are pytorch-optimizer's: ``betas = (0.98, 0.92, 0.99)``,
+    ``weight_decouple=False`` decays proximally (``p /= 1 + lr wd`` after the update),
+    True as AdamW (``p *= 1 - lr wd`` before it).
+    State: ``exp_avg``, ``exp_avg_sq``, ``exp_avg_diff``, ``previous_grad`` (the previous
+    gradient negated, as the oracle keeps it), ``step``.
+    """,
+    examples=_s.Examples(base=dict(lr=0.01), grid=(
+        {},
+        dict(weight_decay=0.1, maximize=True),
+        dict(betas=(0.5, 0.5, 0.9), eps=1e-6, weight_decay=0.1, weight_decouple=True),
+    ), full=dict(betas=(0.5, 0.5, 0.9), eps=1e-6, weight_decay=0.1, weight_decouple=True)),
+    bench=(_s.BenchRow("adan", dict(lr=1e-3)),),
+)

@@ -21,6 +21,7 @@ MODULES = (
     "lion",
     "lamb",
     "lars",
+    "adan",
 )
 
 
