@@ -22,6 +22,15 @@ def roof_element(p, g, s0, s1, s2, h):
     return p + h.scale * g, s0 + g, s1 + g, s2 + g
 
 
+def roof_element4(p, g, s0, s1, s2, s3, h):
+    """The roof of a four-column optimizer (Adan)."""
+    return p + h.scale * g, s0 + g, s1 + g, s2 + g, s3 + g
+
+
+ROOF_ELEMENTS = {3: roof_element, 4: roof_element4}
+"""The roof element by the optimizer's number of state positions (the element's K)."""
+
+
 def roof_scalars(cast):
     return RoofScalars(scale=cast(1e-12))
 

@@ -56,7 +56,8 @@ def roof_target(case: OptimizerCase, data: LayoutData) -> Target:
         return Target(step, keep=(table, slots), numba_cpu=True)
     table = cpu.ChunkTable([p], [g], slots)
     scalars = roof.roof_scalars(p.dtype.type)
-    return Target(lambda: cpu.run(roof.roof_element, table, scalars), keep=(table, slots),
+    element = roof.ROOF_ELEMENTS[len(slots)]
+    return Target(lambda: cpu.run(element, table, scalars), keep=(table, slots),
                   numba_cpu=True)
 
 
