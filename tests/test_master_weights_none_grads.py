@@ -37,6 +37,7 @@ OPTIMIZERS = [
     (fo.RAdam, dict(lr=0.01)),
     (fo.Adadelta, dict(lr=1.0)),
     (fo.Lion, dict(lr=1e-3)),
+    (fo.Adan, dict(lr=0.01)),
 ]
 REFUSING = {fo.LAMB, fo.LARS}      # refuse master_weights at construction (no 16-bit pass)
 
