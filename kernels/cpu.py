@@ -5,8 +5,12 @@ A step is described by a *tensor table* and a *chunk table*:
 - ``table[r] = (n, p_addr, g_addr, s0_addr, ..., s{K-1}_addr[, model_addr])``: row ``r``
   is a run of ``n`` elements of params, grads and K state columns, each given by the
   address of its first element. A row is one tensor in list mode, or a stretch of a
-  FlatParams arena covering many tensors. An absent state column has address 0: the
-  driver never loads or stores it (the element gets the gradient in its place).
+  FlatParams arena covering many tensors. An absent state column is never stored; in
+  its place the element gets the gradient (as the CUDA driver): a step passes the
+  scaled gradient it already holds, a reduction loads the column like any other, from
+  the gradient's address that the table repeats there (and in its format). So one
+  reduction driver serves every table whose columns differ only in which are present
+  (Keras's per-tensor gradient norm runs over tables of 0 to 3 state columns).
 - ``chunks[c] = (r, lo, hi)``: chunk ``c`` is elements ``[lo, hi)`` of row ``r``;
   chunks hold at most :data:`CHUNK` elements, so threads get balanced work.
 
@@ -158,12 +162,16 @@ class ChunkTable:
                 raise TypeError(f"the gradients are {np.dtype(grads[0].dtype)}, expected {want}"
                                 + ("; 16-bit gradients need the table of their master weights "
                                    "(model=the 16-bit params)" if model is None else ""))
+        # An absent column is read as the gradient: in the gradient's format.
+        grad_format = _MODEL_OF_KIND.get(self.low_kind, NATIVE)
         if fixed is None:
-            formats = tuple(NATIVE if s is None or not params else
+            formats = tuple(grad_format if s is None else NATIVE if not params else
                             column_format(s[0].dtype, dtype, None if formats is None else formats[k])
                             for k, s in enumerate(slots))
             fixed = self._fixed(params, slots, model)
-        self.formats = (NATIVE,) * len(slots) if formats is None else tuple(formats)
+        elif formats is None:
+            formats = tuple(grad_format if s is None else NATIVE for s in slots)
+        self.formats = tuple(formats)
         self.fixed = fixed
         if grad_addresses is None:
             grad_addresses = [address(g) if g.size else 0 for g in grads]
@@ -171,13 +179,13 @@ class ChunkTable:
         full[:, :2] = fixed[:, :2]
         full[:, 2] = np.asarray(grad_addresses, dtype=np.int64)
         full[:, 3:] = fixed[:, 2:]
+        for k in np.flatnonzero(~np.array(self.has, dtype=bool)):
+            full[:, 3 + k] = full[:, 2]
         full = full[full[:, 0] > 0]
-        # Bytes per element of each address column, for the back-to-back test (an absent
-        # column's address 0 continues with size 0).
+        # Bytes per element of each address column, for the back-to-back test.
         grad_size = 2 if model is not None else dtype.itemsize
         itemsizes = np.array([dtype.itemsize, grad_size]
-                             + [0 if not h else dtype.itemsize if f == NATIVE else 2
-                                for h, f in zip(self.has, self.formats)]
+                             + [dtype.itemsize if f == NATIVE else 2 for f in self.formats]
                              + [2] * (model is not None), dtype=np.int64)
         # merge=False keeps one row per non-empty tensor (per-tensor reductions need it).
         self.merge = merge
@@ -220,24 +228,27 @@ class ChunkTable:
         return ChunkTable(params, grads, slots, grad_addresses, self.fixed, self.merge, model,
                           self.formats)
 
-    def layout(self, writes=None, row_mode=None, stochastic=False) -> Layout:
-        """The layout of a step over this table: every present column is read; ``writes``
-        (one per state column) narrows which are stored; ``row_mode`` as :func:`run`."""
+    def layout(self, writes=None, row_mode=None, stochastic=False, load_absent=False) -> Layout:
+        """The layout of a pass over this table: every present column is read, and with
+        ``load_absent`` every absent one too (from the gradient's address: the gradient
+        as stored); ``writes`` (one per state column) narrows which present ones are
+        stored; ``row_mode`` as :func:`run`."""
         mode, slot = parse_row_mode(row_mode)
         n_slots = len(self.has)
-        reads = list(self.has)
+        if writes is not None and len(writes) != n_slots:
+            raise ValueError(f"writes must have one entry per state column ({n_slots}), "
+                             f"got {len(writes)}")
+        reads = [True] * n_slots if load_absent else list(self.has)
+        stored = tuple(h and (writes is None or bool(writes[k])) for k, h in enumerate(self.has))
         if mode == ROW_SLOT:
             if not 0 <= slot < n_slots:
                 raise ValueError(f"row_mode 'slot{slot}' names no state position of a table "
                                  f"with {n_slots}")
             reads[slot] = False          # the row's value takes the column's place
-        if writes is not None and len(writes) != n_slots:
-            raise ValueError(f"writes must have one entry per state column ({n_slots}), "
-                             f"got {len(writes)}")
         model = _MODEL_OF_KIND.get(self.low_kind, "")
         if stochastic and model == BFLOAT16:
             model = "bfloat16-stochastic"
-        return Layout.of(reads, writes, self.formats, mode, slot, model)
+        return Layout.of(reads, stored, self.formats, mode, slot, model)
 
 
 def run(element, table: ChunkTable, scalars, grad_scale=1.0, seed=0, stochastic=False,
@@ -293,7 +304,8 @@ def reduce_chunks(fn, table: ChunkTable, scalars, maximum=False, accumulate=np.f
         mask = _reduce_writes(table, writes)
         if not out.shape[0]:
             return out
-        driver_fn = _BY_CALL[key] = reducer(fn, table.layout(mask[1:]), maximum, flags, mask[0])
+        driver_fn = _BY_CALL[key] = reducer(fn, table.layout(mask[1:], load_absent=True),
+                                            maximum, flags, mask[0])
     if out.shape[0]:
         threads.launch(driver_fn, table.table, table.chunks, table.like, _BITS, scalars, out)
     return out

@@ -72,6 +72,10 @@ def red0(p, g, h):
     return p * g, g * g
 
 
+def red_three(p, g, s0, s1, s2, h):
+    return g * g, s0
+
+
 def red5(p, g, s0, s1, s2, s3, s4, h):
     """A reduction that may also store: (a, b, p, s0, ..., s4)."""
     s1 = s1 + g * h.a
@@ -151,9 +155,25 @@ def test_k_of_table_is_the_number_of_slots_given():
     assert table.has == () and table.table.shape == (1, 3)
 
 
+def test_tables_differing_only_in_present_columns_share_a_driver():
+    """A reduction loads absent columns from the gradient's address: a reducer that reads
+    no state (Keras's per-tensor gradient norm) compiles once for every optimizer's table."""
+    params, grads, _ = _case([10], [])
+    keys, layouts = set(cpu._DRIVERS), set()
+    for present in [(False,) * 3, (True, False, False), (True, True, False)]:
+        _, _, slots = _case([10], present)
+        table = cpu.ChunkTable(params, grads, slots)
+        layouts.add(table.layout(writes=(False,) * 3, load_absent=True))
+        got = cpu.reduce_chunks(red_three, table, _h()).sum(axis=0)
+        assert got[0] == pytest.approx(float(np.sum(grads[0].astype(np.float64) ** 2)), rel=1e-6)
+        first = grads[0] if slots[0] is None else slots[0][0]     # absent: the gradient
+        assert got[1] == pytest.approx(float(np.sum(first.astype(np.float64))), rel=1e-6)
+    assert len(layouts) == 1 and len(set(cpu._DRIVERS) - keys) == 1
+
+
 def test_absent_and_read_only_columns_are_never_written():
-    """A read-only column keeps its bits; an absent one has no memory to write: the
-    gradient, which stood in for absent columns in the old driver, is left unchanged."""
+    """A read-only column keeps its bits; an absent one is never stored: the gradient,
+    whose address the table repeats in its place, is left unchanged."""
     params, grads, slots = _case([CHUNK + 11, 3], [True, False, True, True, False], seed=3)
     before = [[a.copy() for a in s] if s is not None else None for s in slots]
     grads0 = [g.copy() for g in grads]
