@@ -269,6 +269,6 @@ def test_driver_and_reducer_take_a_layout_or_a_slot_mask():
     np.testing.assert_array_equal(p, p0 + g)
     np.testing.assert_array_equal(m, m0 + g)
     out = np.zeros((1, 2))
-    cpu.reducer(_flagged_reducer, table.layout((False,) * 3), False, flags)(
+    cpu.reducer(_flagged_reducer, table.layout((False,) * 3, load_absent=True), False, flags)(
         table.table, table.chunks, table.like, np.uint16(0), h, out)
     assert out[0, 1] == pytest.approx(float(np.sum(p.astype(np.float64) ** 2)), rel=1e-6)
