@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from .pieces import lerp_fields
+from .pieces import adam_moments, lerp_fields
 
 
 class AdamScalars(NamedTuple):
@@ -32,17 +32,7 @@ class AdamScalars(NamedTuple):
 
 def adam_element(p, g, m, v, v_max, h):
     """One Adam(W) update of one element; returns (p, exp_avg, exp_avg_sq, max_exp_avg_sq)."""
-    if h.maximize:
-        g = -g
-    if h.decoupled:
-        p = p * h.decay_factor
-    elif h.l2:
-        g = g + h.weight_decay * p
-    if h.lerp_from_end:                  # torch.lerp(m, g, w), both of its forms
-        m = g - (g - m) * h.lerp_back        # (they differ for infinite inputs)
-    else:
-        m = m + h.one_minus_beta1 * (g - m)
-    v = h.beta2 * v + (h.one_minus_beta2 * g) * g
+    p, g, m, v = adam_moments(p, g, m, v, h)
     if h.amsgrad:
         v_max = v_max if v_max >= v else v        # NaN in v propagates, as torch.maximum
         second = v_max

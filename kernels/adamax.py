@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from .pieces import lerp_fields
+from .pieces import lerp, lerp_fields
 
 
 class AdamaxScalars(NamedTuple):
@@ -31,10 +31,7 @@ def adamax_element(p, g, m, u, unused, h):
         g = -g
     if h.l2:
         g = g + h.weight_decay * p
-    if h.lerp_from_end:                  # torch.lerp(m, g, w), both of its forms
-        m = g - (g - m) * h.lerp_back        # (they differ for infinite inputs)
-    else:
-        m = m + h.one_minus_beta1 * (g - m)
+    m = lerp(m, g, h.one_minus_beta1, h.lerp_back, h.lerp_from_end)
     u = u * h.beta2
     a = abs(g) + h.eps
     if a > u or a != a:      # torch.maximum: a NaN on either side propagates

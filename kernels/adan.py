@@ -40,6 +40,8 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+from .pieces import lerp
+
 
 
 class AdanScalars(NamedTuple):
@@ -80,14 +82,8 @@ def adan_element(p, g, exp_avg, exp_avg_sq, exp_avg_diff, previous_grad, h):
     if h.first:
         previous_grad = neg_g     # the oracle's initial value: d is 0 (NaN for inf g, as there)
     d = previous_grad + g
-    if h.lerp1_from_end:                          # torch.lerp(m, g, 1 - beta1), both forms:
-        exp_avg = g - (g - exp_avg) * h.lerp1_back  # they differ for infinite inputs
-    else:
-        exp_avg = exp_avg + h.one_minus_beta1 * (g - exp_avg)
-    if h.lerp2_from_end:
-        exp_avg_diff = d - (d - exp_avg_diff) * h.lerp2_back
-    else:
-        exp_avg_diff = exp_avg_diff + h.one_minus_beta2 * (d - exp_avg_diff)
+    exp_avg = lerp(exp_avg, g, h.one_minus_beta1, h.lerp1_back, h.lerp1_from_end)
+    exp_avg_diff = lerp(exp_avg_diff, d, h.one_minus_beta2, h.lerp2_back, h.lerp2_from_end)
     u = d * h.beta2 + g
     exp_avg_sq = exp_avg_sq * h.beta3 + (h.one_minus_beta3 * u) * u
     denom = math.sqrt(exp_avg_sq) / h.bias_correction3_sqrt + h.eps

@@ -30,6 +30,7 @@ from numba.extending import intrinsic
 
 from . import lowp
 from .layout import BFLOAT16, FLOAT16, NATIVE, ROW_GRAD, ROW_SLOT, Layout
+from .pieces import bind
 from .specialize import accumulate, flag_tag, freezer, source_tag
 
 # 16-bit storage formats and model columns as lowp kinds (compile-time constants).
@@ -211,10 +212,26 @@ def build(kind: str, element, layout: Layout, flags: tuple, chunk: int, block: i
     else:
         raise ValueError(f"unknown driver kind {kind!r}")
     namespace = dict(prange=prange, view=view, lowp=lowp, accumulate=accumulate,
-                     ELEMENT=numba.njit(inline="always", cache=True)(element),
+                     ELEMENT=cpu_function(element, inline="always", cache=True),
                      FREEZE=freezer(flags))
     module = load(_HEADER + text, namespace)
     return numba.njit(parallel=True, cache=True, nogil=True)(getattr(module, name))
+
+
+_CPU_PIECES: dict = {}
+
+
+def cpu_function(element, **options):
+    """``element`` compiled by ``numba.njit(**options)``, calling the CPU form of every
+    element piece it names (kernels/pieces.py)."""
+    return numba.njit(**options)(bind(element, _cpu_piece))
+
+
+def _cpu_piece(fn):
+    """The CPU form of an element piece (kernels/pieces.py), inlined into its caller."""
+    if fn not in _CPU_PIECES:
+        _CPU_PIECES[fn] = cpu_function(fn, inline="always")
+    return _CPU_PIECES[fn]
 
 
 def source_dir() -> str:

@@ -55,6 +55,7 @@ from .codegen import load
 from .cuda_tables import (SIMULATOR, TABLES, CudaTable, current_stream, describe,
                           fixed_columns, grad_addresses, index_description, shape_of, span)
 from .layout import BFLOAT16, ROW_SLOT, Layout, parse_row_mode
+from .pieces import bind
 from .specialize import flags_of
 
 # Launch geometry. Chunks: at least CHUNK_MIN elements (a block's threads stride over
@@ -81,18 +82,19 @@ _DEVICE_FUNCTIONS: dict = {}
 _FORMAT_FUNCTIONS: dict = {}
 
 
-def _device_function(fn):
-    dev = _DEVICE_FUNCTIONS.get(fn)
-    if dev is None:
-        dev = _DEVICE_FUNCTIONS[fn] = cuda.jit(device=True)(fn)
-    return dev
+def device_function(fn):
+    """``fn`` (an element, or an element piece bound by kernels/pieces.py) as a device
+    function calling the device form of every piece it names."""
+    if fn not in _DEVICE_FUNCTIONS:
+        _DEVICE_FUNCTIONS[fn] = cuda.jit(device=True)(bind(fn, device_function))
+    return _DEVICE_FUNCTIONS[fn]
 
 
 def _compile(fn, generated):
     """The kernel of ``generated`` (codegen.generate) calling ``fn`` as its element."""
     if not _FORMAT_FUNCTIONS:
         _FORMAT_FUNCTIONS.update(codegen.format_functions(cuda.jit(device=True)))
-    namespace = dict(_FORMAT_FUNCTIONS, cuda=cuda, np=np, element=_device_function(fn),
+    namespace = dict(_FORMAT_FUNCTIONS, cuda=cuda, np=np, element=device_function(fn),
                      Scalars=generated.scalars_class)
     module = load(generated.text, namespace)
     py_kernel = getattr(module, generated.name)

@@ -41,6 +41,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .pieces import keras_prologue
+
 from .. import _validate as v
 
 class KerasSGDScalars(NamedTuple):
@@ -58,10 +60,7 @@ class KerasSGDScalars(NamedTuple):
 
 def keras_sgd_element(p, g, v, unused1, unused2, h):
     """Keras SGD; returns (w, momentum, -, -)."""
-    if h.clip:
-        g = h.clip_hi if g > h.clip_hi else (h.clip_lo if g < h.clip_lo else g)
-    if h.decay:
-        p = p - p * h.weight_decay * h.lr
+    p, g = keras_prologue(p, g, h)
     if h.has_momentum:
         v = v * h.momentum - g * h.lr
         if h.nesterov:
@@ -91,10 +90,7 @@ class KerasRMSpropScalars(NamedTuple):
 
 def keras_rmsprop_element(p, g, velocity, mom, avg, h):
     """Keras RMSprop; returns (w, velocity, momentum, average_gradient)."""
-    if h.clip:
-        g = h.clip_hi if g > h.clip_hi else (h.clip_lo if g < h.clip_lo else g)
-    if h.decay:
-        p = p - p * h.weight_decay * h.lr
+    p, g = keras_prologue(p, g, h)
     velocity = h.rho * velocity + h.one_minus_rho * (g * g)
     if h.centered:
         avg = h.rho * avg + h.one_minus_rho * g
@@ -123,10 +119,7 @@ class KerasAdagradScalars(NamedTuple):
 
 def keras_adagrad_element(p, g, acc, unused1, unused2, h):
     """Keras Adagrad; returns (w, accumulator, -, -)."""
-    if h.clip:
-        g = h.clip_hi if g > h.clip_hi else (h.clip_lo if g < h.clip_lo else g)
-    if h.decay:
-        p = p - p * h.weight_decay * h.lr
+    p, g = keras_prologue(p, g, h)
     acc = acc + g * g
     p = p - (h.lr * g) / math.sqrt(acc + h.eps)
     return p, acc, unused1, unused2
@@ -149,10 +142,7 @@ class KerasAdamScalars(NamedTuple):
 
 def keras_adam_element(p, g, m, v, v_hat, h):
     """Keras Adam and AdamW; returns (w, momentum, velocity, velocity_hat)."""
-    if h.clip:
-        g = h.clip_hi if g > h.clip_hi else (h.clip_lo if g < h.clip_lo else g)
-    if h.decay:
-        p = p - p * h.weight_decay * h.lr
+    p, g = keras_prologue(p, g, h)
     m = m + (g - m) * h.one_minus_beta1
     v = v + (g * g - v) * h.one_minus_beta2
     if h.amsgrad:
@@ -181,10 +171,7 @@ class KerasAdamaxScalars(NamedTuple):
 
 def keras_adamax_element(p, g, m, u, unused, h):
     """Keras Adamax; returns (w, momentum, norm, -)."""
-    if h.clip:
-        g = h.clip_hi if g > h.clip_hi else (h.clip_lo if g < h.clip_lo else g)
-    if h.decay:
-        p = p - p * h.weight_decay * h.lr
+    p, g = keras_prologue(p, g, h)
     m = m + (g - m) * h.one_minus_beta1
     u = h.beta2 * u
     a = abs(g)
@@ -214,10 +201,7 @@ class KerasNadamScalars(NamedTuple):
 
 def keras_nadam_element(p, g, m, v, unused, h):
     """Keras Nadam; returns (w, momentum, velocity, -)."""
-    if h.clip:
-        g = h.clip_hi if g > h.clip_hi else (h.clip_lo if g < h.clip_lo else g)
-    if h.decay:
-        p = p - p * h.weight_decay * h.lr
+    p, g = keras_prologue(p, g, h)
     m = m + (g - m) * h.one_minus_beta1
     v = v + (g * g - v) * h.one_minus_beta2
     m_hat = (h.u_next * m) / h.one_minus_product_next + (h.one_minus_u * g) / h.one_minus_product
@@ -241,10 +225,7 @@ class KerasAdadeltaScalars(NamedTuple):
 
 def keras_adadelta_element(p, g, acc_grad, acc_delta, unused, h):
     """Keras Adadelta; returns (w, accumulated_grad, accumulated_delta_var, -)."""
-    if h.clip:
-        g = h.clip_hi if g > h.clip_hi else (h.clip_lo if g < h.clip_lo else g)
-    if h.decay:
-        p = p - p * h.weight_decay * h.lr
+    p, g = keras_prologue(p, g, h)
     acc_grad = h.rho * acc_grad + h.one_minus_rho * (g * g)
     delta = -((math.sqrt(acc_delta + h.eps) * g) / math.sqrt(acc_grad + h.eps))
     acc_delta = h.rho * acc_delta + h.one_minus_rho * (delta * delta)

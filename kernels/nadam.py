@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from .pieces import lerp_fields
+from .pieces import adam_moments, lerp_fields
 
 import numpy as np
 
@@ -42,17 +42,7 @@ class NAdamScalars(NamedTuple):
 
 def nadam_element(p, g, m, v, unused, h):
     """One NAdam update of one element; returns (p, exp_avg, exp_avg_sq, -)."""
-    if h.maximize:
-        g = -g
-    if h.decoupled:
-        p = p * h.decay_factor
-    elif h.l2:
-        g = g + h.weight_decay * p
-    if h.lerp_from_end:                  # torch.lerp(m, g, w), both of its forms
-        m = g - (g - m) * h.lerp_back        # (they differ for infinite inputs)
-    else:
-        m = m + h.one_minus_beta1 * (g - m)
-    v = h.beta2 * v + (h.one_minus_beta2 * g) * g
+    p, g, m, v = adam_moments(p, g, m, v, h)
     denom = math.sqrt(v / h.bias_correction2) + h.eps
     p = p + h.grad_coef * (g / denom)
     p = p + h.avg_coef * (m / denom)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from .pieces import lerp_fields
+from .pieces import adam_moments, lerp_fields
 
 
 # torch's rectification threshold on rho_t (the length of the approximated SMA).
@@ -44,17 +44,7 @@ class RAdamScalars(NamedTuple):
 
 def radam_element(p, g, m, v, unused, h):
     """One RAdam update of one element; returns (p, exp_avg, exp_avg_sq, -)."""
-    if h.maximize:
-        g = -g
-    if h.decoupled:
-        p = p * h.decay_factor
-    elif h.l2:
-        g = g + h.weight_decay * p
-    if h.lerp_from_end:                  # torch.lerp(m, g, w), both of its forms
-        m = g - (g - m) * h.lerp_back        # (they differ for infinite inputs)
-    else:
-        m = m + h.one_minus_beta1 * (g - m)
-    v = h.beta2 * v + (h.one_minus_beta2 * g) * g
+    p, g, m, v = adam_moments(p, g, m, v, h)
     corrected = m / h.bias_correction1
     if h.rectify:
         adaptive = h.bias_correction2_sqrt / (math.sqrt(v) + h.eps)

@@ -16,13 +16,18 @@ import numpy as np
 from numba import types
 from numba.extending import intrinsic
 
+from .pieces import pieces_source
+
 
 def source_tag(fn) -> str:
-    """Short hash of ``fn``'s source (its bytecode where the source is unavailable)."""
+    """Short hash of ``fn``'s source (its bytecode where the source is unavailable) and of
+    the element pieces it calls (kernels/pieces.py): a compiled driver inlines them all."""
     try:
         src = inspect.getsource(fn)
     except (OSError, TypeError):  # pragma: no cover - functions without source
         src = fn.__code__.co_code.hex()
+    if hasattr(fn, "__code__"):
+        src += pieces_source(fn)
     return hashlib.sha1(src.encode()).hexdigest()[:10]
 
 
