@@ -2,6 +2,14 @@
 
 Mirrors ``torch.optim``'s functional forms. The caller keeps the state arrays and the
 step count; every call validates all arrays and hyperparameters before touching any.
+
+Every spec has one, generated from it (``fastopt/spec.py: functional_form``), LAMB and
+LARS included: their per-tensor pass (a reduction per tensor, the trust ratios on the
+host, then the step; ``fastopt/_passes.py``) runs inside the call, over the same
+backend object as the class's. The trust ratio is not caller state: it is computed in
+each call from the params and gradients passed, and reaches the element through the
+driver's per-row value (no array for it on the CPU; on CUDA a device array of one value
+per tensor, made with the call's table).
 """
 from __future__ import annotations
 
@@ -12,6 +20,23 @@ from ._plan import _Bucket
 from .kernels.registry import SPECS
 from .optimizers import CLASSES
 from .spec import functional_form
+
+
+def _no_overlap(arrays, labels, name) -> None:
+    """No two of the params and state arrays share memory; the error names both by their
+    argument (``params[1] and exp_avg[0]``)."""
+    try:
+        _validate.no_overlap(arrays, "")
+    except ValueError:
+        spans = sorted((_validate.address(a), _validate.address(a) + _validate.nbytes(a), i)
+                       for i, a in enumerate(arrays) if a.size)
+        for (s0, e0, i0), (s1, e1, i1) in zip(spans, spans[1:]):
+            if s1 < e0:
+                i, j = sorted((i0, i1))
+                what = "the same array" if arrays[i] is arrays[j] else "overlapping memory"
+                raise ValueError(f"{name}: {labels[i]} and {labels[j]} are {what}; each param "
+                                 "and state array must be a distinct array") from None
+        raise
 
 
 def _step(cls, name, group, step, params, grads, slots, backend):
@@ -38,6 +63,7 @@ def _step(cls, name, group, step, params, grads, slots, backend):
         slot_lists.append(arrays)
     slot_lists += [None] * (len(active) - len(slot_lists))   # positions past the columns
     everything = list(params)
+    labels = [f"params[{i}]" for i in range(len(params))]
     for i, (p, g) in enumerate(zip(params, grads)):
         _validate.param(p, f"{name}: params[{i}]")
         _validate.grad(g, p, i, where=f"{name}: ")
@@ -50,8 +76,11 @@ def _step(cls, name, group, step, params, grads, slots, backend):
                 raise ValueError(f"{name}: {slot}[{i}] must match params[{i}] in shape {tuple(p.shape)} "
                                  f"and dtype {p.dtype}, got {tuple(s.shape)} {s.dtype}")
         everything.extend(arrays)
-    _validate.no_overlap(everything, f"{name} params and state")
+        labels += [f"{slot}[{i}]" for i in range(len(arrays))]
+    _no_overlap(everything, labels, name)
     backend_name = _backend.resolve(backend, params[0])
+    if cls.spec.per_tensor is not None:
+        _backend.require(backend_name, _backend.PER_TENSOR, name)
     be = _backend.get(backend_name)
     if cls.spec.host is not None and cls.spec.host.name not in group:
         group[cls.spec.host.name] = float(cls.spec.host.after(step, group))

@@ -420,7 +420,13 @@ def functional_signature(spec: Spec) -> inspect.Signature:
 
 def functional_form(spec: Spec, cls: type, run: Callable) -> Callable:
     """``fastopt.functional.<name>``: binds its arguments, rebuilds the param group, then
-    ``run(cls, name, group, step, params, grads, column arrays, backend)``."""
+    ``run(cls, name, group, step, params, grads, column arrays, backend)``.
+
+    The arguments are the spec's columns only. A per-tensor pass's value (LAMB's and
+    LARS's trust ratio, :class:`PerTensor`) is no column: the element reads it in a state
+    position past the columns, which the driver fills with the tensor's value computed in
+    this call (``fastopt/_passes.py``), so the functional form allocates nothing for it
+    and the caller never passes or keeps it."""
     sig = functional_signature(spec)
     n_betas = next((len(h.default) for h in spec.hypers if h.name == "betas"), 0)
 
@@ -445,4 +451,9 @@ def functional_form(spec: Spec, cls: type, run: Callable) -> Callable:
     step_fn.__name__ = step_fn.__qualname__ = spec.functional
     step_fn.__doc__ = (f"{spec.name} step in place over caller-owned state (see fastopt.{spec.name}). "
                        "``step`` counts this step (1 on the first).")
+    if spec.per_tensor is not None:
+        step_fn.__doc__ += (" Each call runs the per-tensor pass first (a reduction per tensor, "
+                            "then one value per tensor, e.g. its trust ratio): that value is "
+                            "computed afresh in every call, as the class does each step, and is "
+                            "neither state nor an argument.")
     return step_fn

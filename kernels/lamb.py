@@ -121,7 +121,7 @@ def scalars(group, step, cast):
 
 
 SPEC = _s.Spec(
-    name="LAMB", element=lamb_element, scalars=scalars,
+    name="LAMB", functional="lamb", element=lamb_element, scalars=scalars,
     hypers=(_s.lr(1e-3), _s.hyper("betas", (0.9, 0.999), _s.betas()), _s.eps(1e-6),
             _s.weight_decay(), _s.hyper("eps_root", 0.0, _s.real(low=0.0), keyword=True)),
     columns=(_s.Column("exp_avg"), _s.Column("exp_avg_sq")),

@@ -88,7 +88,7 @@ def _ratios(group, sums):
 
 
 SPEC = _s.Spec(
-    name="LARS", element=lars_element, scalars=scalars,
+    name="LARS", functional="lars", element=lars_element, scalars=scalars,
     hypers=(_s.lr(1.0), _s.hyper("momentum", 0.9, _s.real(low=0.0)), _s.weight_decay(),
             _s.hyper("trust_coefficient", 1e-3, _s.real(low=0.0)), _s.eps(0.0),
             _s.hyper("nesterov", False, _s.flag())),

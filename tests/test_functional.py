@@ -6,6 +6,7 @@ must equal the class's reference bit for bit; CPU and reference agree within RTO
 """
 from __future__ import annotations
 
+import inspect
 import re
 
 import numpy as np
@@ -20,8 +21,8 @@ SHAPES = [(0,), (1,), (3, 5), (70,)]
 N_STEPS = 20
 
 
-# Every optimizer whose spec declares a functional form (not LAMB and LARS: their
-# per-tensor passes have none).
+# Every optimizer whose spec declares a functional form: all of them, LAMB and LARS
+# included (their per-tensor pass runs inside the call; the trust ratio is no argument).
 FUNCTIONAL = [c for c in ALL_CASES if c.spec.functional]
 
 
@@ -31,6 +32,19 @@ def _functional_grid():
 
 def test_functional_forms_are_the_specs():
     assert [c.name for c in FUNCTIONAL] == [c.name for c in ALL_CASES if hasattr(fo.functional, c.name)]
+    assert sorted(fo.functional.__all__) == sorted(c.name for c in FUNCTIONAL)
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.name) for c in FUNCTIONAL])
+def test_functional_arguments_are_the_columns(case):
+    """``(params, grads, <the spec's columns>, *, step, <hyperparameters>, backend)``: a
+    per-tensor value (LAMB's and LARS's trust ratio) is neither a column nor a keyword."""
+    sig = inspect.signature(case.functional)
+    positional = [n for n, p in sig.parameters.items() if p.kind is p.POSITIONAL_OR_KEYWORD]
+    assert positional == ["params", "grads", *(c.functional_name for c in case.spec.columns)]
+    keywords = [n for n, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY]
+    assert keywords[0] == "step" and keywords[-1] == "backend"
+    assert set(keywords[1:-1]) >= set(case.functional_kwargs(case.hp()))
 
 
 class FunctionalRun:
@@ -106,6 +120,104 @@ def test_functional_mixed_dtypes_in_one_call(case):
         assert together.params[k].tobytes() == run.params[0].tobytes()
 
 
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.name) for c in FUNCTIONAL])
+def test_functional_zero_tensors_equal_class(case):
+    """An all-zero param, an all-zero gradient and an empty tensor in one call (LAMB's and
+    LARS's trust ratio is 1 there): the functional form equals the class, on the CPU
+    bit for bit and on the reference bit for bit."""
+    hp = case.hp()
+    rng = np.random.default_rng(5)
+    init = [np.zeros(3, np.float32), rng.standard_normal(4).astype(np.float32),
+            np.zeros(0, np.float32), rng.standard_normal((1, 1)).astype(np.float32)]
+    for backend in ("cpu", "numpy"):
+        f = FunctionalRun(case, hp, init, backend)
+        c_params = [a.copy() for a in init]
+        c = case.fo_cls(c_params, backend=backend, **hp)
+        for _ in range(4):
+            g = [np.zeros(3, np.float32), np.zeros(4, np.float32), np.zeros(0, np.float32),
+                 rng.standard_normal((1, 1)).astype(np.float32)]
+            g[0] = rng.standard_normal(3).astype(np.float32)
+            f.step(g)
+            c.step(g)
+        for k in range(len(init)):
+            assert f.params[k].tobytes() == c_params[k].tobytes(), f"{backend}: params[{k}]"
+
+
+def _bad_call_args(case):
+    """Three float32 tensors (two of one shape, for "the same array twice"), their
+    gradients and state for ``case``'s full row, and the first column active there."""
+    hp = case.hp()
+    run = FunctionalRun(case, hp, init_params([(3,), (3,), (2, 2)], np.float32, 6), "cpu")
+    grads = [np.full(a.shape, 0.5, np.float32) for a in run.params]
+    group = {**{h.name: h.default for h in case.spec.hypers}, **hp}
+    active = case.fo_cls._active_slots(group)
+    s = next(i for i, name in enumerate(active) if name is not None)
+    return run, grads, list(run.slots.values()), s, active[s]
+
+
+def _read_only(a):
+    a = a.copy()
+    a.setflags(write=False)
+    return a
+
+
+def _with(lists, s, value):
+    return [value if i == s else x for i, x in enumerate(lists)]
+
+
+# (how the call's params, grads, state lists and keywords are spoiled, exception, message
+# pattern, "{slot}" standing for the state column spoiled); ``s`` is its position.
+BAD_CALLS = {
+    "step_zero": (lambda p, g, S, s: (p, g, S, {"step": 0}), ValueError, "step"),
+    "step_negative": (lambda p, g, S, s: (p, g, S, {"step": -1}), ValueError, "step"),
+    "step_bool": (lambda p, g, S, s: (p, g, S, {"step": True}), ValueError, "step"),
+    "step_float": (lambda p, g, S, s: (p, g, S, {"step": 1.5}), ValueError, "step"),
+    "empty_params": (lambda p, g, S, s: ([], [], [[] for _ in S], {}), ValueError, "empty"),
+    "grads_count": (lambda p, g, S, s: (p, g[:1], S, {}), ValueError, "grads"),
+    "grad_shape": (lambda p, g, S, s: (p, [g[0], np.zeros(4, np.float32), g[2]], S, {}), ValueError,
+                   r"grads\[1\]"),
+    "grad_dtype": (lambda p, g, S, s: (p, [g[0], g[1].astype(np.float64), g[2]], S, {}),
+                   (ValueError, TypeError), r"grads\[1\]"),
+    "grad_is_param": (lambda p, g, S, s: (p, [g[0], p[1], g[2]], S, {}), ValueError,
+                      r"grads\[1\] is params\[1\]"),
+    "param_read_only": (lambda p, g, S, s: ([p[0], _read_only(p[1]), p[2]], g, S, {}), ValueError,
+                        r"params\[1\].*read-only"),
+    "param_not_array": (lambda p, g, S, s: ([p[0], [1.0, 2.0, 3.0], p[2]], g, S, {}), TypeError,
+                        r"params\[1\]"),
+    "params_overlap": (lambda p, g, S, s: ([p[0], p[0][:], p[2]], g, S, {}), ValueError,
+                       r"params\[0\] and params\[1\] are overlapping memory"),
+    "missing_state": (lambda p, g, S, s: (p, g, _with(S, s, None), {}), ValueError, "{slot}"),
+    "state_count": (lambda p, g, S, s: (p, g, _with(S, s, S[s][:1]), {}), ValueError, "{slot}"),
+    "state_shape": (lambda p, g, S, s: (p, g, _with(S, s, [S[s][0], np.zeros(4, np.float32), S[s][2]]), {}),
+                    ValueError, r"{slot}\[1\]"),
+    "state_dtype": (lambda p, g, S, s: (p, g, _with(S, s, [S[s][0], S[s][1].astype(np.float64), S[s][2]]),
+                                        {}), ValueError, r"{slot}\[1\]"),
+    "state_not_array": (lambda p, g, S, s: (p, g, _with(S, s, [S[s][0], [0.0] * 3, S[s][2]]), {}),
+                        TypeError, r"{slot}\[1\]"),
+    "state_is_param": (lambda p, g, S, s: (p, g, _with(S, s, [S[s][0], p[1], S[s][2]]), {}), ValueError,
+                       r"params\[1\] and {slot}\[1\] are the same array"),
+    "state_twice": (lambda p, g, S, s: (p, g, _with(S, s, [S[s][0], S[s][0], S[s][2]]), {}), ValueError,
+                    r"{slot}\[0\] and {slot}\[1\] are the same array"),
+    "state_read_only": (lambda p, g, S, s: (p, g, _with(S, s, [S[s][0], _read_only(S[s][1]), S[s][2]]), {}),
+                        ValueError, "read-only"),
+    "unknown_backend": (lambda p, g, S, s: (p, g, S, {"backend": "fast"}), ValueError, "backend"),
+    "unknown_keyword": (lambda p, g, S, s: (p, g, S, {"bogus": 1}), TypeError, "bogus"),
+}
+
+
+@pytest.mark.parametrize("what", list(BAD_CALLS))
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.name) for c in FUNCTIONAL])
+def test_functional_bad_input_changes_nothing(case, what):
+    run, grads, slots, s, slot = _bad_call_args(case)
+    arrays = run.params + grads + [a for arrays in slots for a in arrays]
+    before = [a.tobytes() for a in arrays]
+    spoil, exc, pattern = BAD_CALLS[what]
+    p, g, S, extra = spoil(run.params, grads, slots, s)
+    with pytest.raises(exc, match=pattern.replace("{slot}", slot)):
+        case.functional(p, g, *S, **{**run.kw, **extra})
+    assert [a.tobytes() for a in arrays] == before
+
+
 def _adam_args(dtype=np.float32):
     p = [np.ones(3, dtype), np.ones((2, 2), dtype)]
     g = [np.full(3, 0.5, dtype), np.full((2, 2), 0.5, dtype)]
@@ -114,40 +226,21 @@ def _adam_args(dtype=np.float32):
     return p, g, m, v
 
 
-BAD_CALLS = {
-    "step_zero": (lambda p, g, m, v: fo.functional.adam(p, g, m, v, step=0), ValueError, "step"),
-    "step_bool": (lambda p, g, m, v: fo.functional.adam(p, g, m, v, step=True), ValueError, "step"),
-    "step_float": (lambda p, g, m, v: fo.functional.adam(p, g, m, v, step=1.5), ValueError, "step"),
-    "empty_params": (lambda p, g, m, v: fo.functional.adam([], [], [], []), ValueError, "empty"),
-    "grads_count": (lambda p, g, m, v: fo.functional.adam(p, g[:1], m, v), ValueError, "grads"),
-    "grad_shape": (lambda p, g, m, v: fo.functional.adam(p, [g[0], np.zeros(4, np.float32)], m, v),
-                   ValueError, r"grads\[1\]"),
-    "grad_is_param": (lambda p, g, m, v: fo.functional.adam(p, [g[0], p[1]], m, v), ValueError,
-                      r"grads\[1\] is params\[1\]"),
-    "missing_state": (lambda p, g, m, v: fo.functional.adam(p, g, m, None), ValueError, "exp_avg_sq"),
+# Checks one optimizer's hyperparameters make of its state.
+SPEC_BAD_CALLS = {
     "missing_amsgrad_state": (lambda p, g, m, v: fo.functional.adam(p, g, m, v, amsgrad=True), ValueError,
                               "max_exp_avg_sq"),
-    "state_count": (lambda p, g, m, v: fo.functional.adam(p, g, m[:1], v), ValueError, "exp_avg"),
-    "state_shape": (lambda p, g, m, v: fo.functional.adam(p, g, [m[0], np.zeros(4, np.float32)], v),
-                    ValueError, r"exp_avg\[1\]"),
-    "state_dtype": (lambda p, g, m, v: fo.functional.adam(p, g, [m[0], m[1].astype(np.float64)], v),
-                    ValueError, r"exp_avg\[1\]"),
-    "state_is_param": (lambda p, g, m, v: fo.functional.adam(p, g, [m[0], p[1]], v), ValueError,
-                       "same array"),
-    "state_twice": (lambda p, g, m, v: fo.functional.adam(p, g, m, m), ValueError, "same array"),
-    "state_read_only": (lambda p, g, m, v: fo.functional.adam(
-        p, g, m, [v[0], (lambda a: (a.setflags(write=False), a)[1])(v[1])]), ValueError, "read-only"),
     "sgd_nesterov": (lambda p, g, m, v: fo.functional.sgd(p, g, m, nesterov=True), ValueError, "nesterov"),
     "sgd_missing_buffers": (lambda p, g, m, v: fo.functional.sgd(p, g, None, momentum=0.9), ValueError,
                             "momentum_buffer"),
 }
 
 
-@pytest.mark.parametrize("what", list(BAD_CALLS))
-def test_functional_bad_input_changes_nothing(what):
+@pytest.mark.parametrize("what", list(SPEC_BAD_CALLS))
+def test_functional_bad_state_for_hyperparameters_changes_nothing(what):
     p, g, m, v = _adam_args()
     before = [a.tobytes() for a in p + m + v]
-    call, exc, pattern = BAD_CALLS[what]
+    call, exc, pattern = SPEC_BAD_CALLS[what]
     with pytest.raises(exc, match=pattern):
         call(p, g, m, v)
     assert [a.tobytes() for a in p + m + v] == before
