@@ -262,7 +262,7 @@ def adam_small(count=2000, size=512):
     from fastopt import _backend
     from fastopt.kernels import adam
     be = _backend.get("cuda")
-    h = adam.adam_scalars(3, 1e-4, 0.9, 0.999, 1e-8, 0.0, False, False, False, np.float32)
+    h = adam.adam_scalars(opt_tiny.param_groups[0], 3, np.float32)
     table = be.table([tiny.data], [tiny.grad], ([opt_tiny.state[0]["exp_avg"]], [opt_tiny.state[0]["exp_avg_sq"]], None))
     ms, gms = timeit(lambda: be.run(adam.adam_element, table, h), 200)
     row("adam_2000x512", "driver run() alone, 1 tensor x 1024 (launch cost)", ms, gms)

@@ -38,15 +38,17 @@ def adadelta_element(p, g, square_avg, acc_delta, unused, h):
     return p, square_avg, acc_delta, unused
 
 
-def adadelta_scalars(lr, rho, eps, weight_decay, maximize, cast):
+def adadelta_scalars(group, step, cast):
+    """Host scalars of param group ``group`` (the same at every step)."""
+    rho, weight_decay = group["rho"], group["weight_decay"]
     return AdadeltaScalars(
-        lr=cast(lr),
+        lr=cast(group["lr"]),
         rho=cast(rho),
         one_minus_rho=cast(1.0 - rho),
-        eps=cast(eps),
+        eps=cast(group["eps"]),
         weight_decay=cast(weight_decay),
         l2=bool(weight_decay != 0),
-        maximize=bool(maximize),
+        maximize=bool(group["maximize"]),
     )
 
 
@@ -55,13 +57,8 @@ from .. import spec as _s  # noqa: E402
 from . import reference as _reference  # noqa: E402
 
 
-def scalars(group, step, cast):
-    return adadelta_scalars(group["lr"], group["rho"], group["eps"], group["weight_decay"],
-                            group["maximize"], cast)
-
-
 SPEC = _s.Spec(
-    name="Adadelta", functional="adadelta", element=adadelta_element, scalars=scalars,
+    name="Adadelta", functional="adadelta", element=adadelta_element, scalars=adadelta_scalars,
     hypers=(_s.lr(1.0), _s.hyper("rho", 0.9, _s.real(low=0.0, high=1.0)), _s.eps(1e-6),
             _s.weight_decay(), _s.maximize()),
     columns=(_s.Column("square_avg"), _s.Column("acc_delta")),

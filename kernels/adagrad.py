@@ -31,13 +31,15 @@ def adagrad_element(p, g, acc, unused1, unused2, h):
     return p, acc, unused1, unused2
 
 
-def adagrad_scalars(step, lr, lr_decay, eps, weight_decay, maximize, cast):
+def adagrad_scalars(group, step, cast):
+    """Host scalars of param group ``group`` for step ``step`` (1-based)."""
+    weight_decay = group["weight_decay"]
     return AdagradScalars(
-        clr=cast(lr / (1.0 + (step - 1) * lr_decay)),
-        eps=cast(eps),
+        clr=cast(group["lr"] / (1.0 + (step - 1) * group["lr_decay"])),
+        eps=cast(group["eps"]),
         weight_decay=cast(weight_decay),
         l2=bool(weight_decay != 0),
-        maximize=bool(maximize),
+        maximize=bool(group["maximize"]),
     )
 
 
@@ -46,13 +48,8 @@ from .. import spec as _s  # noqa: E402
 from . import reference as _reference  # noqa: E402
 
 
-def scalars(group, step, cast):
-    return adagrad_scalars(step, group["lr"], group["lr_decay"], group["eps"],
-                           group["weight_decay"], group["maximize"], cast)
-
-
 SPEC = _s.Spec(
-    name="Adagrad", functional="adagrad", element=adagrad_element, scalars=scalars,
+    name="Adagrad", functional="adagrad", element=adagrad_element, scalars=adagrad_scalars,
     hypers=(_s.lr(1e-2), _s.hyper("lr_decay", 0.0, _s.real(low=0.0)), _s.weight_decay(),
             _s.hyper("initial_accumulator_value", 0.0, _s.real(low=0.0), functional=False),
             _s.eps(1e-10), _s.maximize()),

@@ -43,9 +43,11 @@ def adam_element(p, g, m, v, v_max, h):
     return p, m, v, v_max
 
 
-def adam_scalars(step, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
-                 decoupled_weight_decay, cast):
-    """Host scalars for step ``step`` (1-based), computed in float64 then cast."""
+def adam_scalars(group, step, cast):
+    """Host scalars of param group ``group`` for step ``step`` (1-based), computed in
+    float64 then cast."""
+    lr, (beta1, beta2), weight_decay = group["lr"], group["betas"], group["weight_decay"]
+    decoupled_weight_decay = group["decoupled_weight_decay"]
     bias_correction1 = 1.0 - beta1 ** step
     bias_correction2 = 1.0 - beta2 ** step
     return AdamScalars(
@@ -54,25 +56,19 @@ def adam_scalars(step, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
         **lerp_fields(beta1, cast),
         one_minus_beta2=cast(1.0 - beta2),
         bias_correction2_sqrt=cast(math.sqrt(bias_correction2)),
-        eps=cast(eps),
+        eps=cast(group["eps"]),
         weight_decay=cast(weight_decay),
         decay_factor=cast(1.0 - lr * weight_decay if decoupled_weight_decay else 1.0),
         l2=bool(weight_decay != 0 and not decoupled_weight_decay),
         decoupled=bool(decoupled_weight_decay and weight_decay != 0),
-        amsgrad=bool(amsgrad),
-        maximize=bool(maximize),
+        amsgrad=bool(group["amsgrad"]),
+        maximize=bool(group["maximize"]),
     )
 
 
 # -- the declaration -------------------------------------------------------------------------
 from .. import spec as _s  # noqa: E402
 from . import reference as _reference  # noqa: E402
-
-
-def scalars(group, step, cast):
-    beta1, beta2 = group["betas"]
-    return adam_scalars(step, group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
-                        group["amsgrad"], group["maximize"], group["decoupled_weight_decay"], cast)
 
 
 def _check_sparse(group, where):
@@ -84,7 +80,7 @@ def _check_sparse(group, where):
 def _sparse_scalars(group, step, cast):
     # SparseAdam: denom = sqrt(v) + eps and step size lr * sqrt(bc2) / bc1.
     beta1, beta2 = group["betas"]
-    return scalars(group, step, cast)._replace(
+    return adam_scalars(group, step, cast)._replace(
         step_size=cast(group["lr"] * math.sqrt(1.0 - beta2 ** step) / (1.0 - beta1 ** step)),
         bias_correction2_sqrt=cast(1.0))
 
@@ -96,7 +92,7 @@ def _sparse_reference(group, step, param, index, rows, slots):
 
 
 SPEC = _s.Spec(
-    name="Adam", functional="adam", element=adam_element, scalars=scalars,
+    name="Adam", functional="adam", element=adam_element, scalars=adam_scalars,
     hypers=(_s.lr(1e-3), _s.hyper("betas", (0.9, 0.999), _s.betas()), _s.eps(1e-8),
             _s.weight_decay(), _s.hyper("amsgrad", False, _s.flag()), _s.maximize(),
             _s.hyper("decoupled_weight_decay", False, _s.flag(), keyword=True)),

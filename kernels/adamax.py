@@ -40,16 +40,18 @@ def adamax_element(p, g, m, u, unused, h):
     return p, m, u, unused
 
 
-def adamax_scalars(step, lr, beta1, beta2, eps, weight_decay, maximize, cast):
-    """Host scalars for step ``step`` (1-based), computed in float64 then cast."""
+def adamax_scalars(group, step, cast):
+    """Host scalars of param group ``group`` for step ``step`` (1-based), computed in
+    float64 then cast."""
+    (beta1, beta2), weight_decay = group["betas"], group["weight_decay"]
     return AdamaxScalars(
-        clr=cast(lr / (1.0 - beta1 ** step)),
+        clr=cast(group["lr"] / (1.0 - beta1 ** step)),
         **lerp_fields(beta1, cast),
         beta2=cast(beta2),
-        eps=cast(eps),
+        eps=cast(group["eps"]),
         weight_decay=cast(weight_decay),
         l2=bool(weight_decay != 0),
-        maximize=bool(maximize),
+        maximize=bool(group["maximize"]),
     )
 
 
@@ -58,14 +60,8 @@ from .. import spec as _s  # noqa: E402
 from . import reference as _reference  # noqa: E402
 
 
-def scalars(group, step, cast):
-    beta1, beta2 = group["betas"]
-    return adamax_scalars(step, group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
-                          group["maximize"], cast)
-
-
 SPEC = _s.Spec(
-    name="Adamax", functional="adamax", element=adamax_element, scalars=scalars,
+    name="Adamax", functional="adamax", element=adamax_element, scalars=adamax_scalars,
     hypers=(_s.lr(2e-3), _s.hyper("betas", (0.9, 0.999), _s.betas()), _s.eps(1e-8),
             _s.weight_decay(), _s.maximize()),
     columns=(_s.Column("exp_avg"), _s.Column("exp_inf")),

@@ -97,17 +97,18 @@ def adan_element(p, g, exp_avg, exp_avg_sq, exp_avg_diff, previous_grad, h):
     return p, exp_avg, exp_avg_sq, exp_avg_diff, neg_g
 
 
-def adan_scalars(step, lr, beta1, beta2, beta3, eps, weight_decay, weight_decouple, maximize,
-                 cast):
-    """Host scalars for step ``step`` (1-based: the step being taken), computed in float64
-    then cast with ``cast`` (``numpy.float32`` for float32 math, ``float`` for float64).
+def adan_scalars(group, step, cast):
+    """Host scalars of param group ``group`` for step ``step`` (1-based: the step being
+    taken), computed in float64 then cast with ``cast`` (``numpy.float32`` for float32
+    math, ``float`` for float64).
 
     ``weight_decouple``: decay as ``p *= 1 - lr wd`` before the update; otherwise the
     proximal ``p /= 1 + lr wd`` after it. Neither applies when ``weight_decay == 0``.
     """
     step = int(step)
-    lr, beta1, beta2, beta3 = float(lr), float(beta1), float(beta2), float(beta3)
-    weight_decay = float(weight_decay)
+    lr = float(group["lr"])
+    beta1, beta2, beta3 = (float(b) for b in group["betas"])
+    weight_decay, weight_decouple = float(group["weight_decay"]), group["weight_decouple"]
     w1, w2 = cast(1.0 - beta1), cast(1.0 - beta2)
     return AdanScalars(
         one_minus_beta1=w1,
@@ -118,7 +119,7 @@ def adan_scalars(step, lr, beta1, beta2, beta3, eps, weight_decay, weight_decoup
         beta3=cast(beta3),
         one_minus_beta3=cast(1.0 - beta3),
         bias_correction3_sqrt=cast(math.sqrt(1.0 - beta3 ** step)),
-        eps=cast(eps),
+        eps=cast(group["eps"]),
         neg_step_size=cast(-lr / (1.0 - beta1 ** step)),
         neg_diff_step_size=cast(-lr * beta2 / (1.0 - beta2 ** step)),
         decay_factor=cast(1.0 - lr * weight_decay),
@@ -126,7 +127,7 @@ def adan_scalars(step, lr, beta1, beta2, beta3, eps, weight_decay, weight_decoup
         first=bool(step == 1),
         decoupled=bool(weight_decay != 0 and weight_decouple),
         proximal=bool(weight_decay != 0 and not weight_decouple),
-        maximize=bool(maximize),
+        maximize=bool(group["maximize"]),
         lerp1_from_end=bool(float(w1) >= 0.5),
         lerp2_from_end=bool(float(w2) >= 0.5),
     )
@@ -137,14 +138,8 @@ from .. import spec as _s  # noqa: E402
 from . import reference as _reference  # noqa: E402
 
 
-def scalars(group, step, cast):
-    beta1, beta2, beta3 = group["betas"]
-    return adan_scalars(step, group["lr"], beta1, beta2, beta3, group["eps"], group["weight_decay"],
-                        group["weight_decouple"], group["maximize"], cast)
-
-
 SPEC = _s.Spec(
-    name="Adan", functional="adan", element=adan_element, scalars=scalars,
+    name="Adan", functional="adan", element=adan_element, scalars=adan_scalars,
     hypers=(_s.lr(1e-3), _s.hyper("betas", (0.98, 0.92, 0.99), _s.betas(3)), _s.eps(1e-8),
             _s.weight_decay(), _s.hyper("weight_decouple", False, _s.flag()), _s.maximize()),
     columns=(_s.Column("exp_avg"), _s.Column("exp_avg_sq"), _s.Column("exp_avg_diff"),

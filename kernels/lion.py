@@ -40,9 +40,11 @@ def lion_element(p, g, m, unused1, unused2, h):
     return p, m, unused1, unused2
 
 
-def lion_scalars(lr, beta1, beta2, weight_decay, maximize, cast):
+def lion_scalars(group, step, cast):
+    """Host scalars of param group ``group`` (the same at every step)."""
+    (beta1, beta2), weight_decay = group["betas"], group["weight_decay"]
     return LionScalars(
-        lr=cast(lr),
+        lr=cast(group["lr"]),
         beta1=cast(beta1),
         one_minus_beta1=cast(1.0 - beta1),
         beta2=cast(beta2),
@@ -51,7 +53,7 @@ def lion_scalars(lr, beta1, beta2, weight_decay, maximize, cast):
         one=cast(1.0),
         zero=cast(0.0),
         decay=bool(weight_decay != 0),
-        maximize=bool(maximize),
+        maximize=bool(group["maximize"]),
     )
 
 
@@ -60,13 +62,8 @@ from .. import spec as _s  # noqa: E402
 from . import reference as _reference  # noqa: E402
 
 
-def scalars(group, step, cast):
-    beta1, beta2 = group["betas"]
-    return lion_scalars(group["lr"], beta1, beta2, group["weight_decay"], group["maximize"], cast)
-
-
 SPEC = _s.Spec(
-    name="Lion", functional="lion", element=lion_element, scalars=scalars,
+    name="Lion", functional="lion", element=lion_element, scalars=lion_scalars,
     hypers=(_s.lr(1e-4), _s.hyper("betas", (0.9, 0.99), _s.betas()), _s.weight_decay(1e-3),
             _s.maximize()),
     columns=(_s.Column("exp_avg"),), step_state=False,

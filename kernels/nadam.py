@@ -59,25 +59,27 @@ def next_mu_product(mu_product, step, beta1, momentum_decay):
     return np.float32(np.float32(mu_product) * np.float32(momentum_cache(step, beta1, momentum_decay)))
 
 
-def nadam_scalars(step, mu_product, lr, beta1, beta2, eps, weight_decay, momentum_decay,
-                  decoupled_weight_decay, maximize, cast):
-    """Host scalars for step ``step`` (1-based); ``mu_product`` already includes ``mu_t``."""
+def nadam_scalars(group, step, cast):
+    """Host scalars of param group ``group`` for step ``step`` (1-based); the host state
+    ``group["mu_product"]`` already includes ``mu_t``."""
+    lr, (beta1, beta2), weight_decay = group["lr"], group["betas"], group["weight_decay"]
+    momentum_decay, decoupled_weight_decay = group["momentum_decay"], group["decoupled_weight_decay"]
     mu = momentum_cache(step, beta1, momentum_decay)
     mu_next = momentum_cache(step + 1, beta1, momentum_decay)
-    mu_product = float(mu_product)
+    mu_product = float(group["mu_product"])
     return NAdamScalars(
         beta2=cast(beta2),
         **lerp_fields(beta1, cast),
         one_minus_beta2=cast(1.0 - beta2),
         bias_correction2=cast(1.0 - beta2 ** step),
-        eps=cast(eps),
+        eps=cast(group["eps"]),
         grad_coef=cast(-lr * (1.0 - mu) / (1.0 - mu_product)),
         avg_coef=cast(-lr * mu_next / (1.0 - mu_product * mu_next)),
         weight_decay=cast(weight_decay),
         decay_factor=cast(1.0 - lr * weight_decay if decoupled_weight_decay else 1.0),
         l2=bool(weight_decay != 0 and not decoupled_weight_decay),
         decoupled=bool(decoupled_weight_decay and weight_decay != 0),
-        maximize=bool(maximize),
+        maximize=bool(group["maximize"]),
     )
 
 
@@ -86,19 +88,12 @@ from .. import spec as _s  # noqa: E402
 from . import reference as _reference  # noqa: E402
 
 
-def scalars(group, step, cast):
-    beta1, beta2 = group["betas"]
-    return nadam_scalars(step, group["mu_product"], group["lr"], beta1, beta2, group["eps"],
-                         group["weight_decay"], group["momentum_decay"],
-                         group["decoupled_weight_decay"], group["maximize"], cast)
-
-
 def _advance(mu_product, step, group):
     return next_mu_product(mu_product, step, group["betas"][0], group["momentum_decay"])
 
 
 SPEC = _s.Spec(
-    name="NAdam", functional="nadam", element=nadam_element, scalars=scalars,
+    name="NAdam", functional="nadam", element=nadam_element, scalars=nadam_scalars,
     hypers=(_s.lr(2e-3), _s.hyper("betas", (0.9, 0.999), _s.betas()), _s.eps(1e-8),
             _s.weight_decay(), _s.hyper("momentum_decay", 4e-3, _s.real(low=0.0)),
             _s.hyper("decoupled_weight_decay", False, _s.flag()), _s.maximize()),

@@ -65,8 +65,11 @@ def rectification(step, beta2):
     return False, 1.0
 
 
-def radam_scalars(step, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize, cast):
-    """Host scalars for step ``step`` (1-based), computed in float64 then cast."""
+def radam_scalars(group, step, cast):
+    """Host scalars of param group ``group`` for step ``step`` (1-based), computed in
+    float64 then cast."""
+    lr, (beta1, beta2), weight_decay = group["lr"], group["betas"], group["weight_decay"]
+    decoupled_weight_decay = group["decoupled_weight_decay"]
     rectify, rect = rectification(step, beta2)
     return RAdamScalars(
         beta2=cast(beta2),
@@ -76,13 +79,13 @@ def radam_scalars(step, lr, beta1, beta2, eps, weight_decay, decoupled_weight_de
         bias_correction2_sqrt=cast(math.sqrt(1.0 - beta2 ** step)),
         lr=cast(lr),
         rect=cast(rect),
-        eps=cast(eps),
+        eps=cast(group["eps"]),
         weight_decay=cast(weight_decay),
         decay_factor=cast(1.0 - lr * weight_decay if decoupled_weight_decay else 1.0),
         l2=bool(weight_decay != 0 and not decoupled_weight_decay),
         decoupled=bool(decoupled_weight_decay and weight_decay != 0),
         rectify=bool(rectify),
-        maximize=bool(maximize),
+        maximize=bool(group["maximize"]),
     )
 
 
@@ -91,14 +94,8 @@ from .. import spec as _s  # noqa: E402
 from . import reference as _reference  # noqa: E402
 
 
-def scalars(group, step, cast):
-    beta1, beta2 = group["betas"]
-    return radam_scalars(step, group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
-                         group["decoupled_weight_decay"], group["maximize"], cast)
-
-
 SPEC = _s.Spec(
-    name="RAdam", functional="radam", element=radam_element, scalars=scalars,
+    name="RAdam", functional="radam", element=radam_element, scalars=radam_scalars,
     hypers=(_s.lr(1e-3), _s.hyper("betas", (0.9, 0.999), _s.betas()), _s.eps(1e-8),
             _s.weight_decay(), _s.hyper("decoupled_weight_decay", False, _s.flag()),
             _s.maximize()),

@@ -45,18 +45,20 @@ def rmsprop_element(p, g, square_avg, buf, grad_avg, h):
     return p, square_avg, buf, grad_avg
 
 
-def rmsprop_scalars(lr, alpha, eps, weight_decay, momentum, centered, maximize, cast):
+def rmsprop_scalars(group, step, cast):
+    """Host scalars of param group ``group`` (the same at every step)."""
+    alpha, momentum, weight_decay = group["alpha"], group["momentum"], group["weight_decay"]
     return RMSpropScalars(
-        lr=cast(lr),
+        lr=cast(group["lr"]),
         alpha=cast(alpha),
         one_minus_alpha=cast(1.0 - alpha),
-        eps=cast(eps),
+        eps=cast(group["eps"]),
         momentum=cast(momentum),
         weight_decay=cast(weight_decay),
         l2=bool(weight_decay != 0),
         has_momentum=bool(momentum > 0),
-        centered=bool(centered),
-        maximize=bool(maximize),
+        centered=bool(group["centered"]),
+        maximize=bool(group["maximize"]),
     )
 
 
@@ -65,13 +67,8 @@ from .. import spec as _s  # noqa: E402
 from . import reference as _reference  # noqa: E402
 
 
-def scalars(group, step, cast):
-    return rmsprop_scalars(group["lr"], group["alpha"], group["eps"], group["weight_decay"],
-                           group["momentum"], group["centered"], group["maximize"], cast)
-
-
 SPEC = _s.Spec(
-    name="RMSprop", functional="rmsprop", element=rmsprop_element, scalars=scalars,
+    name="RMSprop", functional="rmsprop", element=rmsprop_element, scalars=rmsprop_scalars,
     hypers=(_s.lr(1e-2), _s.hyper("alpha", 0.99, _s.real(low=0.0, high=1.0)), _s.eps(1e-8),
             _s.weight_decay(), _s.hyper("momentum", 0.0, _s.real(low=0.0)),
             _s.hyper("centered", False, _s.flag()), _s.maximize()),

@@ -46,28 +46,26 @@ def sgd_element(p, g, buf, unused1, unused2, h):
     return p, buf, unused1, unused2
 
 
-def sgd_scalars(first, lr, momentum, dampening, weight_decay, nesterov, maximize, cast):
+def sgd_scalars(group, step, cast):
+    """Host scalars of param group ``group``; ``first`` on a param's first step (``step``
+    counts its steps, 1-based): its momentum buffer becomes the gradient."""
+    momentum, weight_decay = group["momentum"], group["weight_decay"]
     return SGDScalars(
-        lr=cast(lr),
+        lr=cast(group["lr"]),
         momentum=cast(momentum),
-        one_minus_dampening=cast(1.0 - dampening),
+        one_minus_dampening=cast(1.0 - group["dampening"]),
         weight_decay=cast(weight_decay),
         l2=bool(weight_decay != 0),
         has_momentum=bool(momentum != 0),
-        first=bool(first),
-        nesterov=bool(nesterov),
-        maximize=bool(maximize),
+        first=bool(step == 1),
+        nesterov=bool(group["nesterov"]),
+        maximize=bool(group["maximize"]),
     )
 
 
 # -- the declaration -------------------------------------------------------------------------
 from .. import spec as _s  # noqa: E402
 from . import reference as _reference  # noqa: E402
-
-
-def scalars(group, step, cast):
-    return sgd_scalars(step == 1, group["lr"], group["momentum"], group["dampening"],
-                       group["weight_decay"], group["nesterov"], group["maximize"], cast)
 
 
 def _check(group, where):
@@ -88,7 +86,7 @@ def _rows_seen(group):
 
 
 SPEC = _s.Spec(
-    name="SGD", functional="sgd", element=sgd_element, scalars=scalars,
+    name="SGD", functional="sgd", element=sgd_element, scalars=sgd_scalars,
     hypers=(_s.lr(1e-3), _s.hyper("momentum", 0.0, _s.real(low=0.0)),
             _s.hyper("dampening", 0.0, _s.real()), _s.weight_decay(),
             _s.hyper("nesterov", False, _s.flag()), _s.maximize()),

@@ -475,3 +475,12 @@ def compare_impls(impls, dtype, when, slots=(), nonfinite=False):
     steps = [i.steps() for i in impls]
     assert all(s == steps[0] for s in steps), f"{when}: step counts differ: " + \
         ", ".join(f"{i.name}={s}" for i, s in zip(impls, steps))
+
+
+# -- param groups -------------------------------------------------------------------------
+def group_of(spec, **overrides) -> dict:
+    """A full param group of ``spec`` (what its ``scalars(group, step, cast)`` reads): every
+    hyperparameter's default, the fixed ones (AdamW's ``decoupled_weight_decay``) at their
+    fixed value, then ``overrides`` (hyperparameters, or host state such as NAdam's
+    ``mu_product``)."""
+    return {**{h.name: h.default for h in spec.hypers}, **overrides}

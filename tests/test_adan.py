@@ -86,9 +86,7 @@ def _reference_kwargs(hp) -> dict:
 
 
 def _scalars(step, hp, dtype):
-    beta1, beta2, beta3 = hp["betas"]
-    return adan_scalars(step, hp["lr"], beta1, beta2, beta3, hp["eps"], hp["weight_decay"],
-                        hp["weight_decouple"], hp["maximize"], np.dtype(dtype).type)
+    return adan_scalars(hp, step, np.dtype(dtype).type)
 
 
 class _Grads:

@@ -19,6 +19,8 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 
+from cases import group_of
+
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 pytestmark = [pytest.mark.cudasim,
               pytest.mark.skipif(not SIM, reason="run under the CUDA simulator by tests/test_cuda_simulator.py")]
@@ -272,7 +274,8 @@ def test_absent_columns_get_the_gradient_and_are_never_written(n_slots, present)
 def test_k3_matches_the_cpu_driver_with_write_masks_and_scales():
     from fastopt.kernels import adam, cpu
     be = backend()
-    h = adam.adam_scalars(3, 0.01, 0.9, 0.999, 1e-8, 0.1, True, False, True, F32)
+    h = adam.adam_scalars(group_of(adam.SPEC, lr=0.01, weight_decay=0.1, amsgrad=True,
+                                     decoupled_weight_decay=True), 3, F32)
     params, grads, slots = make(SHAPES, 3, seed=4)
     cp, cg, cs = copy(params), copy(grads), copy(slots)
     for writes in (None, (True, False, True)):
@@ -426,7 +429,7 @@ def test_master_weights_match_the_cpu_driver(model_dtype, shapes):
     assert table.model == ("float16" if model_dtype == np.float16 else "bfloat16")
     assert table.table.shape[1] == 3 + 3 + 1               # (n, p, g, s0, s1, s2, w)
     for step in (1, 2, 3):
-        h = adam.adam_scalars(step, 0.01, 0.9, 0.999, 1e-8, 0.0, False, False, False, F32)
+        h = adam.adam_scalars(group_of(adam.SPEC, lr=0.01), step, F32)
         before = be.launches
         be.run(adam.adam_element, table, h, grad_scale=0.5)
         assert be.launches == before + 1
@@ -461,7 +464,7 @@ def test_stochastic_rounding_of_the_model_copy():
     from fastopt.kernels import adam, cpu
     be = backend()
     d = driver()
-    h = adam.adam_scalars(1, 0.01, 0.9, 0.999, 1e-8, 0.0, False, False, False, F32)
+    h = adam.adam_scalars(group_of(adam.SPEC, lr=0.01), 1, F32)
     shapes = [(3,), (0,), (40,), (2, 5), (70,)]
     draws = []
     for chunk, seed, mode in ((32, 5, "list"), (8, 5, "list"), (16, 5, "arena"), (32, 6, "list")):
@@ -495,7 +498,7 @@ def test_stochastic_rounding_of_the_model_copy():
     np.testing.assert_array_equal(draws[0], draws[1])      # CUDA chunking changes nothing
     assert np.any(draws[0] != draws[3])
     # float16 copies ignore `stochastic` (as the CPU driver): nearest even
-    h = adam.adam_scalars(1, 0.01, 0.9, 0.999, 1e-8, 0.0, False, False, False, F32)
+    h = adam.adam_scalars(group_of(adam.SPEC, lr=0.01), 1, F32)
     master, model, grads, slots = _master_case(np.float16, [(37,)], seed=11)
     be.run(adam.adam_element, be.table(master, grads, slots, model=model), h, seed=5, stochastic=True)
     np.testing.assert_array_equal(bits(model[0]), bits(master[0].astype(np.float16)))
@@ -544,7 +547,7 @@ def test_sparse_rows_match_the_cpu_driver(index_on):
     from fastopt.kernels import adam, cpu
     be = backend()
     rng = np.random.default_rng(13)
-    h = adam.adam_scalars(2, 0.01, 0.9, 0.999, 1e-8, 0.0, True, False, False, F32)
+    h = adam.adam_scalars(group_of(adam.SPEC, lr=0.01, amsgrad=True), 2, F32)
     param = rng.standard_normal((9, 2, 3)).astype(F32)
     slots = [rng.uniform(0, 1, (9, 2, 3)).astype(F32) for _ in range(3)]
     index = np.array([7, 0, 4, 8], np.int64)

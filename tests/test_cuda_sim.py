@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import fastopt as fo
-from cases import CASES, RTOL, case_params, grid_params, rel_err
+from cases import CASES, RTOL, case_params, grid_params, group_of, rel_err
 
 pytestmark = pytest.mark.cudasim
 
@@ -224,7 +224,7 @@ def test_grad_scale_multiplies_gradients_as_read():
     rng = np.random.default_rng(7)
     init = rng.standard_normal(90).astype(np.float32)
     g = rng.standard_normal(90).astype(np.float32)
-    h = adam.adam_scalars(1, 0.01, 0.9, 0.999, 1e-8, 0.0, False, False, False, np.float32)
+    h = adam.adam_scalars(group_of(adam.SPEC, lr=0.01), 1, np.float32)
     outs = []
     for grad, scale in ((g * np.float32(4.0), 0.25), (g, 1.0)):
         p, m, v, gd = dev(init), dev(np.zeros(90, np.float32)), dev(np.zeros(90, np.float32)), dev(grad)
@@ -348,7 +348,8 @@ def test_master_weights_through_the_driver(low):
     shapes = [(70,), (1,), (3, 5)]
     masters = [rng.standard_normal(s).astype(np.float32) for s in shapes]
     grads = [rng.standard_normal(s).astype(low) for s in shapes]
-    h = adam.adam_scalars(1, 0.01, 0.9, 0.999, 1e-8, 0.1, False, False, True, np.float32)
+    h = adam.adam_scalars(group_of(adam.SPEC, lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
+                      1, np.float32)
     for stochastic in ((False, True) if low == _bf16() else (False,)):
         cm = [m.copy() for m in masters]
         cs = ([np.zeros(s, np.float32) for s in shapes], [np.zeros(s, np.float32) for s in shapes], None)
@@ -378,7 +379,7 @@ def test_sparse_rows_through_the_driver():
     state = rng.uniform(0, 1, (50, 3)).astype(np.float32)
     index = np.array([41, 0, 7, 49, 12])
     rows = rng.standard_normal((5, 3)).astype(np.float32)
-    h = adagrad.adagrad_scalars(2, 0.1, 0.0, 1e-10, 0.0, False, np.float32)
+    h = adagrad.adagrad_scalars(group_of(adagrad.SPEC, lr=0.1), 2, np.float32)
     cp, cs = param.copy(), state.copy()
     cpu.run_rows(adagrad.adagrad_element, cp, index, rows, (cs, None, None), h, 0.5)
     for index_on in (np.asarray, dev):          # a host index is copied over; a device one read
@@ -633,7 +634,7 @@ def test_torch_cuda_tensors_through_the_driver():
     tg = [torch.tensor(g, device="cuda") for g in grads]
     tm = [torch.zeros_like(t) for t in tp]
     tv = [torch.zeros_like(t) for t in tp]
-    h = adam.adam_scalars(1, 0.01, 0.9, 0.999, 1e-8, 0.0, False, False, False, np.float32)
+    h = adam.adam_scalars(group_of(adam.SPEC, lr=0.01), 1, np.float32)
     be.run(adam.adam_element, be.table(tp, tg, (tm, tv, None)), h)
     torch.cuda.synchronize()
     for t, r in zip(tp, ref):

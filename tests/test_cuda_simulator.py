@@ -88,7 +88,9 @@ _PTX = textwrap.dedent("""
     def step(h, row_values=(), dtype=numba.float32):
         return lambda th: (numba.int64[:, ::1], th, dtype, typeof(row_values), numba.int64)
 
-    h = adam.adam_scalars(3, 0.01, 0.9, 0.999, 1e-8, 0.1, True, False, True, np.float32)
+    adam_group = {**{x.name: x.default for x in adam.SPEC.hypers},
+                  "lr": 0.01, "weight_decay": 0.1, "amsgrad": True, "decoupled_weight_decay": True}
+    h = adam.adam_scalars(adam_group, 3, np.float32)
     hl = lamb.lamb_scalars(3, 1e-3, 0.9, 0.999, 1e-6, 0.0, 0.01, np.float32)
     cases = [
         ("step", Layout.of((True, True, True)), adam.adam_element, h, step(h)),
@@ -106,7 +108,7 @@ _PTX = textwrap.dedent("""
         assert "call.uni" not in text and "call " not in text, name + ": a call left in"
         print("ok", name, len(text))
     # float64 math with 16-bit state: stored through float32 (the documented double rounding)
-    h64 = adam.adam_scalars(3, 0.01, 0.9, 0.999, 1e-8, 0.1, True, False, True, np.float64)
+    h64 = adam.adam_scalars(adam_group, 3, np.float64)
     layout = Layout.of((True, True, True), formats=("bfloat16", "float16", "native"))
     ptx(driver.step_kernel(adam.adam_element, layout, h64), layout, h64,
         step(h64, dtype=numba.float64), numba.float64)

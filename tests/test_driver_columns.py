@@ -16,6 +16,8 @@ import fastopt as fo
 from fastopt.kernels import adam, codegen, cpu
 from fastopt.kernels.layout import Layout, parse_row_mode
 
+from cases import group_of
+
 BF16 = np.dtype(ml_dtypes.bfloat16)
 CHUNK = cpu.CHUNK
 
@@ -490,7 +492,7 @@ def test_float32_loops_stay_float32_and_vectorise(k):
     table = cpu.ChunkTable([p], [g], slots)
     if k == 3:
         element = adam.adam_element
-        h = adam.adam_scalars(1, 1e-3, 0.9, 0.999, 1e-8, 0.0, False, False, False, np.float32)
+        h = adam.adam_scalars(group_of(adam.SPEC), 1, np.float32)
     else:
         element, h = ELEMENTS[k][0], _h()
     layout = table.layout()

@@ -11,7 +11,7 @@ import pytest
 from fastopt.kernels import adam, cpu, lamb, reference, roof
 from fastopt.kernels.specialize import flags_of
 
-from cases import rel_err
+from cases import group_of, rel_err
 
 
 class _Scalars(NamedTuple):
@@ -47,7 +47,7 @@ def test_flags_of_lists_the_bool_fields_only():
     assert flags_of(roof.roof_scalars(np.float32)) == ()
     assert flags_of((np.float32(1), True)) == ((1, True),)          # plain tuples too,
     assert flags_of((False, np.float32(1), np.float32(2))) == ((0, False),)  # each its own
-    h = adam.adam_scalars(3, 1e-3, 0.9, 0.999, 1e-8, 0.1, True, False, False, np.float32)
+    h = adam.adam_scalars(group_of(adam.SPEC, weight_decay=0.1, amsgrad=True), 3, np.float32)
     flags = dict(flags_of(h))
     assert {h._fields[i] for i in flags} == {"l2", "decoupled", "amsgrad", "maximize", "lerp_from_end"}
     assert all(flags[i] == h[i] for i in flags)

@@ -16,7 +16,7 @@ import numba
 import numpy as np
 import pytest
 
-from cases import RTOL, rel_err
+from cases import RTOL, group_of, rel_err
 
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 pytestmark = [pytest.mark.cudasim,
@@ -43,11 +43,12 @@ def _elements():
     from fastopt.kernels import adadelta, adamax, keras, lamb, lars, lion, nadam, radam
     f = np.float32
     out = [
-        ("adamax", adamax.adamax_element, adamax.adamax_scalars(3, 0.01, 0.9, 0.999, 1e-8, 0.1, True, f), 4),
-        ("nadam", nadam.nadam_element, nadam.nadam_scalars(3, 0.1, 0.01, 0.9, 0.999, 1e-8, 0.1, 4e-3, True, False, f), 4),
-        ("radam", radam.radam_element, radam.radam_scalars(9, 0.01, 0.9, 0.999, 1e-8, 0.1, False, True, f), 4),
-        ("adadelta", adadelta.adadelta_element, adadelta.adadelta_scalars(1.0, 0.9, 1e-6, 0.1, False, f), 4),
-        ("lion", lion.lion_element, lion.lion_scalars(1e-3, 0.9, 0.99, 0.1, False, f), 4),
+        ("adamax", adamax.adamax_element, adamax.adamax_scalars(group_of(adamax.SPEC, lr=0.01, weight_decay=0.1, maximize=True), 3, f), 4),
+        ("nadam", nadam.nadam_element, nadam.nadam_scalars(group_of(
+            nadam.SPEC, mu_product=0.1, lr=0.01, weight_decay=0.1, decoupled_weight_decay=True), 3, f), 4),
+        ("radam", radam.radam_element, radam.radam_scalars(group_of(radam.SPEC, lr=0.01, weight_decay=0.1, maximize=True), 9, f), 4),
+        ("adadelta", adadelta.adadelta_element, adadelta.adadelta_scalars(group_of(adadelta.SPEC, weight_decay=0.1), 1, f), 4),
+        ("lion", lion.lion_element, lion.lion_scalars(group_of(lion.SPEC, lr=1e-3, weight_decay=0.1), 1, f), 4),
         ("lamb", lamb.lamb_element, lamb.lamb_scalars(3, 1e-3, 0.9, 0.999, 1e-6, 0.0, 0.01, f), 4),
         ("lamb_moments", lamb.lamb_moments, lamb.lamb_scalars(3, 1e-3, 0.9, 0.999, 1e-6, 0.0, 0.01, f), 6),
         ("lars", lars.lars_element, lars.lars_scalars(0.1, 0.9, 1e-4, True, f), 4),
