@@ -307,7 +307,9 @@ def _beta(name, default):
 
 
 def _common(group, cast) -> dict:
-    """The scalars of every element's prologue: clipvalue and decoupled weight decay."""
+    """The fields every Keras scalars tuple shares, to splat into it: ``lr`` and the
+    prologue's (clipvalue's bounds, decoupled weight decay, the driver's ``grad_scale``),
+    computed once here for every optimizer's scalars function below."""
     clipvalue, wd = group["clipvalue"], group["weight_decay"]
     return dict(lr=cast(group["learning_rate"]), clip_lo=cast(-(clipvalue or 0.0)),
                 clip_hi=cast(clipvalue or 0.0), weight_decay=cast(wd or 0.0),
@@ -507,11 +509,3 @@ CLIPPED = {s.name: dataclasses.replace(s, per_tensor=CLIPNORM) for s in SPECS}
 # By name, for the tests that compile every element (tests/test_family_cudasim.py).
 ELEMENTS = {s.name: s.element for s in SPECS if not s.parent}
 SLOTS = {s.name: s.column_names for s in SPECS}
-
-
-def keras_scalars(name, hp, step, lr, cast, u_product=1.0):
-    """The element scalars of optimizer ``name`` at iteration ``step`` (1-based): its
-    defaults, then ``hp`` (Keras's names), learning rate ``lr`` and ``u_product``."""
-    spec = next(s for s in SPECS if s.name == name)
-    group = {**{h.name: h.default for h in spec.hypers}, **hp, "learning_rate": lr, "u_product": u_product}
-    return spec.scalars(group, step, cast)

@@ -58,8 +58,10 @@ def _elements():
     ]
     hp = dict(momentum=0.9, nesterov=True, rho=0.9, epsilon=1e-7, centered=True, amsgrad=True,
               beta_1=0.9, beta_2=0.999, clipvalue=0.5, weight_decay=0.01)
+    specs = {s.name: s for s in keras.SPECS}
     for kind, element in keras.ELEMENTS.items():
-        out.append((f"keras_{kind}", element, keras.keras_scalars(kind, hp, 3, 1e-3, f, 0.5), 4))
+        group = group_of(specs[kind], **hp, learning_rate=1e-3, u_product=0.5)
+        out.append((f"keras_{kind}", element, specs[kind].scalars(group, 3, f), 4))
     return out
 
 
