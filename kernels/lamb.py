@@ -77,7 +77,9 @@ def lamb_element(p, g, m, v, ratio, h):
     return p, m, v, ratio
 
 
-def lamb_scalars(step, lr, beta1, beta2, eps, eps_root, weight_decay, cast):
+def lamb_scalars(group, step, cast):
+    """Host scalars of ``group`` for step ``step`` (1-based), computed in float64 then cast."""
+    lr, (beta1, beta2), weight_decay = group["lr"], group["betas"], group["weight_decay"]
     return LambScalars(
         lr=cast(lr),
         beta1=cast(beta1),
@@ -86,8 +88,8 @@ def lamb_scalars(step, lr, beta1, beta2, eps, eps_root, weight_decay, cast):
         one_minus_beta2=cast(1.0 - beta2),
         inv_bias_correction1=cast(1.0 / (1.0 - beta1 ** step)),
         inv_bias_correction2=cast(1.0 / (1.0 - beta2 ** step)),
-        eps=cast(eps),
-        eps_root=cast(eps_root),
+        eps=cast(group["eps"]),
+        eps_root=cast(group["eps_root"]),
         weight_decay=cast(weight_decay),
         grad_scale=cast(1.0),
         decay=bool(weight_decay != 0),
@@ -114,14 +116,8 @@ from .. import spec as _s  # noqa: E402
 from . import reference as _reference  # noqa: E402
 
 
-def scalars(group, step, cast):
-    beta1, beta2 = group["betas"]
-    return lamb_scalars(step, group["lr"], beta1, beta2, group["eps"], group["eps_root"],
-                        group["weight_decay"], cast)
-
-
 SPEC = _s.Spec(
-    name="LAMB", functional="lamb", element=lamb_element, scalars=scalars,
+    name="LAMB", functional="lamb", element=lamb_element, scalars=lamb_scalars,
     hypers=(_s.lr(1e-3), _s.hyper("betas", (0.9, 0.999), _s.betas()), _s.eps(1e-6),
             _s.weight_decay(), _s.hyper("eps_root", 0.0, _s.real(low=0.0), keyword=True)),
     columns=(_s.Column("exp_avg"), _s.Column("exp_avg_sq")),

@@ -60,15 +60,16 @@ def lars_element(p, g, t, unused, ratio, h):
     return p, t, unused, ratio
 
 
-def lars_scalars(lr, momentum, weight_decay, nesterov, cast):
+def lars_scalars(group, step, cast):
+    """Host scalars of ``group`` (LARS has no step-dependent scalars), cast."""
     return LarsScalars(
-        neg_lr=cast(-lr),
-        momentum=cast(momentum),
-        weight_decay=cast(weight_decay),
+        neg_lr=cast(-group["lr"]),
+        momentum=cast(group["momentum"]),
+        weight_decay=cast(group["weight_decay"]),
         grad_scale=cast(1.0),
         wide=np.float64(1.0),
-        decay=bool(weight_decay != 0),
-        nesterov=bool(nesterov),
+        decay=bool(group["weight_decay"] != 0),
+        nesterov=bool(group["nesterov"]),
     )
 
 
@@ -77,18 +78,13 @@ from .. import spec as _s  # noqa: E402
 from . import reference as _reference  # noqa: E402
 
 
-def scalars(group, step, cast):
-    return lars_scalars(group["lr"], group["momentum"], group["weight_decay"], group["nesterov"],
-                        cast)
-
-
 def _ratios(group, sums):
     from .lamb import trust_ratios
     return trust_ratios(sums[:, 0], sums[:, 1], group["trust_coefficient"], group["eps"])
 
 
 SPEC = _s.Spec(
-    name="LARS", functional="lars", element=lars_element, scalars=scalars,
+    name="LARS", functional="lars", element=lars_element, scalars=lars_scalars,
     hypers=(_s.lr(1.0), _s.hyper("momentum", 0.9, _s.real(low=0.0)), _s.weight_decay(),
             _s.hyper("trust_coefficient", 1e-3, _s.real(low=0.0)), _s.eps(0.0),
             _s.hyper("nesterov", False, _s.flag())),

@@ -299,7 +299,7 @@ def test_write_masks_match_the_cpu_driver():
     n = 77
     p, g, m = (rng.standard_normal(n).astype(np.float32) for _ in range(3))
     v = rng.uniform(0.5, 1.5, n).astype(np.float32)
-    h = lamb.lamb_scalars(3, 0.1, 0.9, 0.999, 1e-6, 0.0, 0.01, np.float32)
+    h = lamb.lamb_scalars(group_of(lamb.SPEC, lr=0.1, weight_decay=0.01), 3, np.float32)
     cpu_arrays = [x.copy() for x in (p, g, m, v)]
     cp, cg, cm, cv = cpu_arrays
     ctable = cpu.ChunkTable([cp], [cg], ([cm], [cv], None), merge=False)

@@ -91,7 +91,8 @@ _PTX = textwrap.dedent("""
     adam_group = {**{x.name: x.default for x in adam.SPEC.hypers},
                   "lr": 0.01, "weight_decay": 0.1, "amsgrad": True, "decoupled_weight_decay": True}
     h = adam.adam_scalars(adam_group, 3, np.float32)
-    hl = lamb.lamb_scalars(3, 1e-3, 0.9, 0.999, 1e-6, 0.0, 0.01, np.float32)
+    hl = lamb.lamb_scalars(dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-6, eps_root=0.0,
+                                weight_decay=0.01), 3, np.float32)
     cases = [
         ("step", Layout.of((True, True, True)), adam.adam_element, h, step(h)),
         ("step bf16/f16 state, stochastic bf16 model",

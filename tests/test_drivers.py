@@ -96,7 +96,7 @@ def test_write_mask_keeps_read_only_slots_unchanged():
     p, g, m = _arrays(1000)
     v = np.abs(_arrays(1000, seed=1)[0])
     p0, m0, v0 = p.copy(), m.copy(), v.copy()
-    h = lamb.lamb_scalars(2, 0.1, 0.9, 0.999, 1e-6, 0.0, 0.0, np.float32)
+    h = lamb.lamb_scalars(group_of(lamb.SPEC, lr=0.1, weight_decay=0.0), 2, np.float32)
     table = cpu.ChunkTable([p], [g], ([m], [v], None), merge=False)
     ratio = np.full(1, 0.5, np.float32)
     cpu.run(lamb.lamb_element, table, h, row_values=ratio, row_mode="slot2",
@@ -115,7 +115,7 @@ def test_reduction_that_writes_state(n):
     v = np.abs(_arrays(n, seed=n + 1)[0])
     p0 = p.copy()
     rm, rv, rp = m.copy(), v.copy(), p.copy()
-    h = lamb.lamb_scalars(3, 0.1, 0.9, 0.999, 1e-6, 0.0, 0.01, np.float32)
+    h = lamb.lamb_scalars(group_of(lamb.SPEC, lr=0.1, weight_decay=0.01), 3, np.float32)
     table = cpu.ChunkTable([p], [g], ([m], [v], None), merge=False)
     parts = cpu.reduce_chunks(lamb.lamb_moments, table, h, writes=lamb.MOMENTS_WRITES)
     np.testing.assert_array_equal(p, p0)                       # p is not written
@@ -133,9 +133,9 @@ def test_reduction_that_writes_state(n):
 def test_reduction_writes_must_name_present_slots():
     p, g, m = _arrays(10)
     table = cpu.ChunkTable([p], [g], ([m], None, None))
+    h = lamb.lamb_scalars(group_of(lamb.SPEC, lr=0.1), 1, np.float32)
     with pytest.raises(ValueError, match="absent"):
-        cpu.reduce_chunks(lamb.lamb_moments, table, lamb.lamb_scalars(
-            1, 0.1, 0.9, 0.999, 1e-6, 0.0, 0.0, np.float32), writes=lamb.MOMENTS_WRITES)
+        cpu.reduce_chunks(lamb.lamb_moments, table, h, writes=lamb.MOMENTS_WRITES)
 
 
 @pytest.mark.parametrize("n", [0, 1, 31, 1024, 1025, 3 * 65_536 + 7])

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import fastopt as fo
-from cases import ALL_CASES, assert_close, case_params
+from cases import ALL_CASES, assert_close, case_params, group_of
 from fastopt import LAMB, LARS, Lion, NAdam, RAdam
 
 # Empty, single element, 2-D, odd.
@@ -194,9 +194,9 @@ def test_cuda_without_a_device_raises_before_any_change(case):
 
 def test_per_tensor_driver_rejects_merged_tables():
     from fastopt.kernels import cpu, per_tensor
-    from fastopt.kernels.lars import lars_element, lars_scalars
+    from fastopt.kernels.lars import SPEC, lars_element, lars_scalars
     p, g, t = np.zeros(4), np.ones(4), np.zeros(4)
     table = cpu.ChunkTable([p], [g], ([t], None, None))
+    h = lars_scalars(group_of(SPEC, lr=0.1, momentum=0.9), 1, np.float64)
     with pytest.raises(ValueError, match="merge=False"):
-        per_tensor.run(lars_element, table, lars_scalars(0.1, 0.9, 0.0, False, np.float64), [1.0],
-                       mode="slot2")
+        per_tensor.run(lars_element, table, h, [1.0], mode="slot2")
