@@ -41,19 +41,24 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .. import _validate as v
 from .pieces import keras_prologue
 
-from .. import _validate as v
+# The fields every Keras scalars tuple ends with: the learning rate and the prologue's
+# (kernels/pieces.py: keras_prologue), filled by _common below; ``grad_scale`` is set by
+# the clipnorm pass (kernels/per_tensor.py).
+COMMON_FIELDS = (("lr", float), ("clip_lo", float), ("clip_hi", float), ("weight_decay", float),
+                 ("clip", bool), ("decay", bool), ("grad_scale", float))
 
-class KerasSGDScalars(NamedTuple):
-    lr: float
+
+def keras_scalars(cls):
+    """A NamedTuple of ``cls``'s annotated fields followed by :data:`COMMON_FIELDS`."""
+    return NamedTuple(cls.__name__, [*cls.__annotations__.items(), *COMMON_FIELDS])
+
+
+@keras_scalars
+class KerasSGDScalars:
     momentum: float
-    clip_lo: float
-    clip_hi: float
-    weight_decay: float
-    clip: bool
-    decay: bool
-    grad_scale: float          # set by the clipnorm pass (kernels/per_tensor.py)
     has_momentum: bool
     nesterov: bool
 
@@ -72,18 +77,12 @@ def keras_sgd_element(p, g, v, unused1, unused2, h):
     return p, v, unused1, unused2
 
 
-class KerasRMSpropScalars(NamedTuple):
-    lr: float
+@keras_scalars
+class KerasRMSpropScalars:
     rho: float
     one_minus_rho: float
     momentum: float
     eps: float
-    clip_lo: float
-    clip_hi: float
-    weight_decay: float
-    clip: bool
-    decay: bool
-    grad_scale: float          # set by the clipnorm pass (kernels/per_tensor.py)
     has_momentum: bool
     centered: bool
 
@@ -106,15 +105,9 @@ def keras_rmsprop_element(p, g, velocity, mom, avg, h):
     return p, velocity, mom, avg
 
 
-class KerasAdagradScalars(NamedTuple):
-    lr: float
+@keras_scalars
+class KerasAdagradScalars:
     eps: float
-    clip_lo: float
-    clip_hi: float
-    weight_decay: float
-    clip: bool
-    decay: bool
-    grad_scale: float          # set by the clipnorm pass (kernels/per_tensor.py)
 
 
 def keras_adagrad_element(p, g, acc, unused1, unused2, h):
@@ -125,18 +118,12 @@ def keras_adagrad_element(p, g, acc, unused1, unused2, h):
     return p, acc, unused1, unused2
 
 
-class KerasAdamScalars(NamedTuple):
-    lr: float
+@keras_scalars
+class KerasAdamScalars:
     alpha: float               # lr sqrt(1 - b2^t) / (1 - b1^t)
     one_minus_beta1: float
     one_minus_beta2: float
     eps: float
-    clip_lo: float
-    clip_hi: float
-    weight_decay: float
-    clip: bool
-    decay: bool
-    grad_scale: float          # set by the clipnorm pass (kernels/per_tensor.py)
     amsgrad: bool
 
 
@@ -155,18 +142,12 @@ def keras_adam_element(p, g, m, v, v_hat, h):
     return p, m, v, v_hat
 
 
-class KerasAdamaxScalars(NamedTuple):
-    lr: float
+@keras_scalars
+class KerasAdamaxScalars:
     beta2: float
     one_minus_beta1: float
     bias_correction1: float    # 1 - b1^t
     eps: float
-    clip_lo: float
-    clip_hi: float
-    weight_decay: float
-    clip: bool
-    decay: bool
-    grad_scale: float          # set by the clipnorm pass (kernels/per_tensor.py)
 
 
 def keras_adamax_element(p, g, m, u, unused, h):
@@ -181,8 +162,8 @@ def keras_adamax_element(p, g, m, u, unused, h):
     return p, m, u, unused
 
 
-class KerasNadamScalars(NamedTuple):
-    lr: float
+@keras_scalars
+class KerasNadamScalars:
     one_minus_beta1: float
     one_minus_beta2: float
     u_next: float              # u_{t+1}
@@ -191,12 +172,6 @@ class KerasNadamScalars(NamedTuple):
     one_minus_product_next: float  # 1 - prod_{s<=t} u_s * u_{t+1}
     bias_correction2: float    # 1 - b2^t
     eps: float
-    clip_lo: float
-    clip_hi: float
-    weight_decay: float
-    clip: bool
-    decay: bool
-    grad_scale: float          # set by the clipnorm pass (kernels/per_tensor.py)
 
 
 def keras_nadam_element(p, g, m, v, unused, h):
@@ -210,17 +185,11 @@ def keras_nadam_element(p, g, m, v, unused, h):
     return p, m, v, unused
 
 
-class KerasAdadeltaScalars(NamedTuple):
-    lr: float
+@keras_scalars
+class KerasAdadeltaScalars:
     rho: float
     one_minus_rho: float
     eps: float
-    clip_lo: float
-    clip_hi: float
-    weight_decay: float
-    clip: bool
-    decay: bool
-    grad_scale: float          # set by the clipnorm pass (kernels/per_tensor.py)
 
 
 def keras_adadelta_element(p, g, acc_grad, acc_delta, unused, h):

@@ -64,6 +64,29 @@ def accumulate(typingctx, total, term):
 _FLAG_FIELDS: dict = {}
 
 
+class Flags(tuple):
+    """``(index, value)`` pairs of a scalars tuple's flags, carrying the names of all its
+    fields. A driver is compiled for one field layout: Numba's disk cache knows a
+    NamedTuple argument by its class's name and its field types, not by its field names,
+    so a driver cached before a class's fields were reordered would otherwise be loaded
+    for the new order and read the wrong fields. The names are part of the driver's
+    cache name (:func:`flag_tag`) and of its key in memory."""
+
+    def __new__(cls, pairs=(), fields=()):
+        self = super().__new__(cls, pairs)
+        self.fields = tuple(fields)
+        return self
+
+    def __eq__(self, other):
+        return tuple.__eq__(self, other) and self.fields == getattr(other, "fields", ())
+
+    def __ne__(self, other):
+        return not self == other
+
+    def __hash__(self):
+        return hash((tuple(self), self.fields))
+
+
 def flags_of(h) -> tuple:
     """``h``'s bool fields as ``(index, value)`` pairs: what a driver is specialised on.
 
@@ -80,7 +103,7 @@ def flags_of(h) -> tuple:
                       and (fields is None or fields[i] not in runtime))
         if fields is not None:      # a NamedTuple class has one layout; a plain tuple not
             _FLAG_FIELDS[cls] = index
-    return tuple((i, bool(h[i])) for i in index)
+    return Flags(((i, bool(h[i])) for i in index), getattr(h, "_fields", ()))
 
 
 def freezer(flags: tuple):
@@ -99,5 +122,10 @@ def freezer(flags: tuple):
 
 
 def flag_tag(flags: tuple) -> str:
-    """The flags as a name fragment ("tff"): part of a compiled driver's cache name."""
-    return "".join("tf"[v] for _, v in flags)
+    """The flags as a name fragment ("tff", then a hash of the scalars' field names when
+    known): part of a compiled driver's cache name."""
+    tag = "".join("tf"[v] for _, v in flags)
+    fields = getattr(flags, "fields", ())
+    if fields:
+        tag += "_" + hashlib.sha1(",".join(fields).encode()).hexdigest()[:6]
+    return tag

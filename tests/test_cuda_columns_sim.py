@@ -635,7 +635,7 @@ def test_each_flag_setting_computes_its_branch():
         be.run(flagged, be.table(p, [np.zeros(9, F32)], (None,)), h)
         np.testing.assert_array_equal(p[0], F32(a + 10 * b + 100 * r), err_msg=f"a={a} b={b} r={r}")
     kernels = {k: v for k, v in d._KERNELS.items() if k[1] is flagged}
-    assert sorted(k[3] for k in kernels) == [((1, a), (2, b)) for a in (False, True) for b in (False, True)]
+    assert sorted(tuple(k[3]) for k in kernels) == [((1, a), (2, b)) for a in (False, True) for b in (False, True)]
     for key, kernel in kernels.items():
         with open(kernel.fastopt_source) as f:
             text = f.read()
@@ -720,11 +720,13 @@ def test_generated_source_text_and_its_file():
 
     from fastopt.kernels import cuda_codegen
     from fastopt.kernels.layout import Layout
+    from fastopt.kernels.specialize import flags_of
     d = driver()
     h = Flags(F32(1), True, False, True)
     layout = Layout.of((True, False, True), formats=("bfloat16", "native", "float16"),
                        model="bfloat16-stochastic")
-    gen = cuda_codegen.generate(cuda_codegen.STEP, elem3, layout, ((1, True), (2, False)), h)
+    assert tuple(flags_of(h)) == ((1, True), (2, False))
+    gen = cuda_codegen.generate(cuda_codegen.STEP, elem3, layout, flags_of(h), h)
     assert "float_to_bfloat16(out[0], stochastic_noise(seed, at + i))" in gen.text
     assert "bfloat16_to_float(g_span[k_g])" in gen.text
     assert "float_to_half(out[3])" in gen.text and "half_to_float(s2_span[k_s2])" in gen.text

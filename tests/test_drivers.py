@@ -272,3 +272,43 @@ def test_driver_and_reducer_take_a_layout_or_a_slot_mask():
     cpu.reducer(_flagged_reducer, table.layout((False,) * 3, load_absent=True), False, flags)(
         table.table, table.chunks, table.like, np.uint16(0), h, out)
     assert out[0, 1] == pytest.approx(float(np.sum(p.astype(np.float64) ** 2)), rel=1e-6)
+
+
+_REORDERED_ELEMENT = '''
+def element(p, g, s0, s1, s2, h):
+    if h.negate:
+        g = -g
+    return p * h.a + g * h.b, s0, s1, s2
+'''
+_REORDERED_SCRIPT = '''
+import json
+import numpy as np
+from fastopt.kernels import cpu
+from reordered_element import Scalars, element
+p, g = np.ones(5, np.float32), np.full(5, 10.0, np.float32)
+h = Scalars(**{"a": np.float32(2.0), "b": np.float32(3.0), "negate": False})
+cpu.run(element, cpu.ChunkTable([p], [g], (None, None, None)), h)
+print(json.dumps(p.tolist()))
+'''
+
+
+def test_a_reordered_scalars_class_never_loads_the_old_driver(tmp_path):
+    """A scalars class whose fields are reordered (same class name, same field types) gets
+    its own driver: Numba's disk cache alone would load the one compiled for the old
+    order, which reads ``a`` where ``b`` now is (Keras's scalars classes were reordered
+    once, and 4 of 8 optimizers then read stale drivers from a warm cache)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    (tmp_path / "reordered.py").write_text(_REORDERED_SCRIPT)
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    for order in ("a: float\n    b: float", "b: float\n    a: float"):
+        # The class lives in a module (a class of __main__ is keyed by value, not by name).
+        (tmp_path / "reordered_element.py").write_text(
+            "from typing import NamedTuple\n\n\nclass Scalars(NamedTuple):\n"
+            f"    {order}\n    negate: bool\n" + _REORDERED_ELEMENT)
+        out = subprocess.run([sys.executable, "reordered.py"], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert json.loads(out.stdout.strip().splitlines()[-1]) == [2.0 * 1 + 3.0 * 10] * 5, order
