@@ -1,0 +1,191 @@
+"""8-bit blockwise state: dynamic quantization maps, and their fast encoder for the drivers.
+
+A blockwise column stores each element as an 8-bit *code* and each block of ``B``
+elements (256 by default) as one float32 *absmax*: element ``i`` of block ``b`` stands
+for ``qmap[code[i]] * absmax[b]``. After the optimizer's math the block's new values are
+scaled by ``1 / max|value|`` into [-1, 1] and each one takes the code of its nearest map
+value (ties to the lower code). This is the scheme of Dettmers et al., "8-bit Optimizers
+via Block-wise Quantization" (ICLR 2022), with the *dynamic* maps of Dettmers, "8-Bit
+Approximations for Parallelism in Deep Learning" (ICLR 2016), as bitsandbytes uses them.
+
+The dynamic map (:func:`dynamic_map`): 7 decades 10^-6 ... 10^0; decade ``i`` holds the
+midpoints of ``2**i + 1`` (signed) or ``2**(i+1) + 1`` (unsigned) evenly spaced points
+of [0.1, 1], times 10^(i - 6), and their negatives when signed; then 0 and 1. So a signed
+map has 127 negative values, 0 and 128 positive; an unsigned one 0 and 255 positive,
+twice as fine. Signed maps carry a first moment (momentum), unsigned ones a second
+moment (non-negative by construction).
+
+One deviation from the bare construction, as bitsandbytes' CPU quantizer makes it: the
+signed map's first value, -0.99297, is replaced by -1.0, so that a block's largest
+negative value is stored exactly, as its largest positive one is. The map's values are
+computed as bitsandbytes computes them (float32 ``linspace``, float32 midpoints, then
+the decade's power of ten in float64, rounded to float32), so codes are comparable bit
+for bit.
+
+Nearest-code search without a binary search: the top 16 bits of a float32 (sign,
+exponent, 7 mantissa bits) split [-1, 1] into buckets each narrower than the gap
+between two neighbouring map values, so a bucket holds at most one of the midpoints
+between map values. :func:`encoder` builds, per map, ``lut[key]`` (the code of the
+bucket's lowest value) and ``mid[c]`` (the midpoint above code ``c``), and a value's
+code is ``lut[key] + (x > mid[lut[key]])``: two table reads and a compare, vectorisable.
+Exponents below 2^-30 (far below the maps' smallest magnitude, 5.5e-7) share one bucket
+per sign, so the table has 2 x 32 x 128 entries.
+"""
+from __future__ import annotations
+
+import functools
+
+import numba
+import numpy as np
+
+from .lowp import _bits_float, _float_bits
+
+SIGNED, UNSIGNED = "signed", "unsigned"
+
+BLOCK = 256              # elements per block (bitsandbytes' optimizer block size)
+MIN_SIZE = 4096          # tensors smaller than this keep float32 state (bitsandbytes' default)
+_MAX_EXPONENT_BITS = 7
+_LOWEST_EXPONENT = 96    # float32 biased exponents <= this (|x| < 2^-30) share one bucket
+_KEYS = 2 * 32 * 128
+
+
+def _linspace_float32(start: float, end: float, steps: int) -> np.ndarray:
+    """torch.linspace in float32 on the CPU: a float32 step; the first half counted up
+    from ``start``, the rest down from ``end``, each point one fused multiply-add (one
+    rounding; float64 holds the exact product and sum here)."""
+    start64, end64 = float(np.float32(start)), float(np.float32(end))
+    step = float(np.float32((end64 - start64) / (steps - 1)))
+    idx = np.arange(steps, dtype=np.float64)
+    up = start64 + step * idx
+    down = end64 - step * (steps - 1 - idx)
+    return np.where(idx < steps // 2, up, down).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _dynamic_map(signed: bool) -> np.ndarray:
+    values = []
+    for i in range(_MAX_EXPONENT_BITS):
+        items = 2 ** i + 1 if signed else 2 ** (i + 1) + 1
+        bounds = _linspace_float32(0.1, 1.0, items)
+        means = (bounds[:-1] + bounds[1:]) / np.float32(2.0)
+        decade = np.float32(10.0 ** (i - (_MAX_EXPONENT_BITS - 1)))
+        values += list(decade * means)
+        if signed:
+            values += list(-decade * means)
+    values += [0.0, 1.0]
+    qmap = np.sort(np.array(values, dtype=np.float32))
+    if qmap.size != 256:  # pragma: no cover - the construction above gives 256
+        raise AssertionError(f"dynamic map has {qmap.size} values")
+    if signed:
+        qmap[0] = -1.0
+    qmap.setflags(write=False)
+    return qmap
+
+
+def dynamic_map(kind: str = SIGNED) -> np.ndarray:
+    """The 256 sorted float32 values of the signed or unsigned dynamic map (read-only)."""
+    if kind not in (SIGNED, UNSIGNED):
+        raise ValueError(f"map kind must be {SIGNED!r} or {UNSIGNED!r}, got {kind!r}")
+    return _dynamic_map(kind == SIGNED)
+
+
+def _bucket_bounds() -> tuple:
+    """The lowest and highest float32 value of every key's bucket (value order)."""
+    key = np.arange(_KEYS, dtype=np.uint32)
+    sign = key >> 12
+    exponent = ((key >> 7) & 31) + _LOWEST_EXPONENT
+    mantissa = key & 127
+    low_bits = (exponent << 23) | (mantissa << 16)
+    high_bits = low_bits | 0xFFFF
+    # the merged lowest exponents cover every smaller magnitude, down to zero
+    merged = exponent == _LOWEST_EXPONENT
+    low_bits = np.where(merged, 0, low_bits)
+    high_bits = np.where(merged, (np.uint32(_LOWEST_EXPONENT + 1) << 23) - 1, high_bits)
+    small = low_bits.astype(np.uint32).view(np.float32)
+    large = high_bits.astype(np.uint32).view(np.float32)
+    lowest = np.where(sign == 1, -large, small)
+    highest = np.where(sign == 1, -small, large)
+    return lowest, highest
+
+
+def _thresholds(qmap: np.ndarray) -> np.ndarray:
+    """For each pair of neighbours ``(q[c], q[c+1])``, the largest float32 ``t`` at which
+    ``q[c]`` is still the nearer in float32 arithmetic, ``|t - q[c+1]| >= |t - q[c]|`` (a
+    tie keeps the lower code): so ``x > t`` chooses ``c + 1`` exactly when the distances,
+    as a float32 quantizer computes them, say so. Found by bisection on the float order."""
+    lo_vals, hi_vals = qmap[:-1], qmap[1:]
+
+    def order(v):                       # float32 -> int64 monotone in the value
+        b = v.astype(np.float32).view(np.int32).astype(np.int64)
+        return np.where(b < 0, -(b & 0x7FFFFFFF), b)
+
+    def value(k):
+        b = np.where(k < 0, (-k) | 0x80000000, k).astype(np.uint32)
+        return b.view(np.float32)
+
+    def lower_nearer(k):
+        x = value(k)
+        return np.abs(x - hi_vals) >= np.abs(x - lo_vals)
+
+    lo, hi = order(lo_vals), order(hi_vals)       # lower_nearer(lo) holds, (hi) fails
+    while np.any(hi - lo > 1):
+        m = (lo + hi) // 2
+        keep = lower_nearer(m)
+        lo, hi = np.where(keep, m, lo), np.where(keep, hi, m)
+    return value(lo)
+
+
+@functools.lru_cache(maxsize=None)
+def _encoder(kind: str) -> tuple:
+    qmap = dynamic_map(kind)
+    # mid[c]: above it, code c + 1 is nearer than code c; mid[255] = inf.
+    mid = np.full(257, np.inf, dtype=np.float32)
+    mid[:255] = _thresholds(qmap)
+    lowest, highest = _bucket_bounds()
+    lut = np.searchsorted(mid[:255], lowest, side="left").astype(np.int32)
+    spread = np.searchsorted(mid[:255], highest, side="left") - lut
+    if spread.max() > 1:  # pragma: no cover - holds for both dynamic maps (tested)
+        raise AssertionError(f"a bucket of the {kind} map holds {spread.max()} code boundaries")
+    for a in (lut, mid):
+        a.setflags(write=False)
+    return lut, mid
+
+
+def encoder(kind: str) -> tuple:
+    """``(lut, mid)`` of the nearest-code search for the ``kind`` dynamic map."""
+    return _encoder(kind)
+
+
+# -- the pieces the generated drivers call (inlined) ------------------------------------------
+
+@numba.njit(inline="always", cache=True)
+def magnitude_bits(x):
+    """The bits of ``|x|`` as an unsigned integer: for floats that are not NaN, integer
+    order is magnitude order, so a block's absmax is an integer max (which vectorises);
+    a NaN sorts above infinity and becomes the block's absmax."""
+    return _float_bits(numba.float32(x)) & numba.uint32(0x7FFFFFFF)
+
+
+@numba.njit(inline="always", cache=True)
+def absmax_of(bits):
+    """The float32 whose bits :func:`magnitude_bits` gave."""
+    return _bits_float(bits)
+
+
+@numba.njit(inline="always", cache=True)
+def inverse(absmax):
+    """``1 / absmax``, or 0 for an all-zero block (every value then takes the code of 0)."""
+    return numba.float32(1.0) / absmax if absmax > numba.float32(0.0) else numba.float32(0.0)
+
+
+@numba.njit(inline="always", cache=True)
+def encode(x, lut, mid):
+    """The code of the map value nearest to ``x`` (ties to the lower code)."""
+    u = _float_bits(x)
+    exponent = (u >> numba.uint32(23)) & numba.uint32(0xFF)
+    exponent = max(exponent, numba.uint32(_LOWEST_EXPONENT)) - numba.uint32(_LOWEST_EXPONENT)
+    exponent = min(exponent, numba.uint32(31))
+    key = ((u >> numba.uint32(31)) << numba.uint32(12)) | (exponent << numba.uint32(7)) \
+        | ((u >> numba.uint32(16)) & numba.uint32(0x7F))
+    c = lut[key]
+    return numba.uint8(c + (1 if x > mid[c] else 0))
