@@ -56,10 +56,11 @@ MASTER_WEIGHTS = "master weights (16-bit params)"
 SPARSE_ROWS = "sparse gradient rows (SparseGrad)"
 PER_TENSOR = "per-tensor passes (LAMB, LARS)"
 DENSE = "dense steps"
+LOWBIT_STATE = "16-bit and 8-bit state (state_format)"
 
 CAPABILITIES = {
-    "cpu": frozenset({DENSE, MASTER_WEIGHTS, SPARSE_ROWS, PER_TENSOR}),
-    "numpy": frozenset({DENSE, MASTER_WEIGHTS, SPARSE_ROWS, PER_TENSOR}),
+    "cpu": frozenset({DENSE, MASTER_WEIGHTS, SPARSE_ROWS, PER_TENSOR, LOWBIT_STATE}),
+    "numpy": frozenset({DENSE, MASTER_WEIGHTS, SPARSE_ROWS, PER_TENSOR, LOWBIT_STATE}),
     "cuda": frozenset({DENSE, MASTER_WEIGHTS, SPARSE_ROWS, PER_TENSOR}),
 }
 """{backend: the features it runs}; :func:`require` refuses the others."""
@@ -93,8 +94,10 @@ class _Driver:
             _passes.run(spec, group, bucket, step, self, scale)
             return
         if bucket.table is None:
+            options = {} if bucket.formats is None else dict(
+                formats=bucket.formats, scales=bucket.scales, block=bucket.block)
             bucket.table = self.driver.table(bucket.params, bucket.grads, bucket.slots,
-                                             model=bucket.model)
+                                             model=bucket.model, **options)
         scalars = spec.scalars(group, step, np.dtype(bucket.params[0].dtype).type)
         options = {} if bucket.model is None else {"seed": seed, "stochastic": stochastic}
         self.driver.run(spec.element, bucket.table, scalars, scale, **options)
@@ -117,7 +120,12 @@ class _Reference:
             grads = [g.astype(np.float32) for g in grads]
         if scale != 1.0:
             grads = [g * cast(scale) for g in grads]
-        spec.run_reference(group, step, bucket.params, grads, bucket.slots)
+        if bucket.formats is not None:
+            from .kernels import reference_lowbit
+            reference_lowbit.step(spec, group, step, bucket.params, grads, bucket.slots,
+                                  bucket.formats, bucket.scales, bucket.block)
+        else:
+            spec.run_reference(group, step, bucket.params, grads, bucket.slots)
         if bucket.model is not None:
             for w, master in zip(bucket.model, bucket.params):
                 w[...] = master.astype(w.dtype)          # round to nearest even
@@ -143,8 +151,8 @@ class _CpuBackend:
         from .kernels import cpu
         self._cpu = cpu
 
-    def table(self, params, grads, slots, model=None, merge=True):
-        return self._cpu.ChunkTable(params, grads, slots, merge=merge, model=model)
+    def table(self, params, grads, slots, model=None, merge=True, **formats):
+        return self._cpu.ChunkTable(params, grads, slots, merge=merge, model=model, **formats)
 
     def run(self, element, table, scalars, grad_scale=1.0, **options):
         self._cpu.run(element, table, scalars, grad_scale, **options)

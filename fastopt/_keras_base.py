@@ -11,7 +11,7 @@ import re
 
 import numpy as np
 
-from . import _backend
+from . import _backend, lowbit
 from . import _validate as v
 from ._keras_engine import _GradientAccumulators, engine_class
 from ._state import _host, _to_like
@@ -80,7 +80,8 @@ class _KerasOptimizer:
     def __init__(self, learning_rate, *, weight_decay=None, clipnorm=None, clipvalue=None,
                  global_clipnorm=None, use_ema=False, ema_momentum=0.99,
                  ema_overwrite_frequency=None, loss_scale_factor=None,
-                 gradient_accumulation_steps=None, name=None, backend=None, **hyperparameters):
+                 gradient_accumulation_steps=None, name=None, backend=None,
+                 state_format="float32", block_size=256, min_8bit_size=4096, **hyperparameters):
         if backend is not None:
             _backend._check_name(backend, "backend")
         self.name = name or type(self).__name__.lower()
@@ -94,6 +95,10 @@ class _KerasOptimizer:
                              loss_scale_factor=loss_scale_factor,
                              gradient_accumulation_steps=gradient_accumulation_steps or None)
         _check_options(self._options)
+        # fastopt's low-bit state (fastopt/lowbit.py), checked now, used by the engine
+        lowbit.StateFormat.checked(state_format, block_size, min_8bit_size)
+        self._state_format = dict(state_format=state_format, block_size=block_size,
+                                  min_8bit_size=min_8bit_size)
         self._built = False
         self._variables: list = []
         self._flat: FlatParams | None = None
@@ -142,7 +147,8 @@ class _KerasOptimizer:
                 groups.append({"params": [variables[b] for b in excluded], "weight_decay": None})
             if excluded and decayed:
                 order = decayed + excluded
-            engine = engine_class(self.spec)(groups, backend=self.backend, **self._hp)
+            engine = engine_class(self.spec)(groups, backend=self.backend, **self._hp,
+                                             **self._state_format)
             if self._options["use_ema"]:
                 ema = EMA(flat if flat is not None else variables,
                           decay=self._options["ema_momentum"], backend=self.backend)
@@ -510,7 +516,10 @@ def keras_signature(spec) -> inspect.Signature:
     params += [P(h.name, P.POSITIONAL_OR_KEYWORD, default=h.default) for h in spec.settable]
     params += [P(k, P.POSITIONAL_OR_KEYWORD, default=d) for k, d in _BASE_OPTIONS.items()]
     params += [P("name", P.KEYWORD_ONLY, default=_NAMES.get(spec.name, spec.name.lower())),
-               P("backend", P.KEYWORD_ONLY, default=None)]
+               P("backend", P.KEYWORD_ONLY, default=None),
+               P("state_format", P.KEYWORD_ONLY, default="float32"),
+               P("block_size", P.KEYWORD_ONLY, default=256),
+               P("min_8bit_size", P.KEYWORD_ONLY, default=4096)]
     return inspect.Signature(params)
 
 

@@ -31,9 +31,11 @@ class _Bucket:
     16-bit gradients read as float32 and never write the params.
     """
 
-    __slots__ = ("indices", "params", "grads", "slots", "table", "positions", "model")
+    __slots__ = ("indices", "params", "grads", "slots", "table", "positions", "model",
+                 "formats", "scales", "block")
 
-    def __init__(self, indices, params, grads, slots, model=None, positions=None):
+    def __init__(self, indices, params, grads, slots, model=None, positions=None,
+                 formats=None, scales=None, block=0):
         self.indices = np.asarray(indices, dtype=np.int64)
         self.params = params
         self.grads = grads
@@ -41,14 +43,28 @@ class _Bucket:
         self.table = None
         self.positions = positions
         self.model = model     # the 16-bit params when ``params`` are their master weights
+        # Low-bit state (fastopt/lowbit.py): each column's storage format, the absmax
+        # arrays of its int8 columns, their block size; None for the params' own dtype.
+        self.formats = formats
+        self.scales = scales
+        self.block = block
+
+    def _like(self, indices, params, grads, slots, model, positions) -> "_Bucket":
+        return _Bucket(indices, params, grads, slots, model, positions, self.formats,
+                       self.scales, self.block)
 
     def subset(self, sel) -> "_Bucket":
         """The tensors at positions ``sel`` of this bucket, with everything they carry
-        (master weights and their model included); its table is built on first use."""
-        return _Bucket(self.indices[sel], [self.params[j] for j in sel], [self.grads[j] for j in sel],
-                       tuple(None if s is None else [s[j] for j in sel] for s in self.slots),
-                       model=None if self.model is None else [self.model[j] for j in sel],
-                       positions=None if self.positions is None else [self.positions[j] for j in sel])
+        (master weights and their model, low-bit state's scales); its table is built on
+        first use."""
+        part = self._like(self.indices[sel], [self.params[j] for j in sel],
+                          [self.grads[j] for j in sel],
+                          tuple(None if s is None else [s[j] for j in sel] for s in self.slots),
+                          None if self.model is None else [self.model[j] for j in sel],
+                          None if self.positions is None else [self.positions[j] for j in sel])
+        if self.scales is not None:
+            part.scales = tuple(None if s is None else [s[j] for j in sel] for s in self.scales)
+        return part
 
 
 class _Plan:
@@ -262,12 +278,13 @@ class _Planning:
         group = self.param_groups[gi]
         base = sum(len(g["params"]) for g in self.param_groups[:gi])
         slot_names = plan.key[0]
-        by_dtype: dict = {}
+        by_kind: dict = {}
         for k, (p, g) in enumerate(zip(plan.params, plan.grads)):
             if g is not None:
-                by_dtype.setdefault(np.dtype(p.dtype), []).append(k)
+                storages = tuple(None if n is None else self._storage(n, p) for n in slot_names)
+                by_kind.setdefault((np.dtype(p.dtype), storages), []).append(k)
         buckets = []
-        for ks in by_dtype.values():
+        for (_, storages), ks in by_kind.items():
             idx = [base + k for k in ks]
             for i, k in zip(idx, ks):
                 self._ensure_state(i, plan.params[k], group, slot_names)
@@ -277,8 +294,15 @@ class _Planning:
             model = None
             if _is_low_precision(params[0]):
                 model, params = params, [self._state[i][MASTER] for i in idx]
-            buckets.append(_Bucket(idx, params, [plan.grads[k] for k in ks], slots,
-                                   model=model, positions=ks))
+            bucket = _Bucket(idx, params, [plan.grads[k] for k in ks], slots, model=model,
+                             positions=ks)
+            if not self.state_format.is_default:
+                bucket.formats = tuple(s or "native" for s in storages)
+                bucket.scales = tuple(None if name is None or name + "_absmax" not in self._state[idx[0]]
+                                      else [self._state[i][name + "_absmax"] for i in idx]
+                                      for name in slot_names)
+                bucket.block = self.state_format.block_size
+            buckets.append(bucket)
         plan.buckets = buckets
 
     def _regrad_buckets(self, gi, plan):
@@ -286,8 +310,8 @@ class _Planning:
         buckets = []
         for old in plan.buckets:
             ks = old.positions
-            bucket = _Bucket(old.indices, old.params, [plan.grads[k] for k in ks], old.slots,
-                             model=old.model, positions=ks)
+            bucket = old._like(old.indices, old.params, [plan.grads[k] for k in ks], old.slots,
+                               old.model, ks)
             if old.table is not None and hasattr(old.table, "with_grads"):
                 bucket.table = old.table.with_grads(bucket.grads, [plan.grad_addresses[k] for k in ks])
             buckets.append(bucket)

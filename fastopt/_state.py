@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from . import _validate
+from . import _validate, lowbit
 from ._plan import MASTER
 
 # Group keys that torch writes and fastopt has no use for; accepted and dropped on load.
@@ -25,7 +25,8 @@ def state_dict(opt) -> dict:
     for i, st in enumerate(opt._state):
         if not st:
             continue
-        d = {name: _host(arr) for name, arr in st.items()}
+        d = {name: _host(arr) for name, arr in st.items()} if opt.state_format.is_default \
+            else lowbit.saved_arrays(opt, i, st)
         if opt.has_step_state:
             d["step"] = _step_array(int(opt._steps[i]))
         if opt._host_values is not None:
@@ -40,7 +41,10 @@ def state_dict(opt) -> dict:
         groups.append(d)
     # "iterations" (applied steps, the argument of callable lrs) is fastopt's own key;
     # torch's load_state_dict ignores it.
-    return {"state": state, "param_groups": groups, "iterations": int(opt.iterations)}
+    out = {"state": state, "param_groups": groups, "iterations": int(opt.iterations)}
+    if not opt.state_format.is_default:
+        out["state_format"] = opt.state_format.record()
+    return out
 
 
 # Step counts are exact integers in float64 up to 2**53 (and fit the int64 step counters).
@@ -108,7 +112,9 @@ def load_state_dict(opt, sd) -> None:
             if seen:
                 raise ValueError(f"{where}['params'] repeats param id {pid!r}: each id must name one param")
             id_map[pid] = (gi, base + k)
-    # 2. Per-param state: keys the loaded group needs, shapes, finite step counts.
+    # 2. Per-param state: keys the loaded group needs, shapes, finite step counts; low-bit
+    #    state converted to this optimizer's state_format (fastopt/lowbit.py).
+    record = sd.get("state_format")
     loaded = {}
     for pid, st in state.items():
         where = f"state_dict['state'][{pid!r}]"
@@ -125,13 +131,19 @@ def load_state_dict(opt, sd) -> None:
         if need - have:
             raise ValueError(f"{where} lacks {sorted(need - have)}: it is not a {name} state dict "
                              f"for these hyperparameters")
-        extra = have - set(opt.slot_names) - ({MASTER} if np.dtype(p.dtype).itemsize == 2 else set())
+        known = set(opt.slot_names) | {n + suffix for n in opt.slot_names
+                                       for suffix in (lowbit.ABSMAX, lowbit.QMAP)}
+        extra = have - known - ({MASTER} if np.dtype(p.dtype).itemsize == 2 else set())
         if extra:
             raise ValueError(f"{where} has unknown keys {sorted(extra, key=repr)}: it is not a {name} state dict")
-        for key in have:
-            _validate.state_array(st[key], p, f"{where}[{key!r}]", f"params[{i}]")
+        if record is None and opt.state_format.is_default and have <= set(opt.slot_names) | {MASTER}:
+            for key in have:
+                _validate.state_array(st[key], p, f"{where}[{key!r}]", f"params[{i}]")
+            arrays = {k: st[k] for k in have}
+        else:
+            arrays = lowbit.loaded_arrays(opt, p, st, have, record, where)
         step = _as_step(st["step"], f"{where}['step']") if "step" in st else (1 if have else 0)
-        loaded[i] = (p, {k: st[k] for k in have}, step, new_groups[gi])
+        loaded[i] = (p, arrays, step, new_groups[gi])
     iterations = sd.get("iterations")
     if iterations is not None:
         iterations = _as_step(iterations, "state_dict['iterations']")
@@ -143,7 +155,7 @@ def load_state_dict(opt, sd) -> None:
     opt._arenas.clear()          # fresh state buffers: nothing left over from before the load
     opt._steps[:] = 0
     for i, (p, arrays, step, group) in loaded.items():
-        opt._ensure_state(i, p, group, tuple(arrays))
+        opt._ensure_state(i, p, group, tuple(k for k in arrays if k in opt.slot_names or k == MASTER))
         for key, value in arrays.items():
             dst = opt._state[i][key]
             src = np.asarray(value) if isinstance(dst, np.ndarray) else value

@@ -27,6 +27,11 @@ _SKELETON = "__fastopt_skeleton__"
 FORMAT = 1
 
 
+def _bfloat16():
+    from .kernels.lowp import bfloat16_dtype
+    return bfloat16_dtype()
+
+
 def _key(k) -> str:
     return f"[{k!r}]"
 
@@ -54,9 +59,14 @@ def _encode(obj, arrays, where="state_dict"):
     if hasattr(obj, "get") and hasattr(obj, "__cuda_array_interface__"):
         obj = obj.get()
     if isinstance(obj, np.ndarray):
+        if obj.dtype == _bfloat16():
+            # bfloat16 state (state_format="bfloat16"): its 16-bit patterns, marked as such
+            name = f"a{len(arrays)}"
+            arrays[name] = obj.view(np.uint16)
+            return {"bfloat16": name}
         if obj.dtype.kind not in "biuf":
             raise TypeError(f"save: {where} has dtype {obj.dtype}; checkpoints store numeric arrays "
-                            "(bool, integer, float) only")
+                            "(bool, integer, float, bfloat16) only")
         name = f"a{len(arrays)}"
         arrays[name] = obj
         return {"array": name}
@@ -220,10 +230,16 @@ def _decode(node, read, path):
         if not (val is None or isinstance(val, (bool, int, float, str))):
             raise CheckpointError(f"{path}: malformed value in checkpoint")
         return val
-    if kind == "array":
+    if kind in ("array", "bfloat16"):
         if not isinstance(val, str) or val == _SKELETON:
             raise CheckpointError(f"{path}: checkpoint refers to a missing array {val!r}")
-        return read(val)
+        a = read(val)
+        if kind == "bfloat16":
+            if a.dtype != np.uint16 or _bfloat16() is None:
+                raise CheckpointError(f"{path}: a bfloat16 array must be stored as uint16 "
+                                      "(and ml_dtypes installed to read it)")
+            a = a.view(_bfloat16())
+        return a
     raise CheckpointError(f"{path}: unknown node kind {kind!r} in checkpoint")
 
 

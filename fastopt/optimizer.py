@@ -16,8 +16,9 @@ from typing import ClassVar
 
 import numpy as np
 
-from . import _backend, _validate
+from . import _backend, _validate, lowbit
 from .flat import FlatParams, arena_of, warn_if_copied
+from .kernels.layout import BFLOAT16, NATIVE
 from ._plan import MASTER, _Bucket, _is_low_precision, _Plan, _Planning  # noqa: F401
 from ._host_state import HostStates
 from .sparse import SparseSteps, rows_seen_so_far
@@ -40,6 +41,11 @@ class Optimizer(_Planning, SparseSteps, HostStates):
       master_weights: accept float16/bfloat16 params: keep float32 master weights and
         state, and write each updated weight back rounded to nearest even.
       stochastic_rounding: round bfloat16 params stochastically instead (with ``seed``).
+      state_format: ``"float32"`` (the params' dtype, default), ``"bfloat16"`` or
+        ``"int8"`` (blockwise 8-bit, bitsandbytes' scheme): how the state columns are
+        stored; the math is float32 either way (fastopt/lowbit.py).
+      block_size: elements per absmax block of int8 state (256).
+      min_8bit_size: tensors with fewer elements keep float32 state under "int8" (4096).
     """
 
     spec: ClassVar = None               # the optimizer's declaration (fastopt/spec.py)
@@ -49,7 +55,8 @@ class Optimizer(_Planning, SparseSteps, HostStates):
 
     def __init__(self, params, defaults: dict, backend: str | None = None, *,
                  max_grad_norm: float | None = None, master_weights: bool = False,
-                 stochastic_rounding: bool = False, seed: int = 0, **unexpected):
+                 stochastic_rounding: bool = False, seed: int = 0, state_format: str = "float32",
+                 block_size: int = 256, min_8bit_size: int = 4096, **unexpected):
         if unexpected:
             _validate.unexpected_keywords(type(self), unexpected, defaults)
         if backend is not None:
@@ -59,6 +66,12 @@ class Optimizer(_Planning, SparseSteps, HostStates):
                                       "(16-bit params) yet: its per-tensor pass has no 16-bit driver")
         if max_grad_norm is not None:
             max_grad_norm = _validate.number("max_grad_norm", max_grad_norm, low=0.0, low_open=True)
+        self.state_format = lowbit.StateFormat.checked(state_format, block_size, min_8bit_size)
+        if self.state_format.name == lowbit.INT8 and self.spec is not None \
+                and self.spec.per_tensor is not None:
+            raise NotImplementedError(f"{type(self).__name__} does not support state_format='int8' "
+                                      "yet: its per-tensor pass reads its state in a reduction, "
+                                      "which has no blockwise driver; use 'bfloat16' or 'float32'")
         self.defaults = dict(defaults)
         self.backend = backend
         self.max_grad_norm = max_grad_norm
@@ -118,6 +131,10 @@ class Optimizer(_Planning, SparseSteps, HostStates):
         for k, p in enumerate(ps):
             _validate.param(p, f"{where}['params'][{k}]", allow_low_precision=self.master_weights,
                             owner=owner)
+            if not self.state_format.is_default and np.dtype(p.dtype) == np.float64:
+                raise TypeError(f"{where}['params'][{k}] is float64: state_format="
+                                f"{self.state_format.name!r} stores float32 math's state; float64 "
+                                "params keep float64 state (state_format='float32')")
         unknown = set(group) - set(self.defaults) - set(_NOT_HYPERPARAMETERS)
         if unknown:
             raise TypeError(f"{where} has unknown hyperparameters {sorted(unknown)} for "
@@ -178,6 +195,12 @@ class Optimizer(_Planning, SparseSteps, HostStates):
             return sg.indices, sg.rows
         return rows_seen_so_far(self.__dict__.setdefault("_sparse_seen", {}), i, param, sg)
 
+    def _storage(self, name, p) -> str:
+        """The storage format of state column ``name`` of param ``p`` (kernels/layout.py)."""
+        if self.state_format.is_default or name == MASTER:
+            return NATIVE
+        return self.state_format.storage(self.spec.column(name), int(p.size))
+
     def _ensure_state(self, i, p, group, slot_names):
         st = self._state[i]
         if st is None:
@@ -188,6 +211,10 @@ class Optimizer(_Planning, SparseSteps, HostStates):
             if name is None or name in st:
                 continue
             fill = self._initial_value(group, name)
+            storage = self._storage(name, p)
+            if storage != NATIVE:
+                st.update(self._new_lowbit_column(p, name, storage, fill))
+                continue
             dtype = np.dtype(np.float32) if low else np.dtype(p.dtype)
             flat = arena_of(p)
             if flat is not None:
@@ -202,6 +229,55 @@ class Optimizer(_Planning, SparseSteps, HostStates):
             else:
                 xp = np if isinstance(p, np.ndarray) else _cupy()
                 st[name] = p.astype(np.float32) if name == MASTER else xp.full(p.shape, fill, dtype=dtype)
+
+    def _new_lowbit_column(self, p, name, storage, fill) -> dict:
+        """State column ``name`` of ``p`` in a 16-bit or 8-bit ``storage``, holding ``fill``:
+        ``{name: values or codes[, name_absmax: absmax]}``. The params of one FlatParams
+        share one compact buffer per column and storage (and one of absmax), in their
+        order, so that a step streams them as one run."""
+        fmt = self.state_format
+        flat = arena_of(p)
+        if flat is None:
+            return {name + suffix: a for suffix, a in self._lowbit_arrays(storage, [p], fill)[0].items()}
+        key = (id(flat), name, storage)
+        arena = self._arenas.get(key)
+        if arena is None:
+            column = self.spec.column(name)
+            members = [q for q in flat.params if fmt.storage(column, int(q.size)) == storage]
+            arena = self._arenas[key] = (flat, {flat.index_of(q): arrays for q, arrays in
+                                                zip(members, self._lowbit_arrays(storage, members, fill))})
+        arrays = arena[1][flat.index_of(p)]
+        # The arena was filled for the group that created it; groups may differ.
+        fresh = self._lowbit_arrays(storage, [p], fill, xp=np)[0]
+        for key2, a in arrays.items():
+            a[...] = fresh[key2]
+        return {name + suffix: a for suffix, a in arrays.items()}
+
+    def _lowbit_arrays(self, storage, params, fill, xp=None) -> list:
+        """Per param, ``{"": values or codes[, "_absmax": absmax]}`` holding ``fill``, as
+        views of one buffer per array kind (consecutive, in the params' order)."""
+        block = self.state_format.block_size
+        if xp is None:
+            xp = np if not params or isinstance(params[0], np.ndarray) else _cupy()
+        sizes = [int(q.size) for q in params]
+        if storage == BFLOAT16:
+            # device arrays have no bfloat16 dtype: their columns hold the 16-bit patterns
+            kinds = {"": (sizes, lowbit.bfloat16(), fill)} if xp is np else \
+                {"": (sizes, np.uint16, int(np.array(fill, lowbit.bfloat16()).view(np.uint16)))}
+        else:
+            one = lowbit.filled(storage, (block,), fill, block)
+            kinds = {"": (sizes, np.uint8, one[""][0]),
+                     lowbit.ABSMAX: ([lowbit.n_blocks(n, block) for n in sizes], np.float32,
+                                     one[lowbit.ABSMAX][0])}
+        out = [{} for _ in params]
+        for suffix, (counts, dtype, value) in kinds.items():
+            buffer = xp.full(sum(counts), value, dtype=dtype)
+            start = 0
+            for j, (q, n) in enumerate(zip(params, counts)):
+                view = buffer[start:start + n]
+                out[j][suffix] = view.reshape(q.shape) if suffix == "" else view
+                start += n
+        return out
 
     def step(self, grads=None, *, grad_scale: float | None = None) -> bool:
         """One fused optimizer step; returns True when applied, False when skipped.
@@ -239,6 +315,9 @@ class Optimizer(_Planning, SparseSteps, HostStates):
         per_group = self._group_grads(grads)
         backend_name = _backend.resolve(self.backend, self.param_groups[0]["params"][0])
         _backend.get(backend_name)         # an unavailable backend raises before state exists
+        if not self.state_format.is_default:
+            _backend.require(backend_name, _backend.LOWBIT_STATE,
+                             f"state_format={self.state_format.name!r}")
         plans, groups = [], []
         for gi, group in enumerate(self.param_groups):
             self._check_group(group, f"param_groups[{gi}]")
@@ -246,6 +325,11 @@ class Optimizer(_Planning, SparseSteps, HostStates):
             plans.append(self._plan_for(gi, per_group[gi], backend_name, from_flat))
         self._check_swapped(plans)
         sparse = self._check_sparse(sparse, backend_name)
+        if sparse and not self.state_format.is_default:
+            i = next(iter(sparse))
+            raise NotImplementedError(f"grads[{i}] is a SparseGrad: sparse gradients update "
+                                      f"float32 state only, not state_format="
+                                      f"{self.state_format.name!r}; pass a dense gradient")
         if self.master_weights:
             for i, (_, param, _) in sparse.items():  # noqa: B007
                 if _is_low_precision(param):

@@ -29,6 +29,7 @@ import numpy as np
 from . import _validate as v
 
 REQUIRED = inspect.Parameter.empty
+_POSITIONS: dict = {}      # element -> its number of state arguments
 
 
 # -- the parts of a spec --------------------------------------------------------------------
@@ -61,12 +62,15 @@ class Column:
       (``None``: always). An inactive column is neither allocated, read nor written.
     initial: its initial value: a number, or the name of the hyperparameter holding it.
     argument: its argument name in the functional form (default: the name plus "s").
+    unsigned: never negative (a second moment, an accumulator of squares): stored in
+      8 bits, it takes the unsigned dynamic map, twice as fine as the signed one.
     """
 
     name: str
     when: Callable = None
     initial: Any = 0.0
     argument: str = ""
+    unsigned: bool = False
 
     def active(self, group) -> bool:
         return self.when is None or bool(self.when(group))
@@ -207,8 +211,11 @@ class Spec:
 
     @property
     def positions(self) -> int:
-        """The element's number of state arguments."""
-        return len(inspect.signature(self.element).parameters) - 3
+        """The element's number of state arguments (asked at every step: cached)."""
+        n = _POSITIONS.get(self.element)
+        if n is None:
+            n = _POSITIONS[self.element] = len(inspect.signature(self.element).parameters) - 3
+        return n
 
     @property
     def column_names(self) -> tuple:
@@ -238,6 +245,12 @@ class Spec:
     def active_slots(self, group) -> tuple:
         names = tuple(c.name if c.active(group) else None for c in self.columns)
         return names + (None,) * (self.positions - len(names))
+
+    def column(self, name) -> Column:
+        for c in self.columns:
+            if c.name == name:
+                return c
+        raise KeyError(f"{self.name} has no state column {name!r}")
 
     def initial_value(self, group, name) -> float:
         for c in self.columns:

@@ -61,7 +61,7 @@ SPEC = _s.Spec(
     name="Adadelta", functional="adadelta", element=adadelta_element, scalars=adadelta_scalars,
     hypers=(_s.lr(1.0), _s.hyper("rho", 0.9, _s.real(low=0.0, high=1.0)), _s.eps(1e-6),
             _s.weight_decay(), _s.maximize()),
-    columns=(_s.Column("square_avg"), _s.Column("acc_delta")),
+    columns=(_s.Column("square_avg", unsigned=True), _s.Column("acc_delta", unsigned=True)),
     reference=_reference.adadelta, oracle="torch.optim.Adadelta",
     doc="""Adadelta.
 

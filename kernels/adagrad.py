@@ -53,7 +53,8 @@ SPEC = _s.Spec(
     hypers=(_s.lr(1e-2), _s.hyper("lr_decay", 0.0, _s.real(low=0.0)), _s.weight_decay(),
             _s.hyper("initial_accumulator_value", 0.0, _s.real(low=0.0), functional=False),
             _s.eps(1e-10), _s.maximize()),
-    columns=(_s.Column("sum", initial="initial_accumulator_value", argument="state_sums"),),
+    columns=(_s.Column("sum", initial="initial_accumulator_value", argument="state_sums",
+                       unsigned=True),),
     reference=_reference.adagrad, sparse=_s.Sparse(check=_s.no_weight_decay),
     oracle="torch.optim.Adagrad",
     doc="""Adagrad with learning-rate decay.

@@ -96,8 +96,8 @@ SPEC = _s.Spec(
     hypers=(_s.lr(1e-3), _s.hyper("betas", (0.9, 0.999), _s.betas()), _s.eps(1e-8),
             _s.weight_decay(), _s.hyper("amsgrad", False, _s.flag()), _s.maximize(),
             _s.hyper("decoupled_weight_decay", False, _s.flag(), keyword=True)),
-    columns=(_s.Column("exp_avg"), _s.Column("exp_avg_sq"),
-             _s.Column("max_exp_avg_sq", when=lambda g: g["amsgrad"])),
+    columns=(_s.Column("exp_avg"), _s.Column("exp_avg_sq", unsigned=True),
+             _s.Column("max_exp_avg_sq", when=lambda g: g["amsgrad"], unsigned=True)),
     reference=_reference.adam, oracle="torch.optim.Adam",
     # with torch.optim.SparseAdam's semantics (lazy rows)
     sparse=_s.Sparse(check=_check_sparse, scalars=_sparse_scalars, reference=_sparse_reference),

@@ -64,7 +64,7 @@ SPEC = _s.Spec(
     name="Adamax", functional="adamax", element=adamax_element, scalars=adamax_scalars,
     hypers=(_s.lr(2e-3), _s.hyper("betas", (0.9, 0.999), _s.betas()), _s.eps(1e-8),
             _s.weight_decay(), _s.maximize()),
-    columns=(_s.Column("exp_avg"), _s.Column("exp_inf")),
+    columns=(_s.Column("exp_avg"), _s.Column("exp_inf", unsigned=True)),
     reference=_reference.adamax, oracle="torch.optim.Adamax",
     doc="""Adamax: Adam with the infinity norm.
 

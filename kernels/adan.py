@@ -142,7 +142,7 @@ SPEC = _s.Spec(
     name="Adan", functional="adan", element=adan_element, scalars=adan_scalars,
     hypers=(_s.lr(1e-3), _s.hyper("betas", (0.98, 0.92, 0.99), _s.betas(3)), _s.eps(1e-8),
             _s.weight_decay(), _s.hyper("weight_decouple", False, _s.flag()), _s.maximize()),
-    columns=(_s.Column("exp_avg"), _s.Column("exp_avg_sq"), _s.Column("exp_avg_diff"),
+    columns=(_s.Column("exp_avg"), _s.Column("exp_avg_sq", unsigned=True), _s.Column("exp_avg_diff"),
              _s.Column("previous_grad")),
     reference=_reference.adan, oracle="pytorch_optimizer.Adan",
     doc="""Adan: adaptive Nesterov momentum (four state columns).

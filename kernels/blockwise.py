@@ -34,6 +34,7 @@ per sign, so the table has 2 x 32 x 128 entries.
 from __future__ import annotations
 
 import functools
+import hashlib
 
 import numba
 import numpy as np
@@ -154,6 +155,18 @@ def _encoder(kind: str) -> tuple:
 def encoder(kind: str) -> tuple:
     """``(lut, mid)`` of the nearest-code search for the ``kind`` dynamic map."""
     return _encoder(kind)
+
+
+def _tag() -> str:
+    digest = hashlib.sha1()
+    for kind in (SIGNED, UNSIGNED):
+        for a in (dynamic_map(kind),) + encoder(kind):
+            digest.update(a.tobytes())
+    return digest.hexdigest()[:8]
+
+
+# Part of every blockwise driver's name: the maps and tables are compiled in as constants.
+TAG = _tag()
 
 
 # -- the pieces the generated drivers call (inlined) ------------------------------------------

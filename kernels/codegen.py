@@ -25,11 +25,12 @@ import sys
 import tempfile
 
 import numba
+import numpy as np
 from numba import carray, prange, types
 from numba.extending import intrinsic
 
-from . import lowp
-from .layout import BFLOAT16, FLOAT16, NATIVE, ROW_GRAD, ROW_SLOT, Layout
+from . import blockwise, lowp
+from .layout import BFLOAT16, BLOCKWISE, FLOAT16, INT8_SIGNED, NATIVE, ROW_GRAD, ROW_SLOT, Layout
 from .pieces import bind
 from .specialize import accumulate, flag_tag, freezer, source_tag
 
@@ -58,7 +59,9 @@ def view(address, n, like):
 
 
 # -- the pieces ------------------------------------------------------------------------
-def _load(fmt: str, expr: str) -> str:
+def _load(fmt: str, expr: str, k: int = 0) -> str:
+    if fmt in BLOCKWISE:            # the code's map value times the block's old absmax
+        return f"QMAP{k}[{expr}] * old{k}"
     return expr if fmt == NATIVE else f"lowp.load({expr}, {_KIND[fmt]}, like)"
 
 
@@ -66,12 +69,16 @@ def _store(fmt: str, expr: str) -> str:
     return expr if fmt == NATIVE else f"lowp.store({expr}, {_KIND[fmt]})"
 
 
+def _element_type(fmt: str) -> str:
+    return "like" if fmt == NATIVE else "CODE" if fmt in BLOCKWISE else "bits"
+
+
 def _columns(layout: Layout) -> list:
     """``(name, table column, element type)`` of every column the loop indexes."""
     k_slots = layout.n_slots
     low = "bits" if layout.model else "like"
     cols = [("p", 1, "like"), ("g", 2, low)]
-    cols += [(f"s{k}", 3 + k, "like" if layout.formats[k] == NATIVE else "bits")
+    cols += [(f"s{k}", 3 + k, _element_type(layout.formats[k]))
              for k in range(k_slots) if layout.reads[k]]
     if layout.model:
         cols.append(("w", 3 + k_slots, "bits"))
@@ -102,7 +109,7 @@ def _element_lines(layout: Layout, out: str, first: int, scaled: bool, write_p: 
         if layout.row_mode == ROW_SLOT and k == layout.row_slot:
             args.append("rv")
         elif layout.reads[k]:
-            args.append(_load(layout.formats[k], f"s{k}[i]"))
+            args.append(_load(layout.formats[k], f"s{k}[i]", k))
         else:
             args.append("gi")
     lines = [f"gi = {gi}", f"{out} = ELEMENT({', '.join(args)}, hc)"]
@@ -111,8 +118,15 @@ def _element_lines(layout: Layout, out: str, first: int, scaled: bool, write_p: 
         if layout.model:
             lines.append(f"w[i] = lowp.round_to_bits({out}[{first}], "
                          f"{_MODEL_KIND[layout.model]}, {rounding})")
-    lines += [f"s{k}[i] = {_store(layout.formats[k], f'{out}[{first + 1 + k}]')}"
-              for k in range(layout.n_slots) if layout.writes[k]]
+    for k in range(layout.n_slots):
+        if not layout.writes[k]:
+            continue
+        value = f"{out}[{first + 1 + k}]"
+        if layout.formats[k] in BLOCKWISE:      # kept for the block's encoding pass
+            lines += [f"buf{k}[i] = {value}",
+                      f"top{k} = max(top{k}, blockwise.magnitude_bits({value}))"]
+        else:
+            lines.append(f"s{k}[i] = {_store(layout.formats[k], value)}")
     return lines
 
 
@@ -137,11 +151,45 @@ def _block(indent: int, lines) -> list:
 # -- the three loops -------------------------------------------------------------------
 def step_source(name: str, layout: Layout, chunk: int) -> str:
     """One step of the element over every chunk ``(r, lo, hi)`` of a chunk table."""
+    if layout.block:
+        return _blockwise_step_source(name, layout, chunk)
     lines = [f"def {name}(table, chunks, like, bits, h, grad_scale, row_values, seed):",
              "    for c in prange(chunks.shape[0]):"]
     lines += _block(2, _chunk_head() + _row_values(layout) + _chunk_views(layout, "lo", "hi"))
     lines += _block(2, ["for i in range(hi - lo):"])
     lines += _block(3, _element_lines(layout, "out", 0, True, True, f"seed, c * {chunk} + i"))
+    return "\n".join(lines) + "\n"
+
+
+def _blockwise_step_source(name: str, layout: Layout, chunk: int) -> str:
+    """The step over a layout with blockwise columns: each chunk (whole blocks) goes block
+    by block; a block's codes are decoded with its old absmax, the element runs, the new
+    values wait in a block-sized buffer while their largest magnitude is found, and are
+    encoded with the new absmax. Memory is read and written once; the buffers stay in L1."""
+    size = layout.block
+    if chunk % size:
+        raise ValueError(f"the chunk ({chunk} elements) must hold whole blocks of {size}")
+    blocked = layout.blockwise
+    first = 3 + layout.n_slots + bool(layout.model)       # the absmax columns follow
+    lines = [f"def {name}(table, chunks, like, bits, h, grad_scale, row_values, seed):",
+             "    for c in prange(chunks.shape[0]):"]
+    head = _chunk_head() + _row_values(layout) + [f"n_blocks = (n + {size - 1}) // {size}"]
+    for j, k in enumerate(blocked):
+        head += [f"absmax{k} = view(table[r, {first + j}], n_blocks, ABSMAX)",
+                 f"buf{k} = np.empty({size}, np.float32)"]
+    lines += _block(2, head + [f"for start in range(lo, hi, {size}):"])
+    body = [f"stop = min(start + {size}, hi)", f"b = start // {size}"]
+    body += _chunk_views(layout, "start", "stop")
+    for k in blocked:
+        body += [f"old{k} = absmax{k}[b]", f"top{k} = numba.uint32(0)"]
+    lines += _block(3, body + ["for i in range(stop - start):"])
+    lines += _block(4, _element_lines(layout, "out", 0, True, True,
+                                      f"seed, c * {chunk} + start - lo + i"))
+    for k in blocked:
+        lines += _block(3, [f"new{k} = blockwise.absmax_of(top{k})", f"absmax{k}[b] = new{k}",
+                            f"inv{k} = blockwise.inverse(new{k})",
+                            "for i in range(stop - start):",
+                            f"    s{k}[i] = blockwise.encode(buf{k}[i] * inv{k}, LUT{k}, MID{k})"])
     return "\n".join(lines) + "\n"
 
 
@@ -199,8 +247,11 @@ def build(kind: str, element, layout: Layout, flags: tuple, chunk: int, block: i
           maximum: bool = False, write_p: bool = False):
     """The compiled driver ``kind`` ("step", "reduce" or "rows") for ``element`` over
     ``layout``, specialised on the scalars' ``flags``."""
+    if layout.block and kind != "step":
+        raise ValueError(f"blockwise columns have a step driver only, not {kind!r}")
     if kind == "step":
-        name = driver_name(kind, element, layout, flags)
+        # blockwise drivers hold the maps as constants: their hash is part of the name
+        name = driver_name(kind, element, layout, flags, f"_q{blockwise.TAG}" if layout.block else "")
         text = step_source(name, layout, chunk)
     elif kind == "reduce":
         name = driver_name(kind, element, layout, flags, f"_{'max' if maximum else 'sum'}"
@@ -213,9 +264,23 @@ def build(kind: str, element, layout: Layout, flags: tuple, chunk: int, block: i
         raise ValueError(f"unknown driver kind {kind!r}")
     namespace = dict(prange=prange, view=view, lowp=lowp, accumulate=accumulate,
                      ELEMENT=cpu_function(element, inline="always", cache=True),
-                     FREEZE=freezer(flags))
+                     FREEZE=freezer(flags), **_blockwise_globals(layout))
     module = load(_HEADER + text, namespace)
     return numba.njit(parallel=True, cache=True, nogil=True)(getattr(module, name))
+
+
+def _blockwise_globals(layout: Layout) -> dict:
+    """The maps and encoder tables of a layout's blockwise columns (constants of the
+    compiled driver), named by state position."""
+    if not layout.block:
+        return {}
+    names = dict(np=np, numba=numba, blockwise=blockwise, CODE=np.uint8(0),
+                 ABSMAX=np.float32(0))
+    for k in layout.blockwise:
+        kind = blockwise.SIGNED if layout.formats[k] == INT8_SIGNED else blockwise.UNSIGNED
+        names[f"QMAP{k}"] = blockwise.dynamic_map(kind)
+        names[f"LUT{k}"], names[f"MID{k}"] = blockwise.encoder(kind)
+    return names
 
 
 _CPU_PIECES: dict = {}

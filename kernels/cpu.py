@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import codegen, lowp, threads
-from .layout import BFLOAT16, FLOAT16, NATIVE, ROW_SLOT, Layout, parse_row_mode
+from .layout import BFLOAT16, BLOCKWISE, FLOAT16, NATIVE, ROW_SLOT, Layout, parse_row_mode
 from .specialize import flags_of
 
 # Elements per chunk: 256 KiB of float32 per array, a few chunks per thread per MB.
@@ -86,13 +86,21 @@ def address(a: np.ndarray) -> int:
     return a.__array_interface__["data"][0]
 
 
-def merge_runs(rows, itemsizes):
+def merge_runs(rows, itemsizes, block=0, n_absmax=0):
     """Merge each row ``(n, addr, addr, ...)`` into the previous one where every address
-    column continues it in memory (``itemsizes``: bytes per element of each column)."""
+    column continues it in memory (``itemsizes``: bytes per element of each column).
+
+    With ``block``, the last ``n_absmax`` columns hold one float32 per block of ``block``
+    elements: a row continues the previous one only when that one is whole blocks."""
     if rows.shape[0] < 2:
         return rows
-    ends = rows[:-1, 1:] + rows[:-1, :1] * itemsizes
+    n = rows[:-1, :1]
+    ends = rows[:-1, 1:] + n * itemsizes
+    if n_absmax:
+        ends[:, -n_absmax:] = rows[:-1, -n_absmax:] + 4 * (-(-n // block))
     continues = np.all(rows[1:, 1:] == ends, axis=1)
+    if n_absmax:
+        continues &= n[:, 0] % block == 0
     starts = np.flatnonzero(np.concatenate([[True], ~continues]))
     merged = rows[starts].copy()
     merged[:, 0] = np.add.reduceat(rows[:, 0], starts)
@@ -101,11 +109,14 @@ def merge_runs(rows, itemsizes):
 
 def column_format(dtype, native, given=None) -> str:
     """The storage format of a state column of ``dtype`` beside params of ``native``:
-    ``given`` checked against the dtype, or inferred from it (uint16 patterns need it)."""
+    ``given`` checked against the dtype, or inferred from it (uint16 patterns and uint8
+    blockwise codes need it)."""
     dtype, native = np.dtype(dtype), np.dtype(native)
     allowed = {NATIVE: (native,), FLOAT16: (np.dtype(np.float16), np.dtype(np.uint16)),
                BFLOAT16: tuple(d for d in (lowp.bfloat16_dtype(), np.dtype(np.uint16))
                                if d is not None)}
+    for fmt in BLOCKWISE:
+        allowed[fmt] = (np.dtype(np.uint8),) if native == np.float32 else ()
     if given is None:
         inferred = [f for f, dtypes in allowed.items() if dtype in dtypes]
         if len(inferred) != 1:
@@ -116,6 +127,9 @@ def column_format(dtype, native, given=None) -> str:
     if given not in allowed:
         raise ValueError(f"unknown storage format {given!r}; expected one of {tuple(allowed)}")
     if dtype not in allowed[given]:
+        if not allowed[given]:
+            raise TypeError(f"a {given!r} state column needs float32 params (or float32 master "
+                            f"weights), not {native}")
         raise TypeError(f"a {given!r} state column cannot be {dtype}; expected one of "
                         f"{[str(d) for d in allowed[given]]}")
     return given
@@ -137,15 +151,20 @@ class ChunkTable:
     master weights and the driver also writes each updated weight, rounded, into
     ``model``; grads then have the model's 16-bit dtype.
 
+    Blockwise columns (formats "int8-signed", "int8-unsigned": uint8 codes) come with
+    ``scales[k]``, a list of float32 absmax arrays (one value per ``block`` elements of
+    each tensor); their addresses follow the state columns' (and the model's) in the
+    table, and a FlatParams run merges only across tensors of whole blocks.
+
     The addresses of params, state and model are taken once; :meth:`with_grads`
     re-targets the table at new gradient arrays for the cost of reading their addresses.
     """
 
     __slots__ = ("fixed", "table", "chunks", "starts", "like", "low_kind", "has", "formats",
-                 "n_elements", "refs", "merge")
+                 "n_elements", "refs", "merge", "scales", "block")
 
     def __init__(self, params, grads, slots, grad_addresses=None, fixed=None, merge=True,
-                 model=None, formats=None):
+                 model=None, formats=None, scales=None, block=0):
         slots = tuple(slots)
         self.has = tuple(s is not None for s in slots)
         dtype = np.dtype(params[0].dtype) if params else np.dtype(np.float32)
@@ -172,6 +191,15 @@ class ChunkTable:
         elif formats is None:
             formats = tuple(grad_format if s is None else NATIVE for s in slots)
         self.formats = tuple(formats)
+        blocked = [k for k, f in enumerate(self.formats) if f in BLOCKWISE]
+        if blocked:
+            block = _check_blockwise(params, slots, scales, block, blocked, CHUNK)
+            if fixed.shape[1] == 2 + len(slots) + (model is not None):
+                fixed = np.concatenate([fixed, _absmax_addresses(scales, blocked, len(params))],
+                                       axis=1)
+        else:
+            block, scales = 0, None
+        self.scales, self.block = scales, int(block)
         self.fixed = fixed
         if grad_addresses is None:
             grad_addresses = [address(g) if g.size else 0 for g in grads]
@@ -185,11 +213,12 @@ class ChunkTable:
         # Bytes per element of each address column, for the back-to-back test.
         grad_size = 2 if model is not None else dtype.itemsize
         itemsizes = np.array([dtype.itemsize, grad_size]
-                             + [dtype.itemsize if f == NATIVE else 2 for f in self.formats]
-                             + [2] * (model is not None), dtype=np.int64)
+                             + [dtype.itemsize if f == NATIVE else 1 if f in BLOCKWISE else 2
+                                for f in self.formats]
+                             + [2] * (model is not None) + [4] * len(blocked), dtype=np.int64)
         # merge=False keeps one row per non-empty tensor (per-tensor reductions need it).
         self.merge = merge
-        self.table = merge_runs(full, itemsizes) if merge else full
+        self.table = merge_runs(full, itemsizes, self.block, len(blocked)) if merge else full
         self.chunks, self.starts = self._split(self.table[:, 0])
         self.n_elements = int(self.table[:, 0].sum())
         # The table holds raw addresses: keep every array alive while the table lives.
@@ -226,7 +255,7 @@ class ChunkTable:
         """The same params and state over new gradient arrays."""
         params, _, slots, model = self.refs
         return ChunkTable(params, grads, slots, grad_addresses, self.fixed, self.merge, model,
-                          self.formats)
+                          self.formats, self.scales, self.block)
 
     def layout(self, writes=None, row_mode=None, stochastic=False, load_absent=False) -> Layout:
         """The layout of a pass over this table: every present column is read, and with
@@ -248,7 +277,34 @@ class ChunkTable:
         model = _MODEL_OF_KIND.get(self.low_kind, "")
         if stochastic and model == BFLOAT16:
             model = "bfloat16-stochastic"
-        return Layout.of(reads, stored, self.formats, mode, slot, model)
+        return Layout.of(reads, stored, self.formats, mode, slot, model, self.block)
+
+
+def _check_blockwise(params, slots, scales, block, blocked, chunk) -> int:
+    """The checked block size of a table with blockwise columns ``blocked``."""
+    block = int(block)
+    if block <= 0 or chunk % block:
+        raise ValueError(f"block must be a positive divisor of {chunk} (a power of two), got {block}")
+    if scales is None or len(scales) != len(slots):
+        raise ValueError("blockwise columns need scales: one list of absmax arrays per state column")
+    for k in blocked:
+        if slots[k] is None or scales[k] is None or len(scales[k]) != len(params):
+            raise ValueError(f"blockwise column {k} needs its codes and one absmax array per param")
+        for i, (p, a) in enumerate(zip(params, scales[k])):
+            want = -(-p.size // block)
+            if a.dtype != np.float32 or a.size != want or not a.flags.c_contiguous:
+                raise ValueError(f"the absmax of column {k}, param {i}, must be a contiguous float32 "
+                                 f"array of {want} values (one per {block} elements), got "
+                                 f"{a.dtype} of {a.size}")
+    return block
+
+
+def _absmax_addresses(scales, blocked, n_params) -> np.ndarray:
+    out = np.zeros((n_params, len(blocked)), dtype=np.int64)
+    for j, k in enumerate(blocked):
+        for i, a in enumerate(scales[k]):
+            out[i, j] = address(a) if a.size else 0
+    return out
 
 
 def run(element, table: ChunkTable, scalars, grad_scale=1.0, seed=0, stochastic=False,
@@ -272,16 +328,29 @@ def run(element, table: ChunkTable, scalars, grad_scale=1.0, seed=0, stochastic=
         writes = tuple(writes)
     flags = flags_of(scalars)
     key = ("step", element, table.has, table.formats, table.low_kind, writes, row_mode,
-           bool(stochastic), flags)
+           bool(stochastic), table.block, flags, table.like.dtype, type(scalars))
     fn = _BY_CALL.get(key)
-    if fn is None:
-        fn = _BY_CALL[key] = _compiled("step", element, table.layout(writes, row_mode, stochastic),
-                                       flags)
+    first = fn is None
+    if first:
+        fn = _compiled("step", element, table.layout(writes, row_mode, stochastic), flags)
     if row_mode is not None and row_values is None:
         raise ValueError(f"row_mode {row_mode!r} needs row_values (one per row)")
-    threads.launch(fn, table.table, table.chunks, table.like, _BITS, scalars,
-                   table.like.dtype.type(grad_scale), row_values if row_mode is not None else None,
-                   np.uint32(seed & 0xFFFFFFFF))
+    args = (table.table, table.chunks, table.like, _BITS, scalars, table.like.dtype.type(grad_scale),
+            row_values if row_mode is not None else None, np.uint32(seed & 0xFFFFFFFF))
+    threads.launch(fn, *args)
+    if first and row_mode is None:
+        _BY_CALL[key] = _entry_point(fn, args)
+
+
+def _entry_point(fn, args):
+    """The compiled overload of dispatcher ``fn`` for ``args``, called directly: a call
+    through the dispatcher types every argument again (about 2.5 us of a short step).
+    Only for calls whose every argument type the caller's key fixes."""
+    try:
+        cres = fn.overloads.get(tuple(fn.typeof_pyval(a) for a in args))
+    except Exception:  # pragma: no cover - anything unexpected: keep the dispatcher
+        return fn
+    return fn if cres is None else cres.entry_point
 
 
 def reduce_chunks(fn, table: ChunkTable, scalars, maximum=False, accumulate=np.float64,

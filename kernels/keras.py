@@ -400,7 +400,7 @@ SGD = _spec(
 RMSPROP = _spec(
     "RMSprop", keras_rmsprop_element, rmsprop_scalars,
     (_unit("rho", 0.9), _unit("momentum", 0.0), _EPSILON, _s.hyper("centered", False, _s.flag())),
-    (_s.Column("velocity"), _s.Column("momentum", when=lambda g: g["momentum"] > 0),
+    (_s.Column("velocity", unsigned=True), _s.Column("momentum", when=lambda g: g["momentum"] > 0),
      _s.Column("average_gradient", when=lambda g: g["centered"])), _reference.keras_rmsprop,
     bench=_bench("rmsprop", learning_rate=1e-3),
     doc="""keras.optimizers.RMSprop: eps inside the square root, lr inside the momentum.
@@ -409,15 +409,15 @@ RMSPROP = _spec(
 ADAGRAD = _spec(
     "Adagrad", keras_adagrad_element, adagrad_scalars,
     (_s.hyper("initial_accumulator_value", 0.1, _s.real(low=0.0)), _EPSILON),
-    (_s.Column("accumulator", initial="initial_accumulator_value"),), _reference.keras_adagrad,
+    (_s.Column("accumulator", initial="initial_accumulator_value", unsigned=True),), _reference.keras_adagrad,
     sparse=_rows(_reference.keras_adagrad), bench=_bench("adagrad", learning_rate=1e-2),
     doc="""keras.optimizers.Adagrad: accumulators start at 0.1, eps inside the square root.
     State: ``accumulator``.""")
 
 _ADAM_HYPERS = (_beta("beta_1", 0.9), _beta("beta_2", 0.999), _EPSILON,
                 _s.hyper("amsgrad", False, _s.flag()))
-_ADAM_COLUMNS = (_s.Column("momentum"), _s.Column("velocity"),
-                 _s.Column("velocity_hat", when=lambda g: g["amsgrad"]))
+_ADAM_COLUMNS = (_s.Column("momentum"), _s.Column("velocity", unsigned=True),
+                 _s.Column("velocity_hat", when=lambda g: g["amsgrad"], unsigned=True))
 
 ADAM = _spec(
     "Adam", keras_adam_element, adam_scalars, _ADAM_HYPERS, _ADAM_COLUMNS, _reference.keras_adam,
@@ -437,7 +437,7 @@ ADAMW = dataclasses.replace(
 ADAMAX = _spec(
     "Adamax", keras_adamax_element, adamax_scalars,
     (_beta("beta_1", 0.9), _beta("beta_2", 0.999), _EPSILON),
-    (_s.Column("momentum"), _s.Column("norm")), _reference.keras_adamax,
+    (_s.Column("momentum"), _s.Column("norm", unsigned=True)), _reference.keras_adamax,
     bench=_bench("adamax", learning_rate=1e-3),
     doc="""keras.optimizers.Adamax: ``w -= lr m / ((1 - b1^t)(u + eps))``, ``u = max(b2 u, |g|)``.
     State: ``momentum``, ``norm``.""")
@@ -445,7 +445,7 @@ ADAMAX = _spec(
 NADAM = _spec(
     "Nadam", keras_nadam_element, nadam_scalars,
     (_beta("beta_1", 0.9), _beta("beta_2", 0.999), _EPSILON),
-    (_s.Column("momentum"), _s.Column("velocity")), _reference.keras_nadam,
+    (_s.Column("momentum"), _s.Column("velocity", unsigned=True)), _reference.keras_nadam,
     host=_s.HostState("u_product", _advance_u), bench=_bench("nadam", learning_rate=1e-3),
     doc="""keras.optimizers.Nadam: the schedule ``u_t = b1 (1 - 0.5 * 0.96^t)`` and its product.
     State: ``momentum``, ``velocity`` (and ``u_product`` in the state dict).""")
@@ -453,7 +453,8 @@ NADAM = _spec(
 ADADELTA = _spec(
     "Adadelta", keras_adadelta_element, adadelta_scalars,
     (_unit("rho", 0.95), _EPSILON),
-    (_s.Column("accumulated_grad"), _s.Column("accumulated_delta_var")), _reference.keras_adadelta,
+    (_s.Column("accumulated_grad", unsigned=True),
+     _s.Column("accumulated_delta_var", unsigned=True)), _reference.keras_adadelta,
     bench=_bench("adadelta", learning_rate=1.0),
     doc="""keras.optimizers.Adadelta: ``delta = -sqrt(a + eps) g / sqrt(s + eps)``, ``w += lr delta``.
     State: ``accumulated_grad``, ``accumulated_delta_var``.""")

@@ -120,7 +120,7 @@ SPEC = _s.Spec(
     name="LAMB", functional="lamb", element=lamb_element, scalars=lamb_scalars,
     hypers=(_s.lr(1e-3), _s.hyper("betas", (0.9, 0.999), _s.betas()), _s.eps(1e-6),
             _s.weight_decay(), _s.hyper("eps_root", 0.0, _s.real(low=0.0), keyword=True)),
-    columns=(_s.Column("exp_avg"), _s.Column("exp_avg_sq")),
+    columns=(_s.Column("exp_avg"), _s.Column("exp_avg_sq", unsigned=True)),
     per_tensor=_s.PerTensor(reducer=lamb_moments, writes=MOMENTS_WRITES, step_writes=STEP_WRITES,
                             values=lambda group, sums: trust_ratios(sums[:, 0], sums[:, 1])),
     reference=_reference.lamb, oracle="optax.lamb",

@@ -14,16 +14,20 @@ optimizer math.
 
 Storage formats (``FORMATS``): ``"native"`` is the param's own float dtype (float32 or
 float64; the math runs in it); ``"float16"`` and ``"bfloat16"`` are 16-bit patterns
-widened to float32 on load and rounded to nearest even on store. Room is left for
-blocked formats (8-bit codes with one float32 scale per block of elements) as one more
-name here plus a loader and storer in each driver.
+widened to float32 on load and rounded to nearest even on store; ``"int8-signed"`` and
+``"int8-unsigned"`` are blockwise 8-bit codes of the dynamic maps (kernels/blockwise.py)
+with one float32 absmax per block of ``Layout.block`` elements: a chunk holds whole
+blocks, and a block's values are decoded, stepped, and re-encoded with their new absmax
+within the chunk's work (float32 math only).
 """
 from __future__ import annotations
 
 from typing import NamedTuple
 
 NATIVE, FLOAT16, BFLOAT16 = "native", "float16", "bfloat16"
-FORMATS = (NATIVE, FLOAT16, BFLOAT16)
+INT8_SIGNED, INT8_UNSIGNED = "int8-signed", "int8-unsigned"
+BLOCKWISE = (INT8_SIGNED, INT8_UNSIGNED)
+FORMATS = (NATIVE, FLOAT16, BFLOAT16) + BLOCKWISE
 
 # Per-row modes: one value per row of a merge=False table (kernels/per_tensor.py).
 ROW_NONE, ROW_GRAD, ROW_SLOT = 0, 1, 2
@@ -62,6 +66,7 @@ class Layout(NamedTuple):
              param column holds float32 master weights, the gradients are 16-bit in
              this format and every updated weight is also stored, rounded, in the
              model column.
+    block:   elements per block of the blockwise columns (0 when there are none).
     """
 
     reads: tuple
@@ -70,13 +75,20 @@ class Layout(NamedTuple):
     row_mode: int = ROW_NONE
     row_slot: int = 0
     model: str = ""
+    block: int = 0
 
     @property
     def n_slots(self) -> int:
         return len(self.reads)
 
+    @property
+    def blockwise(self) -> tuple:
+        """The state positions stored blockwise, in order (their absmax columns' order)."""
+        return tuple(k for k, f in enumerate(self.formats) if f in BLOCKWISE and self.reads[k])
+
     @classmethod
-    def of(cls, reads, writes=None, formats=None, row_mode=ROW_NONE, row_slot=0, model=""):
+    def of(cls, reads, writes=None, formats=None, row_mode=ROW_NONE, row_slot=0, model="",
+           block=0):
         """A checked layout; ``writes`` defaults to ``reads``, ``formats`` to native."""
         reads = tuple(bool(r) for r in reads)
         writes = reads if writes is None else tuple(bool(w) and r for w, r in zip(writes, reads))
@@ -92,12 +104,21 @@ class Layout(NamedTuple):
                 raise ValueError(f"row_slot {row_slot} must name an absent state position")
         if model not in MODELS:
             raise ValueError(f"unknown model column {model!r}; expected one of {MODELS}")
-        return cls(reads, writes, formats, int(row_mode), int(row_slot), str(model))
+        blocked = any(f in BLOCKWISE and r for f, r in zip(formats, reads))
+        if blocked != (int(block) > 0):
+            raise ValueError(f"block must be positive exactly when a blockwise column is read, "
+                             f"got block={block} for formats {formats}")
+        if blocked and any(r and not w for r, w, f in zip(reads, writes, formats) if f in BLOCKWISE):
+            raise ValueError("a blockwise column is re-encoded with its block's new absmax: "
+                             "it cannot be read without being written")
+        return cls(reads, writes, formats, int(row_mode), int(row_slot), str(model), int(block))
 
     def tag(self) -> str:
         """A short name fragment: part of the generated driver's name and cache entry."""
         bits = "".join("w" if w else ("r" if r else "-") for r, w in zip(self.reads, self.writes))
-        fmt = "".join({NATIVE: "n", FLOAT16: "h", BFLOAT16: "b"}[f] for f in self.formats)
+        fmt = "".join({NATIVE: "n", FLOAT16: "h", BFLOAT16: "b", INT8_SIGNED: "s",
+                       INT8_UNSIGNED: "u"}[f] for f in self.formats)
         row = f"_row{self.row_mode}{self.row_slot}" if self.row_mode else ""
         model = f"_m{self.model.replace('-', '')}" if self.model else ""
-        return f"{bits}_{fmt}{row}{model}"
+        block = f"_B{self.block}" if self.block else ""
+        return f"{bits}_{fmt}{row}{model}{block}"

@@ -97,7 +97,7 @@ SPEC = _s.Spec(
     hypers=(_s.lr(2e-3), _s.hyper("betas", (0.9, 0.999), _s.betas()), _s.eps(1e-8),
             _s.weight_decay(), _s.hyper("momentum_decay", 4e-3, _s.real(low=0.0)),
             _s.hyper("decoupled_weight_decay", False, _s.flag()), _s.maximize()),
-    columns=(_s.Column("exp_avg"), _s.Column("exp_avg_sq")),
+    columns=(_s.Column("exp_avg"), _s.Column("exp_avg_sq", unsigned=True)),
     host=_s.HostState("mu_product", _advance),
     reference=_reference.nadam, oracle="torch.optim.NAdam",
     doc="""NAdam: Adam with Nesterov momentum and torch's momentum schedule.

@@ -99,7 +99,7 @@ SPEC = _s.Spec(
     hypers=(_s.lr(1e-3), _s.hyper("betas", (0.9, 0.999), _s.betas()), _s.eps(1e-8),
             _s.weight_decay(), _s.hyper("decoupled_weight_decay", False, _s.flag()),
             _s.maximize()),
-    columns=(_s.Column("exp_avg"), _s.Column("exp_avg_sq")),
+    columns=(_s.Column("exp_avg"), _s.Column("exp_avg_sq", unsigned=True)),
     reference=_reference.radam, oracle="torch.optim.RAdam",
     doc="""RAdam: Adam with a rectified adaptive learning rate (torch's threshold rho_t > 5).
 

@@ -72,7 +72,7 @@ SPEC = _s.Spec(
     hypers=(_s.lr(1e-2), _s.hyper("alpha", 0.99, _s.real(low=0.0, high=1.0)), _s.eps(1e-8),
             _s.weight_decay(), _s.hyper("momentum", 0.0, _s.real(low=0.0)),
             _s.hyper("centered", False, _s.flag()), _s.maximize()),
-    columns=(_s.Column("square_avg"),
+    columns=(_s.Column("square_avg", unsigned=True),
              _s.Column("momentum_buffer", when=lambda g: g["momentum"] > 0),
              _s.Column("grad_avg", when=lambda g: g["centered"])),
     reference=_reference.rmsprop, oracle="torch.optim.RMSprop",

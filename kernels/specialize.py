@@ -75,6 +75,7 @@ class Flags(tuple):
     def __new__(cls, pairs=(), fields=()):
         self = super().__new__(cls, pairs)
         self.fields = tuple(fields)
+        self._hash = hash((tuple(self), self.fields))
         return self
 
     def __eq__(self, other):
@@ -84,7 +85,12 @@ class Flags(tuple):
         return not self == other
 
     def __hash__(self):
-        return hash((tuple(self), self.fields))
+        return self._hash
+
+
+# One Flags object per (scalars class, flag values): a step asks for its flags every
+# time, and a driver key that hashes an object made anew each step cost microseconds.
+_FLAGS: dict = {}
 
 
 def flags_of(h) -> tuple:
@@ -101,9 +107,14 @@ def flags_of(h) -> tuple:
         runtime = getattr(cls, "RUNTIME_FLAGS", ())
         index = tuple(i for i, x in enumerate(h) if isinstance(x, (bool, np.bool_))
                       and (fields is None or fields[i] not in runtime))
-        if fields is not None:      # a NamedTuple class has one layout; a plain tuple not
-            _FLAG_FIELDS[cls] = index
-    return Flags(((i, bool(h[i])) for i in index), getattr(h, "_fields", ()))
+        if fields is None:          # a plain tuple: no class to remember its layout by
+            return Flags(((i, bool(h[i])) for i in index), ())
+        _FLAG_FIELDS[cls] = index
+    key = (cls, tuple([h[i] for i in index]))
+    flags = _FLAGS.get(key)
+    if flags is None:
+        flags = _FLAGS[key] = Flags(((i, bool(h[i])) for i in index), h._fields)
+    return flags
 
 
 def freezer(flags: tuple):

@@ -1,0 +1,313 @@
+"""Low-bit optimizer state: the ``state_format`` option and its host-side conversions.
+
+``state_format`` (every optimizer's keyword) stores the state columns:
+
+- ``"float32"`` (default): in the params' own dtype, as torch does.
+- ``"bfloat16"``: 16-bit patterns widened to float32 for the math and rounded to
+  nearest even when stored (4 B of Adam state per parameter instead of 8).
+- ``"int8"``: blockwise 8-bit codes of the dynamic maps with one float32 absmax per
+  ``block_size`` elements (kernels/blockwise.py; about 2.03 B of Adam state per
+  parameter). Tensors under ``min_8bit_size`` elements keep float32 state, as
+  bitsandbytes does: their blocks' absmax would cost more than it saves, and small
+  tensors (norms, biases) are the ones most sensitive to quantization.
+
+State keys: a column keeps its torch name (``exp_avg``); an int8 column holds its codes
+there (uint8, the param's shape) and its absmax in ``<name>_absmax``; state dicts also
+carry the map as ``<name>_qmap`` and the option as ``state_dict()["state_format"]``.
+Loading converts: a float32 state (fastopt's or torch's) into an int8 or bfloat16
+optimizer is quantized, an int8 state into a float32 one is expanded, an int8 state with
+another map (bitsandbytes') is decoded with its own map and encoded with fastopt's.
+:func:`from_bitsandbytes` turns a bitsandbytes 8-bit state dict into fastopt's.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .kernels import blockwise
+from .kernels.layout import BFLOAT16, INT8_SIGNED, INT8_UNSIGNED, NATIVE
+
+FLOAT32, BF16, INT8 = "float32", "bfloat16", "int8"
+STATE_FORMATS = (FLOAT32, BF16, INT8)
+ABSMAX, QMAP = "_absmax", "_qmap"
+_KIND = {INT8_SIGNED: blockwise.SIGNED, INT8_UNSIGNED: blockwise.UNSIGNED}
+
+
+@dataclasses.dataclass(frozen=True)
+class StateFormat:
+    """An optimizer's ``state_format``, ``block_size`` and ``min_8bit_size``."""
+
+    name: str = FLOAT32
+    block_size: int = blockwise.BLOCK
+    min_8bit_size: int = blockwise.MIN_SIZE
+
+    @classmethod
+    def checked(cls, name, block_size, min_8bit_size) -> "StateFormat":
+        if name not in STATE_FORMATS:
+            raise ValueError(f"state_format must be one of {', '.join(map(repr, STATE_FORMATS))}, "
+                             f"got {name!r}")
+        for label, value in (("block_size", block_size), ("min_8bit_size", min_8bit_size)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise TypeError(f"{label} must be an int, got {type(value).__name__} {value!r}")
+        block_size, min_8bit_size = int(block_size), int(min_8bit_size)
+        if not 16 <= block_size <= 1 << 16 or block_size & (block_size - 1):
+            raise ValueError(f"block_size must be a power of two from 16 to 65536, got {block_size}")
+        if min_8bit_size < 0:
+            raise ValueError(f"min_8bit_size must be >= 0, got {min_8bit_size}")
+        return cls(name, block_size, min_8bit_size)
+
+    @property
+    def is_default(self) -> bool:
+        return self.name == FLOAT32
+
+    def storage(self, column, size: int) -> str:
+        """The storage format (kernels/layout.py) of state ``column`` (a spec Column)
+        for a param of ``size`` elements."""
+        if self.name == BF16:
+            return BFLOAT16
+        if self.name == INT8 and size >= self.min_8bit_size and size > 0:
+            return INT8_UNSIGNED if column.unsigned else INT8_SIGNED
+        return NATIVE
+
+    def record(self) -> dict:
+        return {"format": self.name, "block_size": self.block_size,
+                "min_8bit_size": self.min_8bit_size}
+
+
+def bfloat16():
+    from .kernels.lowp import bfloat16_dtype
+    dtype = bfloat16_dtype()
+    if dtype is None:  # pragma: no cover - ml_dtypes is a dependency
+        raise ImportError("state_format='bfloat16' needs ml_dtypes (pip install ml_dtypes)")
+    return dtype
+
+
+def n_blocks(size: int, block: int) -> int:
+    return -(-int(size) // int(block))
+
+
+def qmap(storage: str) -> np.ndarray:
+    return blockwise.dynamic_map(_KIND[storage])
+
+
+# -- host conversions (loads, initial fills): the encoder the drivers compile, in NumPy ----------
+def encode(values, storage: str, block: int):
+    """``(codes, absmax)`` of float32 ``values`` in an int8 ``storage`` (its shape kept)."""
+    x = np.ascontiguousarray(values, dtype=np.float32)
+    flat = x.reshape(-1)
+    nb = n_blocks(flat.size, block)
+    padded = np.zeros(nb * block, dtype=np.float32)
+    padded[:flat.size] = flat
+    blocks = padded.reshape(nb, block)
+    # the largest magnitude by its bits: a NaN sorts above infinity, as in the drivers
+    top = (blocks.view(np.uint32) & np.uint32(0x7FFFFFFF)).max(axis=1) if nb else \
+        np.zeros(0, np.uint32)
+    absmax = top.astype(np.uint32).view(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        inv = np.where(absmax > 0, np.float32(1.0) / np.where(absmax > 0, absmax, 1),
+                       np.float32(0)).astype(np.float32)
+        scaled = (blocks * inv[:, None]).reshape(-1)[:flat.size]
+    lut, mid = blockwise.encoder(_KIND[storage])
+    u = scaled.view(np.uint32)
+    exponent = np.clip(((u >> 23) & 0xFF).astype(np.int64) - 96, 0, 31)
+    key = ((u >> 31).astype(np.int64) << 12) | (exponent << 7) | ((u >> 16) & 0x7F).astype(np.int64)
+    c = lut[key]
+    with np.errstate(invalid="ignore"):
+        codes = (c + (scaled > mid[c])).astype(np.uint8)
+    return codes.reshape(x.shape), absmax.astype(np.float32)
+
+
+def decode(codes, absmax, block: int, table) -> np.ndarray:
+    """float32 values of ``codes`` with their blocks' ``absmax`` under map ``table``."""
+    codes = np.asarray(codes)
+    flat = codes.reshape(-1)
+    scale = np.repeat(np.asarray(absmax, dtype=np.float32), block)[:flat.size]
+    return (np.asarray(table, dtype=np.float32)[flat] * scale).reshape(codes.shape)
+
+
+def filled(storage: str, shape, fill: float, block: int, xp=np) -> dict:
+    """The arrays of a new column in ``storage`` holding ``fill`` everywhere:
+    ``{"": values or codes, ABSMAX: absmax}`` (absmax only for int8)."""
+    size = int(np.prod(shape, dtype=np.int64))
+    if storage in _KIND:
+        codes, absmax = encode(np.full(min(size, block), fill, np.float32), storage, block)
+        code = codes.reshape(-1)[0] if size else 0
+        a = absmax[0] if size else 0.0
+        return {"": xp.full(shape, code, dtype=np.uint8),
+                ABSMAX: xp.full(n_blocks(size, block), a, dtype=np.float32)}
+    return {"": None}
+
+
+def as_float32(arrays: dict, name: str, storage: str, block: int) -> np.ndarray:
+    """A column's values in float32 from its arrays (host copies)."""
+    a = np.asarray(arrays[name])
+    if storage in _KIND:
+        return decode(a, arrays[name + ABSMAX], block, qmap(storage))
+    if storage == BFLOAT16:
+        return a.astype(np.float32)
+    return a
+
+
+def from_float32(values, storage: str, block: int, dtype) -> dict:
+    """A column's arrays ``{"": ..., ABSMAX: ...}`` holding float32 ``values``."""
+    if storage in _KIND:
+        codes, absmax = encode(values, storage, block)
+        return {"": codes, ABSMAX: absmax}
+    if storage == BFLOAT16:
+        return {"": np.asarray(values, dtype=np.float32).astype(bfloat16())}
+    return {"": np.asarray(values).astype(dtype)}
+
+
+# -- state dicts ----------------------------------------------------------------------------------
+def saved_arrays(opt, i, st) -> dict:
+    """Param ``i``'s state arrays for a state dict: host copies, plus each int8 column's
+    map as ``<name>_qmap``."""
+    from ._state import _host
+    out = {name: _host(a) for name, a in st.items()}
+    for name in opt.slot_names:
+        if name + ABSMAX in st:
+            out[name + QMAP] = qmap(opt._storage(name, st[name])).copy()
+    return out
+
+
+def _checked_record(record, where) -> int | None:
+    """The block size a state dict's ``state_format`` record declares (None: no record)."""
+    if record is None:
+        return None
+    if not isinstance(record, dict) or "block_size" not in record:
+        raise ValueError(f"{where} must be a dict with 'format' and 'block_size', got {record!r}")
+    block = record["block_size"]
+    if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block <= 0:
+        raise ValueError(f"{where}['block_size'] must be a positive int, got {block!r}")
+    return int(block)
+
+
+def loaded_arrays(opt, p, st, keys, record, where) -> dict:
+    """The arrays to store for param ``p`` from a saved state ``st`` (its ``keys``):
+    every column converted to this optimizer's storage, everything checked first."""
+    from . import _validate
+    saved_block = _checked_record(record, "state_dict['state_format']")
+    out = {}
+    suffixed = {k for k in keys if k.endswith(ABSMAX) or k.endswith(QMAP)}
+    for key in suffixed:
+        base = key[:-len(ABSMAX)] if key.endswith(ABSMAX) else key[:-len(QMAP)]
+        if base not in keys:
+            raise ValueError(f"{where}[{key!r}] belongs to a state column {base!r} it lacks")
+    for name in keys - suffixed:
+        label = f"{where}[{name!r}]"
+        src = st[name]
+        if not hasattr(src, "dtype"):
+            src = np.asarray(src)
+        dtype = np.dtype(src.dtype)
+        shape = tuple(np.shape(src))
+        if shape != tuple(p.shape):
+            raise ValueError(f"{label} has shape {shape}, expected {tuple(p.shape)} like the param")
+        storage = opt._storage(name, p) if name in opt.slot_names else NATIVE
+        if dtype == np.uint8:
+            values = _saved_codes(opt, name, p, st, saved_block, storage, label, where, out)
+            if values is None:
+                continue
+        elif dtype == bfloat16() or dtype.kind == "f":
+            if name + ABSMAX in st:
+                raise ValueError(f"{label} is {dtype} but has an absmax: int8 codes are uint8")
+            if storage == NATIVE:
+                _validate.state_array(src, p, label, "the param")
+                out[name] = src
+                continue
+            values = np.asarray(src, dtype=np.float32)
+        else:
+            raise TypeError(f"{label} has dtype {dtype}, expected a floating dtype, bfloat16 "
+                            "or uint8 codes (int8 state)")
+        for suffix, a in from_float32(values, storage, opt.state_format.block_size,
+                                      np.dtype(np.float32) if storage != NATIVE else
+                                      _state_dtype(p)).items():
+            out[name + suffix] = a
+    return out
+
+
+def _state_dtype(p):
+    return np.dtype(np.float32) if np.dtype(p.dtype).itemsize == 2 else np.dtype(p.dtype)
+
+
+def _saved_codes(opt, name, p, st, block, storage, label, where, out):
+    """Saved int8 codes of column ``name``: checked; copied into ``out`` as they are when
+    they are already this optimizer's (same map and block: bit for bit), else returned
+    as float32 values to convert."""
+    if name + ABSMAX not in st:
+        raise ValueError(f"{label} holds uint8 codes but {where} lacks {name + ABSMAX!r}")
+    if block is None:
+        raise ValueError(f"{label} holds int8 codes, but the state dict has no 'state_format' "
+                         "record saying their block_size")
+    codes = np.asarray(st[name])
+    absmax = np.asarray(st[name + ABSMAX])
+    want = n_blocks(p.size, block)
+    if absmax.ndim != 1 or absmax.size != want or absmax.dtype.kind != "f":
+        raise ValueError(f"{where}[{name + ABSMAX!r}] has shape {absmax.shape} and dtype "
+                         f"{absmax.dtype}, expected {want} floats (one per block of {block} of "
+                         f"the param's {p.size} elements)")
+    column = opt.spec.column(name) if name in opt.slot_names else None
+    kind = INT8_UNSIGNED if column is not None and column.unsigned else INT8_SIGNED
+    table = st.get(name + QMAP)
+    if table is None:
+        table = qmap(kind)
+    table = np.asarray(table)
+    if table.shape != (256,) or table.dtype.kind != "f" or not np.all(np.isfinite(table)) \
+            or np.any(np.diff(table.astype(np.float64)) < 0) or np.abs(table).max() > 1:
+        raise ValueError(f"{where}[{name + QMAP!r}] must be 256 finite, sorted values in [-1, 1]")
+    table = table.astype(np.float32)
+    if storage == kind and block == opt.state_format.block_size and \
+            np.array_equal(table.view(np.uint32), qmap(kind).view(np.uint32)):
+        out[name], out[name + ABSMAX] = codes.copy(), absmax.astype(np.float32)
+        return None
+    return decode(codes, absmax.astype(np.float32), block, table)
+
+
+def from_bitsandbytes(state_dict: dict, opt) -> dict:
+    """A bitsandbytes 8-bit optimizer's state dict (tensors as NumPy arrays) as a state
+    dict ``opt`` (a fastopt optimizer of the same kind, same params) loads.
+
+    bitsandbytes names its columns ``state1``/``state2`` (codes or float32 values),
+    ``absmax1``/``absmax2`` and ``qmap1``/``qmap2``; they become ``opt``'s first and
+    second state columns, with its block size (256). Group hyperparameters bitsandbytes
+    shares with ``opt`` (lr, betas, eps, weight_decay, ...) are taken, the others keep
+    ``opt``'s values. Note bitsandbytes' Adam8bit decays weights decoupled, as AdamW.
+    """
+    if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+        raise ValueError("state_dict must be a bitsandbytes state dict with 'state' and 'param_groups'")
+    names = [c.name for c in opt.spec.columns]
+    state = {}
+    for pid, st in state_dict["state"].items():
+        if not isinstance(st, dict):
+            raise ValueError(f"state_dict['state'][{pid!r}] must be a dict")
+        d = {}
+        for key, value in st.items():
+            if key == "step":
+                d["step"] = value
+                continue
+            for bnb, ours in (("state", ""), ("absmax", ABSMAX), ("qmap", QMAP)):
+                if key.startswith(bnb) and key[len(bnb):].isdigit():
+                    k = int(key[len(bnb):]) - 1
+                    if not 0 <= k < len(names):
+                        raise ValueError(f"state_dict['state'][{pid!r}] has {key!r}, but "
+                                         f"{type(opt).__name__} has {len(names)} state columns")
+                    d[names[k] + ours] = np.asarray(value)
+                    break
+            else:
+                if key != "unorm_vec":
+                    raise ValueError(f"state_dict['state'][{pid!r}] has {key!r}, not a "
+                                     "bitsandbytes optimizer state key")
+        state[pid] = d
+    groups = []
+    for saved, mine in zip(state_dict["param_groups"], opt.param_groups):
+        group = {k: v for k, v in mine.items() if k != "params"}
+        for k, v in saved.items():
+            if k in group and k != "params":
+                group[k] = tuple(v) if k == "betas" else v
+        if "betas" in group and len(group["betas"]) > 2:
+            group["betas"] = tuple(group["betas"][:2])
+        group["params"] = list(saved.get("params", ()))
+        groups.append(group)
+    return {"state": state, "param_groups": groups,
+            "state_format": {"format": INT8, "block_size": blockwise.BLOCK,
+                             "min_8bit_size": blockwise.MIN_SIZE}}
