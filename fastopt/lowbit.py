@@ -108,13 +108,13 @@ def encode(values, storage: str, block: int):
         inv = np.where(absmax > 0, np.float32(1.0) / np.where(absmax > 0, absmax, 1),
                        np.float32(0)).astype(np.float32)
         scaled = (blocks * inv[:, None]).reshape(-1)[:flat.size]
-    lut, mid = blockwise.encoder(_KIND[storage])
-    u = scaled.view(np.uint32)
-    exponent = np.clip(((u >> 23) & 0xFF).astype(np.int64) - 96, 0, 31)
-    key = ((u >> 31).astype(np.int64) << 12) | (exponent << 7) | ((u >> 16) & 0x7F).astype(np.int64)
-    c = lut[key]
-    with np.errstate(invalid="ignore"):
-        codes = (c + (scaled > mid[c])).astype(np.uint8)
+    table = blockwise.encoder(_KIND[storage]).astype(np.int64)
+    u = scaled.view(np.uint32).astype(np.int64)
+    sign = u >> 31
+    exponent = np.clip(((u >> 23) & 0xFF) - 96, 0, 31)
+    entry = table[(sign << 12) | (exponent << 7) | ((u >> 16) & 0x7F)]
+    step = ((u & 0xFFFF) > (entry & 0xFFFF)).astype(np.int64)
+    codes = ((entry >> 16) + step - 2 * step * sign).astype(np.uint8)
     return codes.reshape(x.shape), absmax.astype(np.float32)
 
 
@@ -269,21 +269,36 @@ def from_bitsandbytes(state_dict: dict, opt) -> dict:
 
     bitsandbytes names its columns ``state1``/``state2`` (codes or float32 values),
     ``absmax1``/``absmax2`` and ``qmap1``/``qmap2``; they become ``opt``'s first and
-    second state columns, with its block size (256). Group hyperparameters bitsandbytes
-    shares with ``opt`` (lr, betas, eps, weight_decay, ...) are taken, the others keep
-    ``opt``'s values. Note bitsandbytes' Adam8bit decays weights decoupled, as AdamW.
+    second state columns, with its block size (256). Since 0.49.2 its ``state_dict()``
+    nests them under ``"__bnb_optimizer_quant_state__"`` (hidden from FSDP); both forms
+    load. Codes saved with another map than fastopt's (bitsandbytes' signed map keeps
+    -0.99297 as code 0 where fastopt has -1.0) are decoded with the saved map and encoded
+    with fastopt's. ``unorm_vec`` and ``gnorm_vec`` (norm scratch buffers) are dropped;
+    ``max1``/``new_max1`` (non-blockwise 8-bit state, ``block_wise=False``) are refused.
+    Group hyperparameters bitsandbytes shares with ``opt`` (lr, betas, eps,
+    weight_decay, ...) are taken, the others keep ``opt``'s values. Note bitsandbytes'
+    Adam8bit decays weights decoupled, as AdamW.
     """
     if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
         raise ValueError("state_dict must be a bitsandbytes state dict with 'state' and 'param_groups'")
+    wrapper = "__bnb_optimizer_quant_state__"   # Optimizer8bit._FSDP_WRAPPED_QUANT_STATE_KEY
     names = [c.name for c in opt.spec.columns]
     state = {}
     for pid, st in state_dict["state"].items():
         if not isinstance(st, dict):
             raise ValueError(f"state_dict['state'][{pid!r}] must be a dict")
+        st = dict(st)
+        wrapped = st.pop(wrapper, None)
+        if wrapped is not None:
+            if not isinstance(wrapped, dict):
+                raise ValueError(f"state_dict['state'][{pid!r}][{wrapper!r}] must be a dict")
+            st.update(wrapped)
         d = {}
         for key, value in st.items():
             if key == "step":
                 d["step"] = value
+                continue
+            if key in ("unorm_vec", "gnorm_vec"):
                 continue
             for bnb, ours in (("state", ""), ("absmax", ABSMAX), ("qmap", QMAP)):
                 if key.startswith(bnb) and key[len(bnb):].isdigit():
@@ -294,9 +309,12 @@ def from_bitsandbytes(state_dict: dict, opt) -> dict:
                     d[names[k] + ours] = np.asarray(value)
                     break
             else:
-                if key != "unorm_vec":
-                    raise ValueError(f"state_dict['state'][{pid!r}] has {key!r}, not a "
-                                     "bitsandbytes optimizer state key")
+                if key.startswith(("max", "new_max")):
+                    raise ValueError(f"state_dict['state'][{pid!r}] has {key!r}: non-blockwise "
+                                     "8-bit state (bitsandbytes' block_wise=False) does not load; "
+                                     "only blockwise state does")
+                raise ValueError(f"state_dict['state'][{pid!r}] has {key!r}, not a "
+                                 "bitsandbytes optimizer state key")
         state[pid] = d
     groups = []
     for saved, mine in zip(state_dict["param_groups"], opt.param_groups):

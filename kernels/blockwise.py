@@ -24,12 +24,14 @@ for bit.
 
 Nearest-code search without a binary search: the top 16 bits of a float32 (sign,
 exponent, 7 mantissa bits) split [-1, 1] into buckets each narrower than the gap
-between two neighbouring map values, so a bucket holds at most one of the midpoints
-between map values. :func:`encoder` builds, per map, ``lut[key]`` (the code of the
-bucket's lowest value) and ``mid[c]`` (the midpoint above code ``c``), and a value's
-code is ``lut[key] + (x > mid[lut[key]])``: two table reads and a compare, vectorisable.
-Exponents below 2^-30 (far below the maps' smallest magnitude, 5.5e-7) share one bucket
-per sign, so the table has 2 x 32 x 128 entries.
+between two neighbouring map values, so a bucket holds at most one of the thresholds
+between map values (where, in float32 arithmetic, the upper neighbour becomes the
+nearer). Within a bucket the float's order is the order of its low 16 bits, so
+:func:`encoder` stores per bucket one int32: the code at the bucket's start and the low
+16 bits where the code steps; a value's code is one table read and integer arithmetic
+(:func:`encode`), which LLVM vectorises. Exponents below 2^-30 (far below the maps'
+smallest magnitude, 5.5e-7) share one bucket per sign, so the table has 2 x 32 x 128
+entries (32 KB).
 """
 from __future__ import annotations
 
@@ -137,30 +139,46 @@ def _thresholds(qmap: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=None)
-def _encoder(kind: str) -> tuple:
+def _encoder(kind: str) -> np.ndarray:
     qmap = dynamic_map(kind)
-    # mid[c]: above it, code c + 1 is nearer than code c; mid[255] = inf.
-    mid = np.full(257, np.inf, dtype=np.float32)
-    mid[:255] = _thresholds(qmap)
+    # mid[c]: the largest float32 at which code c is still nearer than c + 1
+    mid = _thresholds(qmap)
     lowest, highest = _bucket_bounds()
-    lut = np.searchsorted(mid[:255], lowest, side="left").astype(np.int32)
-    spread = np.searchsorted(mid[:255], highest, side="left") - lut
-    if spread.max() > 1:  # pragma: no cover - holds for both dynamic maps (tested)
-        raise AssertionError(f"a bucket of the {kind} map holds {spread.max()} code boundaries")
-    for a in (lut, mid):
-        a.setflags(write=False)
-    return lut, mid
+    negative = np.arange(_KEYS) >= _KEYS // 2
+    # each bucket holds at most one threshold (its float32 values are closer together
+    # than any two map values): the bucket's code at its zero-low-bits end, and where
+    # inside the bucket the code steps
+    first = np.searchsorted(mid, lowest, side="left")
+    last = np.searchsorted(mid, highest, side="left")
+    if np.max(last - first) > 1:  # pragma: no cover - holds for both dynamic maps (tested)
+        raise AssertionError(f"a bucket of the {kind} map holds {np.max(last - first)} thresholds")
+    inside = last > first
+    # the threshold's low 16 bits (its high 16 bits are the bucket's)
+    t_low = mid[np.minimum(first, mid.size - 1)].view(np.uint32).astype(np.int64) & 0xFFFF
+    # positive buckets: code(x) = code(bucket start) + (x's low bits > the threshold's);
+    # negative ones run the other way: from the code of -|bucket start| (their highest
+    # value) down by one where |x| reaches the threshold's magnitude
+    start_code = np.where(negative, last, first)
+    step_at = np.where(inside, np.where(negative, t_low - 1, t_low), 0xFFFF)
+    # a negative bucket whose threshold is its very start steps at once
+    at_start = negative & inside & (t_low == 0)
+    start_code = np.where(at_start, start_code - 1, start_code)
+    step_at = np.where(at_start, 0xFFFF, step_at)
+    table = ((start_code.astype(np.int64) << 16) | step_at).astype(np.int32)
+    table.setflags(write=False)
+    return table
 
 
-def encoder(kind: str) -> tuple:
-    """``(lut, mid)`` of the nearest-code search for the ``kind`` dynamic map."""
+def encoder(kind: str) -> np.ndarray:
+    """The nearest-code table of the ``kind`` dynamic map: per bucket key, the code at the
+    bucket's start (bits 16-23) and the low 16 bits at which it steps (bits 0-15)."""
     return _encoder(kind)
 
 
 def _tag() -> str:
     digest = hashlib.sha1()
     for kind in (SIGNED, UNSIGNED):
-        for a in (dynamic_map(kind),) + encoder(kind):
+        for a in (dynamic_map(kind), encoder(kind)):
             digest.update(a.tobytes())
     return digest.hexdigest()[:8]
 
@@ -192,13 +210,19 @@ def inverse(absmax):
 
 
 @numba.njit(inline="always", cache=True)
-def encode(x, lut, mid):
-    """The code of the map value nearest to ``x`` (ties to the lower code)."""
+def encode(x, table):
+    """The code of the map value nearest to ``x`` (ties to the lower code): one read of
+    ``table`` (:func:`encoder`) and integer arithmetic, which vectorises."""
     u = _float_bits(x)
+    sign = u >> numba.uint32(31)
     exponent = (u >> numba.uint32(23)) & numba.uint32(0xFF)
     exponent = max(exponent, numba.uint32(_LOWEST_EXPONENT)) - numba.uint32(_LOWEST_EXPONENT)
     exponent = min(exponent, numba.uint32(31))
-    key = ((u >> numba.uint32(31)) << numba.uint32(12)) | (exponent << numba.uint32(7)) \
+    key = (sign << numba.uint32(12)) | (exponent << numba.uint32(7)) \
         | ((u >> numba.uint32(16)) & numba.uint32(0x7F))
-    c = lut[key]
-    return numba.uint8(c + (1 if x > mid[c] else 0))
+    entry = numba.int32(table[key])
+    # 1 when x's low bits pass the step (branch-free: both are 16-bit, so the
+    # difference's sign bit says it)
+    step = numba.uint32(((entry & numba.int32(0xFFFF)) - numba.int32(u & numba.uint32(0xFFFF)))
+                        >> numba.int32(31)) & numba.uint32(1)
+    return numba.uint8(numba.uint32(entry >> numba.int32(16)) + step - ((step * sign) << numba.uint32(1)))

@@ -60,8 +60,8 @@ def view(address, n, like):
 
 # -- the pieces ------------------------------------------------------------------------
 def _load(fmt: str, expr: str, k: int = 0) -> str:
-    if fmt in BLOCKWISE:            # the code's map value times the block's old absmax
-        return f"QMAP{k}[{expr}] * old{k}"
+    if fmt in BLOCKWISE:            # decoded into the block's buffer beforehand
+        return f"buf{k}[i]"
     return expr if fmt == NATIVE else f"lowp.load({expr}, {_KIND[fmt]}, like)"
 
 
@@ -123,8 +123,7 @@ def _element_lines(layout: Layout, out: str, first: int, scaled: bool, write_p: 
             continue
         value = f"{out}[{first + 1 + k}]"
         if layout.formats[k] in BLOCKWISE:      # kept for the block's encoding pass
-            lines += [f"buf{k}[i] = {value}",
-                      f"top{k} = max(top{k}, blockwise.magnitude_bits({value}))"]
+            lines.append(f"buf{k}[i] = {value}")
         else:
             lines.append(f"s{k}[i] = {_store(layout.formats[k], value)}")
     return lines
@@ -163,9 +162,11 @@ def step_source(name: str, layout: Layout, chunk: int) -> str:
 
 def _blockwise_step_source(name: str, layout: Layout, chunk: int) -> str:
     """The step over a layout with blockwise columns: each chunk (whole blocks) goes block
-    by block; a block's codes are decoded with its old absmax, the element runs, the new
-    values wait in a block-sized buffer while their largest magnitude is found, and are
-    encoded with the new absmax. Memory is read and written once; the buffers stay in L1."""
+    by block, in four short loops over a block that stays in L1, each simple enough for
+    LLVM to vectorise: decode each blockwise column into a float32 block buffer (its old
+    absmax times the map's value), run the element over the params, gradients and
+    buffers, then per column find the new values' largest magnitude (an integer max on
+    their bits) and encode them with the new absmax. Memory is read and written once."""
     size = layout.block
     if chunk % size:
         raise ValueError(f"the chunk ({chunk} elements) must hold whole blocks of {size}")
@@ -174,22 +175,24 @@ def _blockwise_step_source(name: str, layout: Layout, chunk: int) -> str:
     lines = [f"def {name}(table, chunks, like, bits, h, grad_scale, row_values, seed):",
              "    for c in prange(chunks.shape[0]):"]
     head = _chunk_head() + _row_values(layout) + [f"n_blocks = (n + {size - 1}) // {size}"]
-    for j, k in enumerate(blocked):
-        head += [f"absmax{k} = view(table[r, {first + j}], n_blocks, ABSMAX)",
+    for k in blocked:
+        head += [f"absmax{k} = view(table[r, {first + blocked.index(k)}], n_blocks, ABSMAX)",
                  f"buf{k} = np.empty({size}, np.float32)"]
     lines += _block(2, head + [f"for start in range(lo, hi, {size}):"])
-    body = [f"stop = min(start + {size}, hi)", f"b = start // {size}"]
+    body = [f"stop = min(start + {size}, hi)", f"b = start // {size}", "m = stop - start"]
     body += _chunk_views(layout, "start", "stop")
     for k in blocked:
-        body += [f"old{k} = absmax{k}[b]", f"top{k} = numba.uint32(0)"]
-    lines += _block(3, body + ["for i in range(stop - start):"])
+        body += [f"old{k} = absmax{k}[b]", "for i in range(m):",
+                 f"    buf{k}[i] = QMAP{k}[s{k}[i]] * old{k}"]
+    lines += _block(3, body + ["for i in range(m):"])
     lines += _block(4, _element_lines(layout, "out", 0, True, True,
                                       f"seed, c * {chunk} + start - lo + i"))
     for k in blocked:
-        lines += _block(3, [f"new{k} = blockwise.absmax_of(top{k})", f"absmax{k}[b] = new{k}",
-                            f"inv{k} = blockwise.inverse(new{k})",
-                            "for i in range(stop - start):",
-                            f"    s{k}[i] = blockwise.encode(buf{k}[i] * inv{k}, LUT{k}, MID{k})"])
+        lines += _block(3, [f"top{k} = numba.uint32(0)", "for i in range(m):",
+                            f"    top{k} = max(top{k}, blockwise.magnitude_bits(buf{k}[i]))",
+                            f"new{k} = blockwise.absmax_of(top{k})", f"absmax{k}[b] = new{k}",
+                            f"inv{k} = blockwise.inverse(new{k})", "for i in range(m):",
+                            f"    s{k}[i] = blockwise.encode(buf{k}[i] * inv{k}, CODES{k})"])
     return "\n".join(lines) + "\n"
 
 
@@ -279,7 +282,7 @@ def _blockwise_globals(layout: Layout) -> dict:
     for k in layout.blockwise:
         kind = blockwise.SIGNED if layout.formats[k] == INT8_SIGNED else blockwise.UNSIGNED
         names[f"QMAP{k}"] = blockwise.dynamic_map(kind)
-        names[f"LUT{k}"], names[f"MID{k}"] = blockwise.encoder(kind)
+        names[f"CODES{k}"] = blockwise.encoder(kind)
     return names
 
 

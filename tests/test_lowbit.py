@@ -70,6 +70,14 @@ def test_dynamic_map_matches_its_description(kind):
     assert ours[-1] == 1.0 and 0.0 in ours and ours[0] == (-1.0 if kind == blockwise.SIGNED else 0.0)
 
 
+@numba.njit(cache=True)
+def _encode_all(x, table):
+    out = np.empty(x.size, np.uint8)
+    for i in range(x.size):
+        out[i] = blockwise.encode(x[i], table)
+    return out
+
+
 @pytest.mark.parametrize("kind", [blockwise.SIGNED, blockwise.UNSIGNED])
 def test_encoder_is_the_nearest_code_ties_to_the_lower(kind):
     q = blockwise.dynamic_map(kind)
@@ -79,10 +87,15 @@ def test_encoder_is_the_nearest_code_ties_to_the_lower(kind):
         rng.uniform(-1, 1, 20000), 10.0 ** rng.uniform(-12, 0, 20000) * rng.choice([-1, 1], 20000),
         q, mids, np.nextafter(mids, np.float32(2)), np.nextafter(mids, np.float32(-2)),
         [0.0, -0.0, 1.0, -1.0, 1e-38, -1e-38, 1.0000001]]).astype(np.float32)
+    table = blockwise.encoder(kind)
+    thresholds = blockwise._thresholds(q)
+    # every threshold, the floats beside it, with both signs
+    edges = np.concatenate([thresholds, np.nextafter(thresholds, np.float32(2)),
+                            np.nextafter(thresholds, np.float32(-2))])
+    x = np.concatenate([x, edges, -edges]).astype(np.float32)
     # brute force in float32 arithmetic: the first index of the smallest distance
     brute = np.abs(x[:, None] - q[None, :]).argmin(axis=1)
-    lut, mid = blockwise.encoder(kind)
-    fast = np.array([blockwise.encode(v, lut, mid) for v in x])
+    fast = _encode_all(x, table)
     assert np.array_equal(fast, brute)
     assert np.array_equal(ref.nearest_codes(x, q), brute)
     codes, _ = lowbit.encode(x.reshape(-1, 1), "int8-" + kind, 1)      # absmax = |x|: x / |x|
