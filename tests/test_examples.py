@@ -105,3 +105,33 @@ def test_demo_says_where_an_example_failed_and_what_a_missing_package_is(tmp_pat
     assert "(at tests/test_examples.py:" in out         # the file and line it failed at
     assert "[numpy_mlp] skipped: No module named 'scipy'; pip install scipy" in out
     assert "wrote 0 of 2 pictures" in out and "trajectories failed" in out
+
+
+def test_lowbit_training_quick_trains_every_state_format(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("sklearn")
+    import importlib.util
+
+    import numpy as np
+
+    path = demo.examples_dir() / "lowbit_training.py"
+    spec = importlib.util.spec_from_file_location("_fastopt_example_lowbit_training", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = []
+    real_run = module.run
+    monkeypatch.setattr(module, "run",
+                        lambda *a, **kw: results.append(real_run(*a, **kw)) or results[-1])
+    png = tmp_path / "lowbit.png"
+    assert module.main(["--quick", "--out", str(png)]) == 0
+    assert_png(png)
+    out = capsys.readouterr().out
+    assert "float32" in out and "bfloat16" in out and "int8" in out and f"wrote {png}" in out
+    r, = results
+    assert set(r["final"]) == {"float32", "bfloat16", "int8"}
+    for fmt, losses in r["losses"].items():
+        assert len(losses) == r["settings"]["steps"] and np.all(np.isfinite(losses)), fmt
+        assert r["final"][fmt] < 0.8 * r["first_loss"][fmt], fmt      # it trained
+        assert r["accuracy"][fmt] > 0.5, fmt
+    assert r["int8_params"] > 0                              # int8 codes really used
+    bpp = r["bytes_per_param"]
+    assert bpp["float32"] == 8.0 and bpp["bfloat16"] == 4.0 and bpp["int8"] < 3.0
