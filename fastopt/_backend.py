@@ -61,7 +61,7 @@ LOWBIT_STATE = "16-bit and 8-bit state (state_format)"
 CAPABILITIES = {
     "cpu": frozenset({DENSE, MASTER_WEIGHTS, SPARSE_ROWS, PER_TENSOR, LOWBIT_STATE}),
     "numpy": frozenset({DENSE, MASTER_WEIGHTS, SPARSE_ROWS, PER_TENSOR, LOWBIT_STATE}),
-    "cuda": frozenset({DENSE, MASTER_WEIGHTS, SPARSE_ROWS, PER_TENSOR}),
+    "cuda": frozenset({DENSE, MASTER_WEIGHTS, SPARSE_ROWS, PER_TENSOR, LOWBIT_STATE}),
 }
 """{backend: the features it runs}; :func:`require` refuses the others."""
 

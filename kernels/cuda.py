@@ -36,9 +36,22 @@ once per set of arrays; layouts are cached by address, so recurring arrays (the
 functional API, gradient buffers that come back at the same addresses) reuse the device
 table.
 
+Low-bit state: 16-bit columns (float16, bfloat16; uint16 patterns need their format
+given) are widened on load and rounded on store. Blockwise 8-bit columns ("int8-signed",
+"int8-unsigned": uint8 codes, one float32 absmax per block of ``block`` elements, given
+to :meth:`CudaBackend.table` as ``formats=``, ``scales=``, ``block=``, as to
+``cpu.ChunkTable``) have a step kernel of their own, still one launch per step: a thread
+block owns whole quantization blocks, finds each block's new absmax with warp shuffles
+(and shared memory across warps), and encodes with the CPU encoder's tables, so codes
+and absmax are the CPU driver's bit for bit when the element's math is (see
+kernels/cuda_codegen.py).
+
 The same kernels run under the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``), where the
 spans are NumPy views of host memory, so the simulator exercises exactly the code the
-GPU runs, list mode included; only span construction and stream selection differ.
+GPU runs, list mode included; only span construction and stream selection differ, and
+the simulator, which has no warp shuffles, exchanges a blockwise step's lanes through
+shared memory (:func:`_simulated_warp_xor`, with 2-lane warps so the step's
+cross-warp path runs too).
 """
 from __future__ import annotations
 
@@ -54,7 +67,7 @@ from . import cuda_codegen as codegen
 from .codegen import load
 from .cuda_tables import (SIMULATOR, TABLES, CudaTable, current_stream, describe,
                           fixed_columns, grad_addresses, index_description, shape_of, span)
-from .layout import BFLOAT16, ROW_SLOT, Layout, parse_row_mode
+from .layout import BFLOAT16, BLOCKWISE, ROW_SLOT, Layout, parse_row_mode
 from .pieces import bind
 from .specialize import flags_of
 
@@ -70,10 +83,16 @@ REDUCE_BLOCK = 256          # compile-time: the reduction's shared-memory tree
 # compile-time: two elements per thread per iteration. Off: on an H100 (256M fp32 Adam)
 # one element per thread ran at 2797 GB/s against 2466 GB/s with pairs.
 PAIR = False
+# Blockwise steps: lanes per warp (compile time: the absmax's shuffle reduction), and the
+# most blocks of a launch (each fills ~10 KB of shared memory per map with the encoder's
+# tables, so blocks stride over several chunks at large sizes; not tuned on a GPU yet).
+WARP = 32
+BLOCKWISE_GRID = 2048
 # The simulator runs every CUDA thread as a Python thread: tiny blocks and chunks keep
 # tests fast while still crossing chunk and block boundaries.
 if SIMULATOR:
     BLOCK, CHUNK_MIN, CHUNK_MAX, TARGET_CHUNKS, REDUCE_BLOCK, MAX_GRID = 4, 8, 32, 16, 4, 3
+    WARP = 2
 
 
 # -- kernels -----------------------------------------------------------------------------
@@ -90,10 +109,36 @@ def device_function(fn):
     return _DEVICE_FUNCTIONS[fn]
 
 
+def _warp_xor(value, lane_mask):
+    """``value`` of the lane ``lane_mask`` away (xor) in this warp, all lanes taking part."""
+    return cuda.shfl_xor_sync(0xFFFFFFFF, value, lane_mask)
+
+
+_EXCHANGE = 1024        # the most threads of a simulated block
+
+
+def _simulated_warp_xor(value, lane_mask):
+    """:func:`_warp_xor` for the simulator, which has no shuffles: every thread of the
+    block calls it at the same point (as every lane of a warp calls the shuffle), puts its
+    value in shared memory and reads its partner's, between two ``syncthreads``. A plain
+    function: the simulator's device functions swap their module's ``cuda`` global for
+    the duration of each thread's call, which threads would race on."""
+    from numba.cuda.simulator.kernel import _get_kernel_context
+    block = _get_kernel_context()       # the launch's fake ``cuda`` module
+    exchange = block.shared.array(_EXCHANGE, np.int64)
+    t = block.threadIdx.x
+    block.syncthreads()                 # every read of the previous exchange is done
+    exchange[t] = value
+    block.syncthreads()
+    return np.int32(exchange[t ^ lane_mask])
+
+
 def _compile(fn, generated):
     """The kernel of ``generated`` (codegen.generate) calling ``fn`` as its element."""
     if not _FORMAT_FUNCTIONS:
         _FORMAT_FUNCTIONS.update(codegen.format_functions(cuda.jit(device=True)))
+        _FORMAT_FUNCTIONS["warp_xor"] = (_simulated_warp_xor if SIMULATOR
+                                         else cuda.jit(device=True)(_warp_xor))
     namespace = dict(_FORMAT_FUNCTIONS, cuda=cuda, np=np, element=device_function(fn),
                      Scalars=generated.scalars_class)
     module = load(generated.text, namespace)
@@ -120,7 +165,10 @@ def _kernel(kind, fn, layout, scalars, **options):
 
 def step_kernel(element, layout: Layout, scalars=()):
     """The step kernel for ``element`` over ``layout``, specialised on ``scalars``' bool
-    flags (their values, not the numbers), compiled lazily per dtype."""
+    flags (their values, not the numbers), compiled lazily per dtype. A blockwise layout's
+    is written for ``BLOCK`` threads per block and ``WARP`` lanes per warp."""
+    if layout.block:
+        return _kernel(codegen.STEP, element, layout, scalars, threads=BLOCK, warp=min(WARP, BLOCK))
     return _kernel(codegen.STEP, element, layout, scalars, pair=PAIR)
 
 
@@ -161,7 +209,8 @@ def _step_kernel_for(element, table, scalars, writes, mode, slot, stochastic):
     """:func:`step_kernel` for one ``run``, its layout built and checked on the first call
     only: a step's Python cost is a dict lookup (launches cost 20-90 us as it is)."""
     writes = None if writes is None else tuple(map(bool, writes))
-    key = (element, table.columns, writes, mode, slot, stochastic, type(scalars), _flag_key(scalars), PAIR)
+    key = (element, table.columns, writes, mode, slot, stochastic, type(scalars), _flag_key(scalars), PAIR,
+           BLOCK, WARP)
     kernel = _STEPS.get(key)
     if kernel is None:
         reads = table.has
@@ -170,7 +219,7 @@ def _step_kernel_for(element, table, scalars, writes, mode, slot, stochastic):
         if writes is not None and len(writes) != table.n_slots:
             raise ValueError(f"writes: one entry per state column ({table.n_slots}), got {len(writes)}")
         model = table.model + ("-stochastic" if stochastic and table.model == BFLOAT16 else "")
-        layout = Layout.of(reads, writes, table.formats, mode, slot, model)
+        layout = Layout.of(reads, writes, table.formats, mode, slot, model, table.block)
         kernel = _STEPS[key] = step_kernel(element, layout, scalars)
     return kernel
 
@@ -218,7 +267,8 @@ class CudaBackend:
         import cupy
         return cupy
 
-    def table(self, params, grads, slots, merge=True, model=None, formats=None) -> CudaTable:
+    def table(self, params, grads, slots, merge=True, model=None, formats=None, scales=None,
+              block=0) -> CudaTable:
         """The table for ``params``/``grads``/``slots`` (C-contiguous, one dtype, equal sizes).
 
         ``slots``: one entry per state position of the element (K of them, any number),
@@ -228,12 +278,16 @@ class CudaBackend:
         ``model``: 16-bit arrays aligned with ``params`` (float16, or bfloat16 as
         ml_dtypes or uint16/int16 bits), which are then float32 master weights; ``grads``
         are then 16-bit, as the model. ``merge=False`` keeps one row per non-empty tensor.
+        Blockwise columns (formats "int8-signed", "int8-unsigned": uint8 codes, float32
+        params) come with ``scales[k]``, a list of float32 absmax arrays (one value per
+        ``block`` elements of each tensor), as ``cpu.ChunkTable``; ``scales`` and
+        ``block`` are ignored without blockwise columns.
         """
         slots = tuple(slots)
-        fixed, columns, kind = fixed_columns(params, slots, model, formats)
+        fixed, columns, kind = fixed_columns(params, slots, model, formats, scales, block)
         sample = params[0] if params else None
         return TABLES(fixed, grad_addresses(grads, columns, fixed), columns, kind, sample, merge,
-                      (params, grads, slots, model), _chunking())
+                      (params, grads, slots, model, scales), _chunking())
 
     def run(self, element, table: CudaTable, scalars, grad_scale=1.0, row_values=None,
             row_mode=None, writes=None, seed=0, stochastic=False) -> None:
@@ -257,7 +311,8 @@ class CudaBackend:
         else:
             row_values = ()                  # no kernel argument, nothing loaded
         stream = current_stream(table.kind, table.sample)
-        launch = _launcher(kernel, min(table.n_chunks, MAX_GRID), BLOCK, stream)
+        grid = min(table.n_chunks, MAX_GRID, BLOCKWISE_GRID if table.block else MAX_GRID)
+        launch = _launcher(kernel, grid, BLOCK, stream)
         launch(*table.args, scalars, table.cast(grad_scale), row_values, int(seed) & 0xFFFFFFFF)
         self.launches += 1
 
@@ -304,6 +359,8 @@ class CudaBackend:
                              f"entries, got {len(writes)}")
         if any(w and not h for w, h in zip(writes[1:], table.has)):
             raise ValueError(f"writes {writes} name a state slot absent from the table {table.has}")
+        if table.block:
+            raise ValueError("blockwise (int8) columns have a step kernel only, no reduction")
         if not table.n_chunks:
             return np.zeros((0, 2), dtype=np.float64)
         layout = table.layout
@@ -331,6 +388,8 @@ class CudaBackend:
         (a host index is copied over, on the launch stream); as ``kernels.cpu.run_rows``.
         ``formats`` as in :meth:`table`.
         """
+        if formats is not None and any(f in BLOCKWISE for f in formats):
+            raise ValueError("sparse rows take no blockwise (int8) columns")
         shape = shape_of(param)
         width = math.prod(shape[1:])
         index_addr, k, index_dtype, _ = index_description(index)

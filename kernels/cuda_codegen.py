@@ -23,6 +23,21 @@ span and offsets, never read): ``p, g, s0 .. s{K-1}, w`` spans (``w``: the model
 or the gradient's span again), then for the chunk walks the device chunk table with
 columns ``(count, position, row, p, g, s0 .. s{K-1}[, w])`` of element offsets, and for
 the row walk the index array and the row width.
+
+Blockwise 8-bit columns (a layout with ``block``; the step only) have their own walk and
+body (:func:`_blockwise_step_source`): a thread block owns whole quantization blocks.
+Per iteration it takes ``max(block, threads)`` elements of its chunk, each thread
+``max(1, block // threads)`` of them (one with the default 256 and 256): it decodes the
+codes with their block's old absmax (``qmap[code] * old``, the map in shared memory),
+runs the element, keeps each blockwise column's new value in registers, and takes the
+largest magnitude bits (int32) of the block: warp shuffles (``warp_xor``), then, where a
+block spans several warps, their maxima through shared memory and one
+``syncthreads`` (double-buffered by iteration). The block's first thread stores the new
+absmax, and every thread encodes its values with the CPU's tables (kernels/
+cuda_formats.encode, lut and mid in shared memory). Extra arguments after the spans: the
+absmax span of each blockwise column (``a<k>``), then the ``qmap``, ``mid`` and ``lut``
+device arrays of each map kind used (:func:`map_kinds`); the chunk table gains each
+absmax column's block offset, after the others.
 """
 from __future__ import annotations
 
@@ -31,7 +46,8 @@ import types as pytypes
 import numpy as np
 
 from . import cuda_formats
-from .layout import BFLOAT16, FLOAT16, NATIVE, ROW_GRAD, ROW_SLOT
+from .layout import (BFLOAT16, BLOCKWISE, FLOAT16, INT8_SIGNED, INT8_UNSIGNED, NATIVE, ROW_GRAD,
+                     ROW_SLOT)
 from .codegen import driver_name
 from .specialize import source_tag
 
@@ -41,11 +57,20 @@ COUNT, POSITION, ROW, FIRST_OFFSET = 0, 1, 2, 3
 
 _WIDEN = {FLOAT16: "half_to_float", BFLOAT16: "bfloat16_to_float"}
 _MODEL_FORMAT = {"float16": FLOAT16, "bfloat16": BFLOAT16, "bfloat16-stochastic": BFLOAT16}
+_MAP_KINDS = {INT8_SIGNED: "signed", INT8_UNSIGNED: "unsigned"}
+_LUT_WORDS, _MAP_SIZE = 2048, 256       # lut: 8192 codes, 4 to a uint32 word; qmap and mid
 
 
 def columns(n_slots: int) -> list[str]:
     """The span names, in kernel argument order."""
     return ["p", "g"] + [f"s{k}" for k in range(n_slots)] + ["w"]
+
+
+def map_kinds(formats, reads) -> list[str]:
+    """The dynamic maps ("signed", "unsigned") of the blockwise columns read, each once
+    and in that order: the order of their tables among the kernel arguments."""
+    used = {_MAP_KINDS[f] for f, r in zip(formats, reads) if r and f in BLOCKWISE}
+    return [kind for kind in ("signed", "unsigned") if kind in used]
 
 
 # -- the body -------------------------------------------------------------------------------------
@@ -79,7 +104,11 @@ def _lane_loads(layout, lane, sfx, scaled):
             lines.append(f"s{k}{sfx} = value")
         elif layout.reads[k]:
             lines.append(f"k_s{k}{sfx} = np.uint64(o_s{k} + {lane})")
-            lines.append(f"s{k}{sfx} = {_load(f's{k}', layout.formats[k], f'k_s{k}{sfx}')}")
+            if layout.formats[k] in BLOCKWISE:      # the code's value times the block's old absmax
+                kind = _MAP_KINDS[layout.formats[k]]
+                lines.append(f"s{k}{sfx} = q_{kind}[s{k}_span[k_s{k}{sfx}]] * old{k}")
+            else:
+                lines.append(f"s{k}{sfx} = {_load(f's{k}', layout.formats[k], f'k_s{k}{sfx}')}")
         else:
             lines.append(f"s{k}{sfx} = g{sfx}")      # absent: the element ignores it
     if layout.model:
@@ -87,15 +116,18 @@ def _lane_loads(layout, lane, sfx, scaled):
     return lines
 
 
-def _lane_stores(layout, result, first, write_p, lane, sfx):
-    """Stores of ``result[first]`` (the param) and ``result[first + 1 + k]`` (state k)."""
+def _lane_stores(layout, result, first, write_p, lane, sfx, keep=None):
+    """Stores of ``result[first]`` (the param) and ``result[first + 1 + k]`` (state k);
+    a blockwise state's value goes to ``keep(k, value)``'s lines instead."""
     lines = []
     if write_p:
         lines.append(f"p_span[k_p{sfx}] = {result}{sfx}[{first}]")
         if layout.model:
             lines.append(_model_store(layout, f"k_w{sfx}", f"{result}{sfx}[{first}]", lane))
     for k in range(layout.n_slots):
-        if layout.writes[k]:
+        if layout.writes[k] and layout.formats[k] in BLOCKWISE:
+            lines += keep(k, f"{result}{sfx}[{first + 1 + k}]")
+        elif layout.writes[k]:
             lines.append(_store(f"s{k}", layout.formats[k], f"k_s{k}{sfx}",
                                 f"{result}{sfx}[{first + 1 + k}]"))
     return lines
@@ -168,10 +200,10 @@ def _freeze(flags, n_fields, named):
     return f"hc = Scalars({', '.join(fields)})" if named else f"hc = ({', '.join(fields)},)"
 
 
-def _kernel_source(name, layout, arguments, head, over, body):
-    """``def name(spans..., arguments)``: ``head``, then blocks striding over the entries
-    of array ``over`` (chunks, or index rows), ``c`` the entry, running ``body``."""
-    spans = ", ".join(f"{c}_span" for c in columns(layout.n_slots))
+def _kernel_source(name, layout, arguments, head, over, body, more=()):
+    """``def name(spans..., more..., arguments)``: ``head``, then blocks striding over the
+    entries of array ``over`` (chunks, or index rows), ``c`` the entry, running ``body``."""
+    spans = ", ".join([f"{c}_span" for c in columns(layout.n_slots)] + list(more))
     return "\n".join([f"def {name}({spans}, {arguments}):"]
                      + _indent(head + ["c = cuda.blockIdx.x", f"while c < {over}.shape[0]:"], 1)
                      + _indent(body + ["c += cuda.gridDim.x"], 2)) + "\n"
@@ -189,6 +221,90 @@ def _step_source(name, layout, freeze, pair):
             + ["i = cuda.threadIdx.x", "while i < n:"] + _indent(inner, 1))
     return _kernel_source(name, layout, "chunks, h, grad_scale, row_values, seed",
                           [freeze, "nt = cuda.blockDim.x"], "chunks", body)
+
+
+def _blockwise_step_source(name, layout, freeze, threads, warp):
+    """The step over a layout with blockwise columns (see the module docstring); launched
+    with ``threads`` threads per block, ``warp`` lanes per warp (both powers of two)."""
+    size = layout.block
+    if any(x <= 0 or x & (x - 1) for x in (size, threads, warp)) or warp > threads:
+        raise ValueError(f"block ({size}), threads ({threads}) and warp ({warp}) must be powers "
+                         "of two, the warp no wider than the threads")
+    reps = max(1, size // threads)          # elements per thread of one quantization block
+    seg = min(size, threads)                # threads per quantization block
+    width = min(seg, warp)                  # lanes of a block within one warp
+    warps = seg // width                    # warps per quantization block
+    blocked = layout.blockwise
+    kinds = map_kinds(layout.formats, layout.reads)
+    kind_of = {k: _MAP_KINDS[layout.formats[k]] for k in blocked}
+    more = [f"a{k}_span" for k in blocked] + [f"{table}_{kind}" for kind in kinds
+                                              for table in ("qmap", "mid", "lut")]
+    # The maps and encoder tables in shared memory, filled once per thread block.
+    head = [freeze, "nt = cuda.blockDim.x", "t = cuda.threadIdx.x"]
+    for kind in kinds:
+        head += [f"q_{kind} = cuda.shared.array({_MAP_SIZE}, np.float32)",
+                 f"m_{kind} = cuda.shared.array({_MAP_SIZE}, np.float32)",
+                 f"l_{kind} = cuda.shared.array({_LUT_WORDS}, np.uint32)"]
+    fill = [f"l_{kind}[i] = lut_{kind}[i]" for kind in kinds] + [f"if i < {_MAP_SIZE}:"]
+    fill += [line for kind in kinds for line in (f"    q_{kind}[i] = qmap_{kind}[i]",
+                                                 f"    m_{kind}[i] = mid_{kind}[i]")]
+    head += ["i = t", f"while i < {_LUT_WORDS}:"] + _indent(fill + ["i += nt"], 1)
+    for k in blocked:
+        if warps > 1:       # each warp's maximum, by iteration parity
+            head.append(f"red{k} = cuda.shared.array((2, {threads // warp}), np.int32)")
+        if reps > 1:        # the thread's new values of the quantization block
+            head.append(f"v{k} = cuda.local.array({reps}, np.float32)")
+    head += ["cuda.syncthreads()", "it = 0"]
+
+    def value(k):
+        return f"v{k}[r]" if reps > 1 else f"v{k}"
+
+    def keep(k, result):
+        return [f"{value(k)} = {result}",
+                f"top{k} = larger(top{k}, magnitude_bits({value(k)}))"]
+
+    lane = (_lane_loads(layout, "e", "", scaled=True)
+            + [f"out = {_call('element', '', layout.n_slots)}"]
+            + _lane_stores(layout, "out", 0, True, "e", "", keep))
+    encode = [f"s{k}_span[np.uint64(o_s{k} + e)] = encode({value(k)} * inv{k}, l_{kind_of[k]}, "
+              f"m_{kind_of[k]})" for k in blocked]
+
+    def over_lanes(lines):
+        if reps == 1:
+            return ["if e < n:"] + _indent(lines, 1)
+        return [f"for r in range({reps}):", f"    e = base + r * {threads} + t",
+                "    if e < n:"] + _indent(lines, 2)
+
+    first = FIRST_OFFSET + 2 + layout.n_slots + bool(layout.model)
+    offsets = [f"o_a{k} = chunks[c, {first + j}]" for j, k in enumerate(blocked)]
+    inner = [f"qb = (base + t) // {size}", f"live = qb * {size} < n"]
+    inner += [f"old{k} = a{k}_span[np.uint64(o_a{k} + qb)] if live else np.float32(0.0)"
+              for k in blocked]
+    inner += [f"top{k} = np.int32(0)" for k in blocked]
+    if reps == 1:
+        inner += [f"v{k} = np.float32(0.0)" for k in blocked] + ["e = base + t"]
+    inner += over_lanes(lane)
+    shift = width // 2
+    while shift:
+        inner += [f"top{k} = larger(top{k}, warp_xor(top{k}, {shift}))" for k in blocked]
+        shift //= 2
+    if warps > 1:
+        inner += [f"if t % {warp} == 0:"] + [f"    red{k}[it & 1, t // {warp}] = top{k}"
+                                              for k in blocked]
+        inner += ["cuda.syncthreads()", f"w0 = (t - t % {seg}) // {warp}"]
+        for k in blocked:
+            inner.append(f"top{k} = red{k}[it & 1, w0]")
+            inner += [f"top{k} = larger(top{k}, red{k}[it & 1, w0 + {j}])" for j in range(1, warps)]
+        inner.append("it += 1")
+    inner += [f"new{k} = bits_float(np.int64(top{k}))" for k in blocked]
+    inner += [f"if live and t % {seg} == 0:"] + [f"    a{k}_span[np.uint64(o_a{k} + qb)] = new{k}"
+                                                for k in blocked]
+    inner += [f"inv{k} = inverse(new{k})" for k in blocked]
+    inner += over_lanes(encode) + [f"base += {reps * threads}"]
+    body = (_chunk_offsets(layout) + offsets + _row_values(layout)
+            + ["base = 0", "while base < n:"] + _indent(inner, 1))
+    return _kernel_source(name, layout, "chunks, h, grad_scale, row_values, seed", head,
+                          "chunks", body, more)
 
 
 def _reduce_source(name, layout, freeze, write_p, maximum, rblock):
@@ -232,18 +348,26 @@ class Generated:
 
 
 def generate(kind, fn, layout, flags=(), scalars=None, pair=False, maximum=False,
-             write_p=False, rblock=256) -> Generated:
+             write_p=False, rblock=256, threads=256, warp=32) -> Generated:
     """The source of the ``kind`` kernel (STEP, REDUCE or ROWS) for element (or reducer)
-    ``fn`` over ``layout``, with the bool fields ``flags`` of ``scalars`` frozen."""
+    ``fn`` over ``layout``, with the bool fields ``flags`` of ``scalars`` frozen.
+    ``threads`` and ``warp``: the launch's threads per block and lanes per warp, which a
+    blockwise step is written for."""
     named = scalars is not None and hasattr(scalars, "_fields")
     freeze = _freeze(flags, len(scalars) if scalars is not None else 0, named)
     extra = ""
-    if kind == STEP:
+    if layout.block and kind != STEP:
+        raise ValueError(f"blockwise columns have a step kernel only, not {kind!r}")
+    if kind == STEP and layout.block:
+        extra = f"_t{threads}w{warp}"
+    elif kind == STEP:
         extra = "_pair" if pair else ""
     elif kind == REDUCE:
         extra = f"_{'max' if maximum else 'sum'}{rblock}" + ("_p" if write_p else "")
     name = driver_name(f"cuda_{kind}", fn, layout, flags, extra)
-    if kind == STEP:
+    if kind == STEP and layout.block:
+        text = _blockwise_step_source(name, layout, freeze, threads, warp)
+    elif kind == STEP:
         text = _step_source(name, layout, freeze, pair)
     elif kind == REDUCE:
         text = _reduce_source(name, layout, freeze, write_p, maximum, rblock)

@@ -12,6 +12,15 @@ to 64 bits where NumPy would keep (and wrap) 32, so both must agree without rely
 either. The rounding rules are those of ``kernels/lowp.py`` (the CPU driver's): to
 nearest even, subnormals kept, overflow to infinity, NaN stays a quiet NaN; bfloat16
 may round stochastically, adding 16 random bits below the kept ones.
+
+Blockwise 8-bit columns (kernels/blockwise.py) use three more: :func:`magnitude_bits`
+(a block's absmax is the integer max of its values' magnitude bits, so a NaN becomes
+the absmax, as on the CPU), :func:`inverse` and :func:`encode`, the nearest code of a
+normalised value from two tables (``lut``: 4 codes per uint32 word, one per bucket of the
+value's top 16 bits; ``mid``: the threshold above each code), built from the CPU's maps
+by ``kernels/cuda_tables.py`` (:func:`~kernels.cuda_tables.encoder_tables`). The codes
+are those of the CPU's encoder, bit for bit: both are the exact nearest code in float32
+arithmetic, ties to the lower code.
 """
 from __future__ import annotations
 
@@ -105,7 +114,44 @@ def stochastic_noise(seed, position):
     return mix32((np.int64(seed) ^ np.int64(position)) & 0xFFFFFFFF) & 0xFFFF
 
 
+def magnitude_bits(x):
+    """The bits of float32 ``|x|`` as an int32: integer order is magnitude order (a NaN
+    sorts above infinity), so a block's absmax is an integer max (warp shuffles)."""
+    return np.int32(float_bits(x) & 0x7FFFFFFF)
+
+
+def larger(a, b):
+    """``max(a, b)`` of two integers (numba.cuda fails to type the builtin on int32)."""
+    return a if a > b else b
+
+
+def inverse(absmax):
+    """``1 / absmax`` in float32, or 0 for an all-zero block (every value then takes the
+    code of 0), as kernels/blockwise.inverse."""
+    if absmax > np.float32(0.0):
+        return np.float32(1.0) / absmax
+    return np.float32(0.0)
+
+
+def encode(x, lut, mid):
+    """The code (uint8) of the map value nearest to float32 ``x`` (ties to the lower).
+
+    The key of ``x``'s bucket is its sign, its exponent clamped to the 32 above 2^-31
+    (biased 96 and below share one bucket) and its top 7 mantissa bits; ``lut`` holds
+    the code of each bucket's lowest value, 4 to a uint32 word, and a bucket holds at
+    most one threshold ``mid[c]`` (above it, code ``c + 1`` is the nearer)."""
+    u = float_bits(x)
+    exponent = (u >> 23) & 0xFF
+    exponent = 0 if exponent < 96 else 31 if exponent > 127 else exponent - 96
+    key = ((u >> 31) << 12) | (exponent << 7) | ((u >> 16) & 0x7F)
+    c = (np.int64(lut[key >> 2]) >> ((key & 3) << 3)) & 0xFF
+    if x > mid[c]:
+        c += 1
+    return np.uint8(c)
+
+
 # The device functions a generated kernel may call, by the name it calls them.
 FUNCTIONS = {fn.__name__: fn for fn in (float_bits, bits_float, half_to_float, float_to_half,
                                         bfloat16_to_float, float_to_bfloat16, _times, mix32,
-                                        stochastic_noise)}
+                                        stochastic_noise, magnitude_bits, larger, inverse,
+                                        encode)}

@@ -5,6 +5,13 @@
 tensor's end, owning nothing) and the device *chunk table* of a step, cached by address.
 See ``kernels/cuda.py`` for the layout and ``kernels/cuda_codegen.py`` for the chunk
 table's columns.
+
+Blockwise 8-bit columns (kernels/layout.py BLOCKWISE: uint8 codes, one float32 absmax
+per block of ``block`` elements) add one address column per blockwise state, the
+absmax arrays', after the state columns and the model copy (as the CPU table's); their
+spans hold one value per block, and chunks hold whole blocks. The maps and encoder
+tables they are decoded and encoded with are device arrays made once per process
+(:func:`encoder_tables`).
 """
 from __future__ import annotations
 
@@ -20,7 +27,7 @@ from numba import cuda
 from . import cuda_codegen as codegen
 from .cpu import CHUNK as CPU_CHUNK
 from .cpu import merge_runs
-from .layout import BFLOAT16, FLOAT16, FORMATS, NATIVE
+from .layout import BFLOAT16, BLOCKWISE, FLOAT16, FORMATS, NATIVE
 from .lowp import bfloat16_dtype
 
 SIMULATOR = bool(getattr(_numba_config, "ENABLE_CUDASIM", False)) or os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
@@ -104,6 +111,7 @@ def current_stream(kind: str, sample=None):
 
 # -- storage of the columns -----------------------------------------------------------------
 _BITS = (np.dtype(np.uint16), np.dtype(np.int16))   # 16-bit patterns, format given or bfloat16
+_CODES = np.dtype(np.uint8)                          # blockwise columns' codes
 
 
 def format_of(dt, given, native, what) -> str:
@@ -116,6 +124,13 @@ def format_of(dt, given, native, what) -> str:
     dt = np.dtype(dt)
     bf16 = bfloat16_dtype()
     is_bf16 = bf16 is not None and dt == bf16
+    if given in BLOCKWISE:
+        if native != np.float32:
+            raise TypeError(f"{what}: a {given!r} state column needs float32 params (or float32 "
+                            f"master weights), not {native}")
+        if dt != _CODES:
+            raise TypeError(f"{what} is {dt}, which cannot be {given}: its codes are uint8")
+        return given
     if given is None:
         if native is not None and dt == native:
             return NATIVE
@@ -141,24 +156,33 @@ class _Columns(NamedTuple):
     has: tuple              # per state position: present
     formats: tuple          # per state position: its storage format
     model: str              # "" or the model copy's format (float16, bfloat16)
+    block: int = 0          # elements per block of the blockwise columns (0: none)
+
+    @property
+    def blockwise(self) -> tuple:
+        """The present blockwise state positions, in order (their absmax columns')."""
+        return tuple(k for k, (h, f) in enumerate(zip(self.has, self.formats))
+                     if h and f in BLOCKWISE)
 
     def storage(self) -> list:
-        """The element dtype of each address column: p, g, s0 .. s{K-1} and, with master
-        weights, w."""
+        """The element dtype of each address column: p, g, s0 .. s{K-1}, with master
+        weights w, and the absmax (float32) of each blockwise column."""
         u16 = np.dtype(np.uint16)
         grad = u16 if self.model else self.dtype
-        states = [(self.dtype if f == NATIVE else u16) if h else grad
+        states = [(self.dtype if f == NATIVE else _CODES if f in BLOCKWISE else u16) if h else grad
                   for h, f in zip(self.has, self.formats)]
-        return [self.dtype, grad] + states + ([u16] if self.model else [])
+        return ([self.dtype, grad] + states + ([u16] if self.model else [])
+                + [np.dtype(np.float32)] * len(self.blockwise))
 
 
 # -- the table ------------------------------------------------------------------------------
-def chunk_size(total: int, chunking) -> int:
+def chunk_size(total: int, chunking, block: int = 0) -> int:
     """Elements per chunk for a step of ``total`` elements; ``chunking``: (at least, at
-    most, chunks wanted per step), the driver's launch geometry."""
+    most, chunks wanted per step), the driver's launch geometry; ``block`` (a power of
+    two): chunks hold whole blocks of the blockwise columns."""
     least, most, wanted = chunking
     want = max(1, -(-total // wanted))
-    return int(min(most, max(least, 1 << (want - 1).bit_length())))
+    return int(max(min(most, max(least, 1 << (want - 1).bit_length())), block))
 
 
 def cpu_positions(sizes, row_of, lo, size) -> np.ndarray:
@@ -187,7 +211,10 @@ class _DeviceTable:
         self.row_values = None               # per-row values of per-tensor steps, made once
         storage = columns.storage()
         itemsizes = np.array([d.itemsize for d in storage], dtype=np.int64)
-        rows = merge_runs(rows, itemsizes) if merge else rows
+        n_absmax, block = len(columns.blockwise), columns.block
+        # absmax columns: one float32 per block of a row (a row starts a block)
+        per_element = np.array([1] * (len(storage) - n_absmax) + [block] * n_absmax, dtype=np.int64)
+        rows = merge_runs(rows, itemsizes, block, n_absmax) if merge else rows
         self.rows = rows
         sizes = rows[:, 0]
         self.n_elements = int(sizes.sum())
@@ -199,7 +226,7 @@ class _DeviceTable:
             return
         # Spans: one per column, from its lowest address to its highest tensor's end.
         base = rows[:, 1:].min(axis=0)
-        end = (rows[:, 1:] + sizes[:, None] * itemsizes).max(axis=0)
+        end = (rows[:, 1:] + -(-sizes[:, None] // per_element) * itemsizes).max(axis=0)
         rel = rows[:, 1:] - base
         if np.any(rel % itemsizes):
             raise ValueError("CUDA step: tensor addresses are not aligned to their elements")
@@ -211,9 +238,10 @@ class _DeviceTable:
                 made[key] = span(key[0], (key[1] - key[0]) // dt.itemsize, dt)
             spans.append(made[key])
         if not columns.model:
-            spans.append(spans[1])      # the kernel's model argument, never touched
+            # the kernel's model argument (before any absmax span), never touched
+            spans.insert(len(storage) - n_absmax, spans[1])
         # Chunks: (row, lo, hi) on the host; (count, position, row, offsets + lo) on the device.
-        size = chunk_size(self.n_elements, chunking)
+        size = chunk_size(self.n_elements, chunking, block)
         counts = -(-sizes // size)
         row_of = np.repeat(np.arange(sizes.size, dtype=np.int64), counts)
         self.starts = np.cumsum(counts) - counts
@@ -225,23 +253,30 @@ class _DeviceTable:
         device[:, codegen.COUNT] = hi - lo
         device[:, codegen.POSITION] = cpu_positions(sizes, row_of, lo, size)
         device[:, codegen.ROW] = row_of
-        device[:, codegen.FIRST_OFFSET:] = offsets[row_of] + lo[:, None]
+        device[:, codegen.FIRST_OFFSET:] = offsets[row_of] + lo[:, None] // per_element
         self.n_chunks = int(row_of.size)
+        # The maps and encoder tables of the blockwise columns, by kind (kernel arguments
+        # after the spans, as kernels/cuda_codegen.py names them).
+        tables = []
+        for kind in codegen.map_kinds(columns.formats, columns.has):
+            tables += encoder_tables(kind)
         # Uploaded on the stream the step will launch on, so the launch is ordered after
         # the copy even on a non-blocking stream (the legacy default stream is not).
-        self.args = tuple(spans) + (cuda.to_device(device, stream=stream),)
+        self.args = tuple(spans) + tuple(tables) + (cuda.to_device(device, stream=stream),)
 
 
 class CudaTable:
     """The device-side description of one step over aligned lists of device arrays.
 
     Attributes:
-      table: host int64 rows ``(n, p, g, s0 .. s{K-1}[, w])`` of addresses, as the CPU table.
+      table: host int64 rows ``(n, p, g, s0 .. s{K-1}[, w][, absmax ..])`` of addresses, as
+        the CPU table.
       chunks: host int64 ``(row, lo, hi)`` per chunk, as the CPU table (combine
         reduction partials per row with ``np.add.reduceat``).
       args: the kernel's array arguments (a span per column and the device chunk table).
       has, formats, model: per state position, present and storage format; the model
         copy's format ("" without master weights).
+      block, scales: the blockwise columns' block size (0 without them) and absmax arrays.
       kind: the array library ("cupy", "torch", ...), which says whose current stream to use.
       refs: the arrays, kept alive while the table lives (it holds their raw addresses).
     """
@@ -265,18 +300,22 @@ class CudaTable:
     formats = property(lambda self: self.columns.formats)
     model = property(lambda self: self.columns.model)
     n_slots = property(lambda self: len(self.columns.has))
+    block = property(lambda self: self.columns.block)
+    scales = property(lambda self: self.refs[4])
 
     def with_grads(self, grads, grad_addresses=None) -> "CudaTable":
         """The same params and state over new gradient arrays."""
-        params, _, slots, model = self.refs
+        params, _, slots, model, scales = self.refs
         if grad_addresses is None:
             grad_addresses = [describe(g)[0] for g in grads]
         return TABLES(self.fixed, grad_addresses, self.columns, self.kind, self.sample,
-                      self.merge, (params, grads, slots, model), self.chunking)
+                      self.merge, (params, grads, slots, model, scales), self.chunking)
 
 
-def fixed_columns(params, slots, model, formats):
-    """(columns n, p, s0 .. s{K-1}, w per tensor, their storage, kind), read and checked once."""
+def fixed_columns(params, slots, model, formats, scales=None, block=0):
+    """(columns n, p, s0 .. s{K-1}, w[, absmax ..] per tensor, their storage, kind), read
+    and checked once. ``scales``/``block``: the blockwise columns' absmax arrays (one
+    list per state position, None elsewhere) and block size, as ``cpu.ChunkTable``."""
     n_slots = len(slots)
     fixed = np.zeros((len(params), 3 + n_slots), dtype=np.int64)
     dtype = kind = None
@@ -296,6 +335,8 @@ def fixed_columns(params, slots, model, formats):
     found = []
     for k, s in enumerate(slots):
         fmt = given[k] or NATIVE
+        if s is None and fmt in BLOCKWISE:
+            fmt = NATIVE                # an absent column is the gradient: nothing blockwise
         for i in range(len(params) if s is not None else 0):
             addr, n, dt, _ = describe(s[i])
             fmt = format_of(dt, given[k] if i == 0 else fmt, dtype, f"state {k} of tensor {i}")
@@ -309,7 +350,33 @@ def fixed_columns(params, slots, model, formats):
         same_size(n, fixed[i, 0], f"model copy of tensor {i}")
         fixed[i, 2 + n_slots] = addr
     has = tuple(s is not None for s in slots)
-    return fixed, _Columns(dtype, has, tuple(found), model_format), kind or "host"
+    columns = _Columns(dtype, has, tuple(found), model_format)
+    if columns.blockwise:
+        block = _check_blockwise(params, columns.blockwise, scales, block)
+        columns = columns._replace(block=block)
+        absmax = np.zeros((len(params), len(columns.blockwise)), dtype=np.int64)
+        for j, k in enumerate(columns.blockwise):
+            for i, a in enumerate(scales[k]):
+                addr, n, dt, _ = describe(a)
+                want = -(-int(fixed[i, 0]) // block)
+                if dt != np.float32 or n != want:
+                    raise ValueError(f"the absmax of state {k} of tensor {i} must be {want} float32 "
+                                     f"values (one per block of {block}), got {n} {dt}")
+                absmax[i, j] = addr
+        fixed = np.concatenate([fixed, absmax], axis=1)
+    return fixed, columns, kind or "host"
+
+
+def _check_blockwise(params, blocked, scales, block) -> int:
+    """The checked block size of a table with blockwise state positions ``blocked``."""
+    block = int(block)
+    if block <= 0 or CPU_CHUNK % block:
+        raise ValueError(f"block must be a positive divisor of {CPU_CHUNK} (a power of two), "
+                         f"got {block}")
+    for k in blocked:
+        if scales is None or len(scales) <= k or scales[k] is None or len(scales[k]) != len(params):
+            raise ValueError(f"blockwise column {k} needs scales: one absmax array per param")
+    return block
 
 
 def grad_addresses(grads, columns: _Columns, fixed) -> list:
@@ -346,13 +413,17 @@ class _TableCache:
     def __call__(self, fixed, grad_addresses, columns, kind, sample, merge, refs, chunking):
         g_addr = np.asarray(grad_addresses, dtype=np.int64).reshape(-1)
         n_slots = len(columns.has)
-        full = np.empty((fixed.shape[0], 3 + n_slots + bool(columns.model)), dtype=np.int64)
+        n_absmax = len(columns.blockwise)
+        width = 3 + n_slots + bool(columns.model)
+        full = np.empty((fixed.shape[0], width + n_absmax), dtype=np.int64)
         full[:, :2] = fixed[:, :2]
         full[:, 2] = g_addr
         for k in range(n_slots):
             full[:, 3 + k] = fixed[:, 2 + k] if columns.has[k] else g_addr
         if columns.model:
             full[:, 3 + n_slots] = fixed[:, 2 + n_slots]
+        if n_absmax:
+            full[:, width:] = fixed[:, 3 + n_slots:]
         full = full[full[:, 0] > 0]
         key = (columns, merge, chunking, full.tobytes())
         layout = self.layouts.get(key)
@@ -367,6 +438,34 @@ class _TableCache:
 
 
 TABLES = _TableCache()
+
+
+_ENCODER_TABLES: dict = {}
+
+
+def encoder_host_tables(kind: str) -> tuple:
+    """``(qmap, mid, lut)`` of the ``kind`` dynamic map ("signed", "unsigned") on the
+    host: its 256 float32 values; ``mid[c]``, the largest float32 at which code ``c`` is
+    still nearer than ``c + 1`` (255 of them, then infinity); ``lut``, the code of the
+    lowest value of each of the 8192 buckets of kernels/blockwise.py, 4 to a uint32
+    word (little-endian, as the device reads them). The thresholds and buckets are
+    blockwise's own, so kernels/cuda_formats.encode gives the CPU encoder's codes."""
+    from . import blockwise
+    qmap = blockwise.dynamic_map(kind)
+    mid = np.full(256, np.inf, dtype=np.float32)
+    mid[:255] = blockwise._thresholds(qmap)
+    lowest, _ = blockwise._bucket_bounds()
+    lut = np.searchsorted(mid[:255], lowest, side="left").astype(np.uint8)
+    return qmap, mid, lut.view("<u4")
+
+
+def encoder_tables(kind: str) -> tuple:
+    """:func:`encoder_host_tables` as device arrays, made once per process."""
+    tables = _ENCODER_TABLES.get(kind)
+    if tables is None:
+        tables = _ENCODER_TABLES[kind] = tuple(cuda.to_device(np.ascontiguousarray(a))
+                                               for a in encoder_host_tables(kind))
+    return tables
 
 
 def index_description(index):
