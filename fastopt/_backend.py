@@ -57,10 +57,13 @@ SPARSE_ROWS = "sparse gradient rows (SparseGrad)"
 PER_TENSOR = "per-tensor passes (LAMB, LARS)"
 DENSE = "dense steps"
 LOWBIT_STATE = "16-bit and 8-bit state (state_format)"
+PURE_KAHAN = "16-bit params without master weights (kahan_sum)"
+PURE_STOCHASTIC = "16-bit params rounded stochastically without master weights"
 
 CAPABILITIES = {
-    "cpu": frozenset({DENSE, MASTER_WEIGHTS, SPARSE_ROWS, PER_TENSOR, LOWBIT_STATE}),
-    "numpy": frozenset({DENSE, MASTER_WEIGHTS, SPARSE_ROWS, PER_TENSOR, LOWBIT_STATE}),
+    "cpu": frozenset({DENSE, MASTER_WEIGHTS, SPARSE_ROWS, PER_TENSOR, LOWBIT_STATE, PURE_KAHAN,
+                      PURE_STOCHASTIC}),
+    "numpy": frozenset({DENSE, MASTER_WEIGHTS, SPARSE_ROWS, PER_TENSOR, LOWBIT_STATE, PURE_KAHAN}),
     "cuda": frozenset({DENSE, MASTER_WEIGHTS, SPARSE_ROWS, PER_TENSOR, LOWBIT_STATE}),
 }
 """{backend: the features it runs}; :func:`require` refuses the others."""
@@ -96,10 +99,15 @@ class _Driver:
         if bucket.table is None:
             options = {} if bucket.formats is None else dict(
                 formats=bucket.formats, scales=bucket.scales, block=bucket.block)
-            bucket.table = self.driver.table(bucket.params, bucket.grads, bucket.slots,
-                                             model=bucket.model, **options)
-        scalars = spec.scalars(group, step, np.dtype(bucket.params[0].dtype).type)
-        options = {} if bucket.model is None else {"seed": seed, "stochastic": stochastic}
+            if bucket.pure is not None:
+                options.update(pure=bucket.pure, model=bucket.compensation)
+            else:
+                options["model"] = bucket.model
+            bucket.table = self.driver.table(bucket.params, bucket.grads, bucket.slots, **options)
+        cast = np.float32 if bucket.pure is not None else np.dtype(bucket.params[0].dtype).type
+        scalars = spec.scalars(group, step, cast)
+        options = {} if bucket.model is None and bucket.pure is None else \
+            {"seed": seed, "stochastic": stochastic}
         self.driver.run(spec.element, bucket.table, scalars, scale, **options)
 
     def step_rows(self, spec, group, step, param, index, rows, slots, scale=1.0) -> None:
@@ -114,6 +122,9 @@ class _Reference:
     xp = np
 
     def step(self, spec, group, bucket, step, scale=1.0, seed=0, stochastic=False) -> None:
+        if bucket.pure is not None:
+            self._pure_step(spec, group, bucket, step, scale)
+            return
         cast = np.dtype(bucket.params[0].dtype).type
         grads = bucket.grads
         if bucket.model is not None:
@@ -130,6 +141,22 @@ class _Reference:
             for w, master in zip(bucket.model, bucket.params):
                 w[...] = master.astype(w.dtype)          # round to nearest even
 
+    def _pure_step(self, spec, group, bucket, step, scale) -> None:
+        """Pure 16-bit params with Kahan compensation: the float32 step on widened copies,
+        then each param gets ``round(p + c)`` with ``c`` its carried error plus the exact
+        update, and keeps what rounding left out (``kernels/codegen.py`` _param_store)."""
+        if bucket.pure != "kahan":  # pragma: no cover - refused by the capability table
+            raise NotImplementedError("stochastic rounding of pure 16-bit params runs on 'cpu'")
+        wide = [p.astype(np.float32) for p in bucket.params]
+        before = [w.copy() for w in wide]
+        grads = [g.astype(np.float32) * np.float32(scale) for g in bucket.grads]
+        widened = _Bucket32(bucket, wide, grads)
+        self.step(spec, group, widened, step)
+        for p, c, p0, new in zip(bucket.params, bucket.compensation, before, wide):
+            comp = c.astype(np.float32) + (new - p0)
+            p[...] = (p0 + comp).astype(p.dtype)
+            c[...] = (comp - (p.astype(np.float32) - p0)).astype(c.dtype)
+
     def step_rows(self, spec, group, step, param, index, rows, slots, scale=1.0) -> None:
         rows = rows if scale == 1.0 else rows * rows.dtype.type(scale)
         if spec.sparse.reference is not None:
@@ -139,6 +166,15 @@ class _Reference:
         dense = np.zeros_like(param)
         dense[index] = rows
         spec.run_reference(group, step, [param], [dense], tuple(None if s is None else [s] for s in slots))
+
+
+class _Bucket32:
+    """A pure 16-bit bucket seen through float32 copies of its params and gradients."""
+
+    def __init__(self, bucket, params, grads):
+        self.params, self.grads, self.slots = params, grads, bucket.slots
+        self.formats, self.scales, self.block = bucket.formats, bucket.scales, bucket.block
+        self.model = self.pure = None
 
 
 class _CpuBackend:
@@ -151,8 +187,8 @@ class _CpuBackend:
         from .kernels import cpu
         self._cpu = cpu
 
-    def table(self, params, grads, slots, model=None, merge=True, **formats):
-        return self._cpu.ChunkTable(params, grads, slots, merge=merge, model=model, **formats)
+    def table(self, params, grads, slots, model=None, merge=True, **options):
+        return self._cpu.ChunkTable(params, grads, slots, merge=merge, model=model, **options)
 
     def run(self, element, table, scalars, grad_scale=1.0, **options):
         self._cpu.run(element, table, scalars, grad_scale, **options)

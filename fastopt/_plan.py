@@ -17,6 +17,7 @@ from . import _backend, _validate
 from .flat import arena_of, warn_if_copied
 
 MASTER = "master_param"   # state key of the float32 master copy of a 16-bit param
+KAHAN = "kahan_comp"      # state key of a pure 16-bit param's Kahan compensation (16-bit)
 
 
 def _is_low_precision(p) -> bool:
@@ -32,7 +33,7 @@ class _Bucket:
     """
 
     __slots__ = ("indices", "params", "grads", "slots", "table", "positions", "model",
-                 "formats", "scales", "block")
+                 "formats", "scales", "block", "pure", "compensation")
 
     def __init__(self, indices, params, grads, slots, model=None, positions=None,
                  formats=None, scales=None, block=0):
@@ -48,10 +49,16 @@ class _Bucket:
         self.formats = formats
         self.scales = scales
         self.block = block
+        # Pure 16-bit params (no master weights): "kahan" (with their compensation
+        # arrays) or "stochastic"; None otherwise.
+        self.pure = None
+        self.compensation = None
 
     def _like(self, indices, params, grads, slots, model, positions) -> "_Bucket":
-        return _Bucket(indices, params, grads, slots, model, positions, self.formats,
-                       self.scales, self.block)
+        out = _Bucket(indices, params, grads, slots, model, positions, self.formats,
+                      self.scales, self.block)
+        out.pure, out.compensation = self.pure, self.compensation
+        return out
 
     def subset(self, sel) -> "_Bucket":
         """The tensors at positions ``sel`` of this bucket, with everything they carry
@@ -64,6 +71,8 @@ class _Bucket:
                           None if self.positions is None else [self.positions[j] for j in sel])
         if self.scales is not None:
             part.scales = tuple(None if s is None else [s[j] for j in sel] for s in self.scales)
+        if self.compensation is not None:
+            part.compensation = [self.compensation[j] for j in sel]
         return part
 
 
@@ -160,9 +169,10 @@ class _Planning:
         # path (rather than run a float32 kernel on 16-bit gradients).
         for k, (p, g, pa) in enumerate(zip(params, grads, self._param_addresses[base:])):
             if g is not None:
-                if self.master_weights and _is_low_precision(p):
-                    _backend.require(backend_name, _backend.MASTER_WEIGHTS,
-                                     f"params[{base + k}] is {np.dtype(p.dtype)}")
+                if _is_low_precision(p):
+                    feature = _backend.MASTER_WEIGHTS if self.master_weights else \
+                        _backend.PURE_KAHAN if self._pure == "kahan" else _backend.PURE_STOCHASTIC
+                    _backend.require(backend_name, feature, f"params[{base + k}] is {np.dtype(p.dtype)}")
                 if isinstance(p, np.ndarray) and not p.flags.writeable:
                     raise ValueError(f"params[{base + k}] is read-only; optimizer steps update params in place")
                 i = base + k
@@ -186,7 +196,7 @@ class _Planning:
             i = base + k
             if p is self._param_objs[i]:
                 continue
-            _validate.param(p, f"param_groups[{gi}]['params'][{k}]", self.master_weights,
+            _validate.param(p, f"param_groups[{gi}]['params'][{k}]", self._low_precision_ok,
                             owner=type(self).__name__)
             for name, arr in (self._state[i] or {}).items():
                 if tuple(arr.shape) != tuple(p.shape):
@@ -292,10 +302,14 @@ class _Planning:
                           for name in slot_names)
             params = [plan.params[k] for k in ks]
             model = None
-            if _is_low_precision(params[0]):
+            if _is_low_precision(params[0]) and self.master_weights:
                 model, params = params, [self._state[i][MASTER] for i in idx]
             bucket = _Bucket(idx, params, [plan.grads[k] for k in ks], slots, model=model,
                              positions=ks)
+            if _is_low_precision(params[0]) and not self.master_weights:
+                bucket.pure = self._pure
+                if self._pure == "kahan":
+                    bucket.compensation = [self._state[i][KAHAN] for i in idx]
             if not self.state_format.is_default:
                 bucket.formats = tuple(s or "native" for s in storages)
                 bucket.scales = tuple(None if name is None or name + "_absmax" not in self._state[idx[0]]

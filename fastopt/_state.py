@@ -6,7 +6,7 @@ import math
 import numpy as np
 
 from . import _validate, lowbit
-from ._plan import MASTER
+from ._plan import KAHAN, MASTER
 
 # Group keys that torch writes and fastopt has no use for; accepted and dropped on load.
 TORCH_ONLY_KEYS = frozenset({"foreach", "fused", "capturable", "differentiable"})
@@ -133,15 +133,26 @@ def load_state_dict(opt, sd) -> None:
                              f"for these hyperparameters")
         known = set(opt.slot_names) | {n + suffix for n in opt.slot_names
                                        for suffix in (lowbit.ABSMAX, lowbit.QMAP)}
-        extra = have - known - ({MASTER} if np.dtype(p.dtype).itemsize == 2 else set())
+        extra = have - known - ({MASTER, KAHAN} if np.dtype(p.dtype).itemsize == 2 else set())
         if extra:
             raise ValueError(f"{where} has unknown keys {sorted(extra, key=repr)}: it is not a {name} state dict")
+        if MASTER in have and not opt.master_weights:
+            raise ValueError(f"{where} holds {MASTER!r} (float32 master weights), but this "
+                             f"{name} keeps none (master_weights=False)")
+        if KAHAN in have and opt._pure != "kahan":
+            raise ValueError(f"{where} holds {KAHAN!r} (a Kahan compensation), but this {name} "
+                             "has none (kahan_sum=False)")
+        compensation = {}
+        if KAHAN in have:
+            compensation = {KAHAN: _compensation(st[KAHAN], p, f"{where}[{KAHAN!r}]")}
+            have = have - {KAHAN}
         if record is None and opt.state_format.is_default and have <= set(opt.slot_names) | {MASTER}:
             for key in have:
                 _validate.state_array(st[key], p, f"{where}[{key!r}]", f"params[{i}]")
             arrays = {k: st[k] for k in have}
         else:
             arrays = lowbit.loaded_arrays(opt, p, st, have, record, where)
+        arrays.update(compensation)
         step = _as_step(st["step"], f"{where}['step']") if "step" in st else (1 if have else 0)
         loaded[i] = (p, arrays, step, new_groups[gi])
     iterations = sd.get("iterations")
@@ -155,7 +166,7 @@ def load_state_dict(opt, sd) -> None:
     opt._arenas.clear()          # fresh state buffers: nothing left over from before the load
     opt._steps[:] = 0
     for i, (p, arrays, step, group) in loaded.items():
-        opt._ensure_state(i, p, group, tuple(k for k in arrays if k in opt.slot_names or k == MASTER))
+        opt._ensure_state(i, p, group, tuple(k for k in arrays if k in opt.slot_names))
         for key, value in arrays.items():
             dst = opt._state[i][key]
             src = np.asarray(value) if isinstance(dst, np.ndarray) else value
@@ -165,6 +176,17 @@ def load_state_dict(opt, sd) -> None:
         opt.iterations = iterations
     if opt._host_values is not None:
         opt._host_set_loaded(groups, host_values)
+
+
+def _compensation(src, p, label):
+    """A saved Kahan compensation: the param's shape, any float or bfloat16 dtype."""
+    shape = tuple(np.shape(src))
+    if shape != tuple(p.shape):
+        raise ValueError(f"{label} has shape {shape}, expected {tuple(p.shape)} like the param")
+    dt = np.dtype(getattr(src, "dtype", np.float64))
+    if dt.kind != "f" and dt != lowbit.bfloat16():
+        raise TypeError(f"{label} has dtype {dt}, expected a floating dtype")
+    return src
 
 
 def _to_like(dst, src):

@@ -114,7 +114,8 @@ def param(p, label, allow_low_precision=False, owner=None):
         if dt in low_precision_dtypes():
             if not allow_low_precision:
                 raise TypeError(f"{label} has dtype {dt}: 16-bit params are stepped with float32 "
-                                "master weights; pass master_weights=True")
+                                "master weights (master_weights=True), or in place with "
+                                "kahan_sum=True or stochastic_rounding=True")
         else:
             raise TypeError(f"{label} has dtype {dt}; fastopt steps float32 and float64 arrays "
                             "(and float16/bfloat16 with master_weights=True); integer, complex, "
@@ -255,6 +256,8 @@ def unexpected_keywords(cls, unexpected, defaults):
     except (TypeError, ValueError):
         known = []
     known = list(dict.fromkeys(known + list(defaults) + ["backend", "max_grad_norm", "master_weights",
+                                                        "kahan_sum", "state_format", "block_size",
+                                                        "min_8bit_size",
                                                          "stochastic_rounding", "seed"]))
     bad = sorted(unexpected)[0]
     msg = f"{name}() got an unexpected keyword argument {bad!r}"

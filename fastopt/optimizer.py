@@ -19,7 +19,7 @@ import numpy as np
 from . import _backend, _validate, lowbit
 from .flat import FlatParams, arena_of, warn_if_copied
 from .kernels.layout import BFLOAT16, NATIVE
-from ._plan import MASTER, _Bucket, _is_low_precision, _Plan, _Planning  # noqa: F401
+from ._plan import KAHAN, MASTER, _Bucket, _is_low_precision, _Plan, _Planning  # noqa: F401
 from ._host_state import HostStates
 from .sparse import SparseSteps, rows_seen_so_far
 
@@ -40,7 +40,12 @@ class Optimizer(_Planning, SparseSteps, HostStates):
         the step (torch's ``clip_grad_norm_`` coefficient); the norm is ``last_grad_norm``.
       master_weights: accept float16/bfloat16 params: keep float32 master weights and
         state, and write each updated weight back rounded to nearest even.
-      stochastic_rounding: round bfloat16 params stochastically instead (with ``seed``).
+      stochastic_rounding: round bfloat16 params stochastically instead (with ``seed``);
+        without master weights, bfloat16 params are updated in place, each update
+        rounded stochastically (no float32 copy: 2 bytes of param per parameter).
+      kahan_sum: update float16/bfloat16 params in place without master weights, keeping
+        each one's rounding error in a 16-bit compensation column (``kahan_comp``) that
+        the next update adds back (4 bytes per parameter instead of 6 with masters).
       state_format: ``"float32"`` (the params' dtype, default), ``"bfloat16"`` or
         ``"int8"`` (blockwise 8-bit, bitsandbytes' scheme): how the state columns are
         stored; the math is float32 either way (fastopt/lowbit.py).
@@ -56,7 +61,8 @@ class Optimizer(_Planning, SparseSteps, HostStates):
     def __init__(self, params, defaults: dict, backend: str | None = None, *,
                  max_grad_norm: float | None = None, master_weights: bool = False,
                  stochastic_rounding: bool = False, seed: int = 0, state_format: str = "float32",
-                 block_size: int = 256, min_8bit_size: int = 4096, **unexpected):
+                 block_size: int = 256, min_8bit_size: int = 4096, kahan_sum: bool = False,
+                 **unexpected):
         if unexpected:
             _validate.unexpected_keywords(type(self), unexpected, defaults)
         if backend is not None:
@@ -78,6 +84,17 @@ class Optimizer(_Planning, SparseSteps, HostStates):
         # 16-bit params: float32 master weights and state; the params get the rounded copy.
         self.master_weights = _validate.flag("master_weights", master_weights)
         self.stochastic_rounding = _validate.flag("stochastic_rounding", stochastic_rounding)
+        self.kahan_sum = _validate.flag("kahan_sum", kahan_sum)
+        if self.kahan_sum and (self.master_weights or self.stochastic_rounding):
+            raise ValueError("kahan_sum updates 16-bit params in place without master weights; "
+                             "it excludes master_weights=True and stochastic_rounding=True")
+        # 16-bit params without master weights: compensated, or rounded stochastically
+        self._pure = None if self.master_weights else \
+            "kahan" if self.kahan_sum else "stochastic" if self.stochastic_rounding else None
+        if self._pure and self.spec is not None and self.spec.per_tensor is not None:
+            raise NotImplementedError(f"{type(self).__name__} does not support 16-bit params "
+                                      "without master weights yet: its per-tensor pass has no "
+                                      "16-bit driver")
         self.seed = int(seed)
         self.last_grad_norm: float | None = None
         self._norm_prep = None               # the pre-pass's tables over the last gradients
@@ -129,8 +146,12 @@ class Optimizer(_Planning, SparseSteps, HostStates):
             raise ValueError(f"{where}['params'] is empty")
         owner = type(self).__name__
         for k, p in enumerate(ps):
-            _validate.param(p, f"{where}['params'][{k}]", allow_low_precision=self.master_weights,
+            _validate.param(p, f"{where}['params'][{k}]", allow_low_precision=self._low_precision_ok,
                             owner=owner)
+            if self._pure == "stochastic" and np.dtype(p.dtype) == np.float16:
+                raise TypeError(f"{where}['params'][{k}] is float16: stochastic rounding without "
+                                "master weights is for bfloat16 params; use kahan_sum=True or "
+                                "master_weights=True")
             if not self.state_format.is_default and np.dtype(p.dtype) == np.float64:
                 raise TypeError(f"{where}['params'][{k}] is float64: state_format="
                                 f"{self.state_format.name!r} stores float32 math's state; float64 "
@@ -195,9 +216,14 @@ class Optimizer(_Planning, SparseSteps, HostStates):
             return sg.indices, sg.rows
         return rows_seen_so_far(self.__dict__.setdefault("_sparse_seen", {}), i, param, sg)
 
+    @property
+    def _low_precision_ok(self) -> bool:
+        """16-bit params are accepted: with master weights, or updated in place."""
+        return self.master_weights or self._pure is not None
+
     def _storage(self, name, p) -> str:
         """The storage format of state column ``name`` of param ``p`` (kernels/layout.py)."""
-        if self.state_format.is_default or name == MASTER:
+        if self.state_format.is_default or name in (MASTER, KAHAN):
             return NATIVE
         return self.state_format.storage(self.spec.column(name), int(p.size))
 
@@ -206,16 +232,18 @@ class Optimizer(_Planning, SparseSteps, HostStates):
         if st is None:
             st = self._state[i] = {}
         low = _is_low_precision(p)
-        names = ((MASTER,) if low else ()) + tuple(slot_names)
+        extra = () if not low else (MASTER,) if self.master_weights else \
+            (KAHAN,) if self._pure == "kahan" else ()
+        names = extra + tuple(slot_names)
         for name in names:
             if name is None or name in st:
                 continue
-            fill = self._initial_value(group, name)
+            fill = 0.0 if name == KAHAN else self._initial_value(group, name)
             storage = self._storage(name, p)
             if storage != NATIVE:
                 st.update(self._new_lowbit_column(p, name, storage, fill))
                 continue
-            dtype = np.dtype(np.float32) if low else np.dtype(p.dtype)
+            dtype = np.dtype(p.dtype) if name == KAHAN or not low else np.dtype(np.float32)
             flat = arena_of(p)
             if flat is not None:
                 key = (id(flat), name)
@@ -330,7 +358,7 @@ class Optimizer(_Planning, SparseSteps, HostStates):
             raise NotImplementedError(f"grads[{i}] is a SparseGrad: sparse gradients update "
                                       f"float32 state only, not state_format="
                                       f"{self.state_format.name!r}; pass a dense gradient")
-        if self.master_weights:
+        if self._low_precision_ok:
             for i, (_, param, _) in sparse.items():  # noqa: B007
                 if _is_low_precision(param):
                     raise NotImplementedError(

@@ -37,7 +37,11 @@ from .specialize import accumulate, flag_tag, freezer, source_tag
 # 16-bit storage formats and model columns as lowp kinds (compile-time constants).
 _KIND = {FLOAT16: lowp.FLOAT16, BFLOAT16: lowp.BFLOAT16}
 _MODEL_KIND = {"float16": lowp.FLOAT16, "bfloat16": lowp.BFLOAT16,
-               "bfloat16-stochastic": lowp.BFLOAT16_STOCHASTIC}
+               "bfloat16-stochastic": lowp.BFLOAT16_STOCHASTIC,
+               "pure-bfloat16-stochastic": lowp.BFLOAT16_STOCHASTIC,
+               "pure-bfloat16-kahan": lowp.BFLOAT16, "pure-float16-kahan": lowp.FLOAT16}
+# the 16-bit format a model's gradients (and pure params) are loaded from
+_LOAD_KIND = {m: lowp.BFLOAT16 if k == lowp.BFLOAT16_STOCHASTIC else k for m, k in _MODEL_KIND.items()}
 MODELS = ("",) + tuple(_MODEL_KIND)
 
 
@@ -77,11 +81,11 @@ def _columns(layout: Layout) -> list:
     """``(name, table column, element type)`` of every column the loop indexes."""
     k_slots = layout.n_slots
     low = "bits" if layout.model else "like"
-    cols = [("p", 1, "like"), ("g", 2, low)]
+    cols = [("p", 1, "bits" if layout.pure else "like"), ("g", 2, low)]
     cols += [(f"s{k}", 3 + k, _element_type(layout.formats[k]))
              for k in range(k_slots) if layout.reads[k]]
-    if layout.model:
-        cols.append(("w", 3 + k_slots, "bits"))
+    if layout.extra_columns:       # the model copy, or the Kahan compensation
+        cols.append(("k" if layout.pure else "w", 3 + k_slots, "bits"))
     return cols
 
 
@@ -101,10 +105,10 @@ def _element_lines(layout: Layout, out: str, first: int, scaled: bool, write_p: 
     gradient in its place (no load, as the CUDA driver); the per-row slot gets ``rv``.
     ``rounding``: the seed and position arguments of the model column's rounding.
     """
-    gi = (f"lowp.load(g[i], {_MODEL_KIND[layout.model]}, like)" if layout.model else "g[i]")
+    gi = (f"lowp.load(g[i], {_LOAD_KIND[layout.model]}, like)" if layout.model else "g[i]")
     if scaled:
         gi += " * scale"
-    args = ["p[i]", "gi"]
+    args = ["p0" if layout.pure else "p[i]", "gi"]
     for k in range(layout.n_slots):
         if layout.row_mode == ROW_SLOT and k == layout.row_slot:
             args.append("rv")
@@ -112,12 +116,12 @@ def _element_lines(layout: Layout, out: str, first: int, scaled: bool, write_p: 
             args.append(_load(layout.formats[k], f"s{k}[i]", k))
         else:
             args.append("gi")
-    lines = [f"gi = {gi}", f"{out} = ELEMENT({', '.join(args)}, hc)"]
+    lines = [f"gi = {gi}"]
+    if layout.pure:
+        lines.append(f"p0 = lowp.load(p[i], {_LOAD_KIND[layout.model]}, like)")
+    lines.append(f"{out} = ELEMENT({', '.join(args)}, hc)")
     if write_p:
-        lines.append(f"p[i] = {out}[{first}]")
-        if layout.model:
-            lines.append(f"w[i] = lowp.round_to_bits({out}[{first}], "
-                         f"{_MODEL_KIND[layout.model]}, {rounding})")
+        lines += _param_store(layout, f"{out}[{first}]", rounding)
     for k in range(layout.n_slots):
         if not layout.writes[k]:
             continue
@@ -127,6 +131,24 @@ def _element_lines(layout: Layout, out: str, first: int, scaled: bool, write_p: 
         else:
             lines.append(f"s{k}[i] = {_store(layout.formats[k], value)}")
     return lines
+
+
+def _param_store(layout: Layout, value: str, rounding: str) -> list:
+    """Store the updated param ``value``: as it is; with master weights also its rounded
+    model copy; pure 16-bit params rounded stochastically, or to nearest with the
+    rounding error carried in the Kahan column ``k`` (the exact update plus the error
+    carried so far is added to the param, and what rounding left out is carried on)."""
+    kind = _MODEL_KIND.get(layout.model, 0)
+    if not layout.model:
+        return [f"p[i] = {value}"]
+    if not layout.pure:
+        return [f"p[i] = {value}", f"w[i] = lowp.round_to_bits({value}, {kind}, {rounding})"]
+    if layout.model == "pure-bfloat16-stochastic":
+        return [f"p[i] = lowp.round_to_bits({value}, {kind}, {rounding})"]
+    return [f"comp = lowp.load(k[i], {kind}, like) + ({value} - p0)",
+            f"q = lowp.round_to_bits(p0 + comp, {kind}, 0, 0)",
+            "p[i] = q",
+            f"k[i] = lowp.store(comp - (lowp.load(q, {kind}, like) - p0), {kind})"]
 
 
 def _row_values(layout: Layout) -> list:
@@ -171,7 +193,7 @@ def _blockwise_step_source(name: str, layout: Layout, chunk: int) -> str:
     if chunk % size:
         raise ValueError(f"the chunk ({chunk} elements) must hold whole blocks of {size}")
     blocked = layout.blockwise
-    first = 3 + layout.n_slots + bool(layout.model)       # the absmax columns follow
+    first = 3 + layout.n_slots + layout.extra_columns     # the absmax columns follow
     lines = [f"def {name}(table, chunks, like, bits, h, grad_scale, row_values, seed):",
              "    for c in prange(chunks.shape[0]):"]
     head = _chunk_head() + _row_values(layout) + [f"n_blocks = (n + {size - 1}) // {size}"]

@@ -161,31 +161,45 @@ class ChunkTable:
     """
 
     __slots__ = ("fixed", "table", "chunks", "starts", "like", "low_kind", "has", "formats",
-                 "n_elements", "refs", "merge", "scales", "block")
+                 "n_elements", "refs", "merge", "scales", "block", "pure")
 
     def __init__(self, params, grads, slots, grad_addresses=None, fixed=None, merge=True,
-                 model=None, formats=None, scales=None, block=0):
+                 model=None, formats=None, scales=None, block=0, pure=None):
         slots = tuple(slots)
         self.has = tuple(s is not None for s in slots)
         dtype = np.dtype(params[0].dtype) if params else np.dtype(np.float32)
-        self.like = dtype.type(0)
-        self.low_kind = 0 if model is None else lowp.kind_of(model[0].dtype)
+        if pure is not None:
+            # pure 16-bit params (no master weights): ``model`` is the Kahan column or None
+            if pure not in ("kahan", "stochastic"):
+                raise ValueError(f"pure must be 'kahan' or 'stochastic', got {pure!r}")
+            if params and lowp.kind_of(dtype) == 0:
+                raise TypeError(f"pure 16-bit steps take float16 or bfloat16 params, got {dtype}")
+            if (pure == "kahan") != (model is not None):
+                raise ValueError("pure='kahan' needs its compensation arrays (model=), "
+                                 "pure='stochastic' none")
+            low, math = dtype, np.dtype(np.float32)
+        else:
+            low = None if model is None else np.dtype(model[0].dtype)
+            math = dtype
+        self.pure = pure
+        self.like = math.type(0)
+        self.low_kind = 0 if low is None else lowp.kind_of(low)
         if formats is not None and len(formats) != len(slots):
             raise ValueError(f"formats must have one entry per state column ({len(slots)}), "
                              f"got {len(formats)}")
         if grads:
             # The driver reads gradients as the model's 16-bit patterns, or as the params'
             # dtype: a table without its model would read 16-bit gradients as float32.
-            want = dtype if model is None else np.dtype(model[0].dtype)
+            want = dtype if low is None else low
             if np.dtype(grads[0].dtype) != want:
                 raise TypeError(f"the gradients are {np.dtype(grads[0].dtype)}, expected {want}"
                                 + ("; 16-bit gradients need the table of their master weights "
-                                   "(model=the 16-bit params)" if model is None else ""))
+                                   "(model=the 16-bit params)" if low is None else ""))
         # An absent column is read as the gradient: in the gradient's format.
         grad_format = _MODEL_OF_KIND.get(self.low_kind, NATIVE)
         if fixed is None:
             formats = tuple(grad_format if s is None else NATIVE if not params else
-                            column_format(s[0].dtype, dtype, None if formats is None else formats[k])
+                            column_format(s[0].dtype, math, None if formats is None else formats[k])
                             for k, s in enumerate(slots))
             fixed = self._fixed(params, slots, model)
         elif formats is None:
@@ -211,9 +225,9 @@ class ChunkTable:
             full[:, 3 + k] = full[:, 2]
         full = full[full[:, 0] > 0]
         # Bytes per element of each address column, for the back-to-back test.
-        grad_size = 2 if model is not None else dtype.itemsize
+        grad_size = 2 if low is not None else dtype.itemsize
         itemsizes = np.array([dtype.itemsize, grad_size]
-                             + [dtype.itemsize if f == NATIVE else 1 if f in BLOCKWISE else 2
+                             + [math.itemsize if f == NATIVE else 1 if f in BLOCKWISE else 2
                                 for f in self.formats]
                              + [2] * (model is not None) + [4] * len(blocked), dtype=np.int64)
         # merge=False keeps one row per non-empty tensor (per-tensor reductions need it).
@@ -255,7 +269,7 @@ class ChunkTable:
         """The same params and state over new gradient arrays."""
         params, _, slots, model = self.refs
         return ChunkTable(params, grads, slots, grad_addresses, self.fixed, self.merge, model,
-                          self.formats, self.scales, self.block)
+                          self.formats, self.scales, self.block, self.pure)
 
     def layout(self, writes=None, row_mode=None, stochastic=False, load_absent=False) -> Layout:
         """The layout of a pass over this table: every present column is read, and with
@@ -275,7 +289,11 @@ class ChunkTable:
                                  f"with {n_slots}")
             reads[slot] = False          # the row's value takes the column's place
         model = _MODEL_OF_KIND.get(self.low_kind, "")
-        if stochastic and model == BFLOAT16:
+        if self.pure == "stochastic":
+            model = f"pure-{model}-stochastic"
+        elif self.pure == "kahan":
+            model = f"pure-{model}-kahan"
+        elif stochastic and model == BFLOAT16:
             model = "bfloat16-stochastic"
         return Layout.of(reads, stored, self.formats, mode, slot, model, self.block)
 
@@ -328,7 +346,7 @@ def run(element, table: ChunkTable, scalars, grad_scale=1.0, seed=0, stochastic=
         writes = tuple(writes)
     flags = flags_of(scalars)
     key = ("step", element, table.has, table.formats, table.low_kind, writes, row_mode,
-           bool(stochastic), table.block, flags, table.like.dtype, type(scalars))
+           bool(stochastic), table.block, table.pure, flags, table.like.dtype, type(scalars))
     fn = _BY_CALL.get(key)
     first = fn is None
     if first:
@@ -367,7 +385,8 @@ def reduce_chunks(fn, table: ChunkTable, scalars, maximum=False, accumulate=np.f
     if writes is not None:
         writes = tuple(writes)
     flags = flags_of(scalars)
-    key = ("reduce", fn, table.has, table.formats, table.low_kind, writes, bool(maximum), flags)
+    key = ("reduce", fn, table.has, table.formats, table.low_kind, table.pure, writes, bool(maximum),
+           flags)
     driver_fn = _BY_CALL.get(key)
     if driver_fn is None:
         mask = _reduce_writes(table, writes)

@@ -34,7 +34,11 @@ ROW_NONE, ROW_GRAD, ROW_SLOT = 0, 1, 2
 ROW_MODES = {None: ROW_NONE, "grad": ROW_GRAD, "slot": ROW_SLOT, "slot2": ROW_SLOT}
 
 # Model columns of master weights: the 16-bit format of the gradients and model copy.
-MODELS = ("", FLOAT16, BFLOAT16, "bfloat16-stochastic")
+# "pure-*": no master weights: the param column itself is 16-bit (loaded widened, the
+# update rounded stochastically, or kept exact with a 16-bit Kahan compensation column).
+PURE_STOCHASTIC = "pure-bfloat16-stochastic"
+PURE_KAHAN = ("pure-bfloat16-kahan", "pure-float16-kahan")
+MODELS = ("", FLOAT16, BFLOAT16, "bfloat16-stochastic", PURE_STOCHASTIC) + PURE_KAHAN
 
 
 def parse_row_mode(row_mode) -> tuple:
@@ -65,7 +69,9 @@ class Layout(NamedTuple):
     model:   "" (no model column), or "float16"/"bfloat16"/"bfloat16-stochastic": the
              param column holds float32 master weights, the gradients are 16-bit in
              this format and every updated weight is also stored, rounded, in the
-             model column.
+             model column. Or "pure-...": the param column holds the 16-bit params
+             themselves (no master weights), rounded stochastically or compensated by
+             a 16-bit Kahan column (the extra column after the state columns).
     block:   elements per block of the blockwise columns (0 when there are none).
     """
 
@@ -80,6 +86,17 @@ class Layout(NamedTuple):
     @property
     def n_slots(self) -> int:
         return len(self.reads)
+
+    @property
+    def pure(self) -> bool:
+        """The param column is 16-bit: no master weights."""
+        return self.model.startswith("pure-")
+
+    @property
+    def extra_columns(self) -> int:
+        """Table columns after the state columns before the absmax ones: the model copy
+        of master weights, or the Kahan compensation of pure 16-bit params."""
+        return int(bool(self.model) and self.model != PURE_STOCHASTIC)
 
     @property
     def blockwise(self) -> tuple:
