@@ -89,10 +89,12 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="throughput against the NumPy reference, torch and the roof",
                        description="Time every optimizer step on three layouts against the roof "
                        "kernel, the NumPy reference and torch; print a table. The default run "
-                       "(4 optimizers) takes about a minute on 2 cores, first-time compilation "
-                       "included (41-58 s measured on idle 2-core machines, two to three times "
-                       "that on a busy one); each further optimizer adds about 6 s. Every flag and "
-                       "output path is checked before anything is timed.",
+                       "(4 optimizers, and Adam with bfloat16 and int8 state beside bitsandbytes' "
+                       "8-bit Adam) takes about a minute on 2 cores, first-time compilation "
+                       "included (41-58 s measured on idle 2-core machines before the low-bit rows, "
+                       "which add about a sixth; two to three times that on a busy one); each "
+                       "further optimizer adds about 6 s. Every flag and output path is checked "
+                       "before anything is timed.",
                        formatter_class=_Defaults)
     from .benchmark.cases import OPTIMIZERS
     b.add_argument("--optimizers", default=None,
@@ -107,9 +109,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="parameters of the large and transformer layouts (8M, 64M, 500k, 1.5M: "
                         "decimal units)")
     b.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    b.add_argument("--backends", default="roof,fastopt,numpy,torch,cuda",
-                   help="comma-separated subset of roof,fastopt,numpy,torch,cuda "
-                        "(unavailable ones are skipped with a note)")
+    b.add_argument("--backends", default="roof,fastopt,numpy,torch,cuda,bnb",
+                   help="comma-separated subset of roof,fastopt,numpy,torch,cuda,bnb "
+                        "(unavailable ones are skipped with a note; bnb: bitsandbytes' CPU "
+                        "8-bit Adam/AdamW beside fastopt's int8 rows)")
+    b.add_argument("--state-formats", default=None, metavar="FORMATS",
+                   help="comma-separated optimizer state formats to run for every optimizer: "
+                        "float32 (the params' dtype), bfloat16, int8 (blockwise 8-bit); when "
+                        "omitted, float32 for every optimizer and bfloat16 and int8 too for "
+                        "adam (in float32 runs)")
     b.add_argument("--modes", default="flat,list", help="fastopt modes: flat (FlatParams), list")
     b.add_argument("--repeats", type=_int_at_least(1), default=15, help="timed samples per row")
     b.add_argument("--numpy-repeats", type=_int_at_least(1), default=3,
@@ -184,12 +192,14 @@ def _bench(args) -> int:
         rows = [case_info(c, args.dtype) for c in available_optimizers("all")]
         width = max(len(r["name"]) for r in rows)
         print(f"{'optimizer'.ljust(width)}  default  B/param ({args.dtype})  torch.optim  state slots / "
-              "hyperparameters")
+              "hyperparameters; B/param with bfloat16 / int8 state (one large tensor)")
         for r in rows:
             kw = ", ".join(f"{k}={v}" for k, v in r["kwargs"].items())
+            low = " / ".join("-" if r["bytes_per_format"][f] is None else f"{r['bytes_per_format'][f]:g}"
+                             for f in ("bfloat16", "int8"))
             print(f"{r['name'].ljust(width)}  {'yes' if r['default'] else 'no ':7}  "
                   f"{r['bytes_per_param']:>17}  {str(r['torch'] or '-'):11}  "
-                  f"{', '.join(r['slots']) or '-'}; {kw}")
+                  f"{', '.join(r['slots']) or '-'}; {kw}; low-bit {low}")
         return 0
     from .benchmark import suite
 
@@ -216,7 +226,8 @@ def _bench(args) -> int:
                                modes=tuple(_csv(args.modes)), repeats=args.repeats,
                                numpy_repeats=args.numpy_repeats, max_time_s=args.max_time,
                                memory=not args.no_memory, cold_start=cold, threads=args.threads,
-                               seed=args.seed, clip=not args.no_clip)
+                               seed=args.seed, clip=not args.no_clip,
+                               state_formats=args.state_formats)
     run = suite.run_bench(config, progress=not args.quiet, log=lambda line: print(line, flush=True))
     from .benchmark.report import format_run, write_json
     print(format_run(run))

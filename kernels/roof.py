@@ -4,6 +4,8 @@ Run by the same driver with the same slot mask as the optimizer it stands beside
 reads p, g and every present state slot and writes p and every present slot, so its time
 is the memory-bandwidth floor for that optimizer's step.
 
+Low-bit state (bfloat16, blockwise int8) has roofs of its own below (:func:`lowbit_roof`).
+
 Steps of more than one pass (LAMB, LARS: a per-tensor reduction, then the update) have a
 roof of as many passes, each with its pass's reads and writes: :func:`pass_reducer` for
 a reduction (which may write state), :func:`pass_element` for an update. Their flags say
@@ -63,3 +65,78 @@ def pass_scalars(reads: str, cast):
     names = set(reads.split())
     return PassScalars(scale=cast(1e-12), zero=cast(0.0), read_g="g" in names,
                        read0="s0" in names, read1="s1" in names)
+
+
+# -- low-bit state: the roofs of bfloat16 and blockwise int8 columns --------------------
+# The CPU driver's 16-bit and blockwise loads and stores are the format's own math (a
+# widening shift and a rounding; decoding, a block's absmax and the encoder's table
+# look-ups), so a roof through it would time that math too. These loops move exactly the
+# bytes such a step moves, over one contiguous buffer per array, with trivial math: each
+# param gets scale * g added, each 16-bit or 8-bit state element one added (wrapping), and
+# each absmax (one float32 per ``block`` elements of a blockwise column) is read and
+# rewritten once per block. Each runs in chunks of ``chunk`` elements (whole blocks), one
+# chunk per ``prange`` iteration, sliced first and looped from 0 as the driver's loops
+# (the form LLVM vectorises). One function per number of state columns: generated, and
+# cached on disk as the drivers are (kernels/codegen.py).
+LOWBIT_KINDS = ("bfloat16", "int8")
+_LOWBIT: dict = {}
+
+
+def _lowbit_source(kind: str, k_slots: int) -> str:
+    cols = [f"s{k}" for k in range(k_slots)]
+    name = f"roof_{kind}_{k_slots}"
+    if kind == "bfloat16":
+        args = ", ".join(["p", "g", *cols, "scale", "chunk"])
+        lines = [f"def {name}({args}):",
+                 "    n = p.size",
+                 "    one = np.uint16(1)",
+                 "    for c in prange((n + chunk - 1) // chunk):",
+                 "        lo = c * chunk",
+                 "        hi = min(lo + chunk, n)",
+                 *(f"        {x}c = {x}[lo:hi]" for x in ["p", "g", *cols]),
+                 "        for i in range(hi - lo):",
+                 "            pc[i] = pc[i] + scale * gc[i]",
+                 *(f"            {x}c[i] = {x}c[i] + one" for x in cols)]
+    elif kind == "int8":
+        absmax = [f"a{k}" for k in range(k_slots)]
+        args = ", ".join(["p", "g", *cols, *absmax, "scale", "block", "chunk"])
+        lines = [f"def {name}({args}):",
+                 "    n = p.size",
+                 "    one = np.uint8(1)",
+                 "    n_blocks = (n + block - 1) // block",
+                 "    per_chunk = chunk // block",
+                 "    for c in prange((n + chunk - 1) // chunk):",
+                 "        lo = c * chunk",
+                 "        hi = min(lo + chunk, n)",
+                 "        b_lo = c * per_chunk",
+                 "        b_hi = min(b_lo + per_chunk, n_blocks)",
+                 *(f"        {a}c = {a}[b_lo:b_hi]" for a in absmax),
+                 "        for b in range(b_hi - b_lo):",
+                 *(f"            {a}c[b] = {a}c[b] + scale" for a in absmax),
+                 *(f"        {x}c = {x}[lo:hi]" for x in ["p", "g", *cols]),
+                 "        for i in range(hi - lo):",
+                 "            pc[i] = pc[i] + scale * gc[i]",
+                 *(f"            {x}c[i] = {x}c[i] + one" for x in cols)]
+    else:
+        raise ValueError(f"no low-bit roof for {kind!r}; expected one of {LOWBIT_KINDS}")
+    decorated = ["@numba.njit(parallel=True, cache=True)", *lines]
+    return "# fastopt roof kernel (kernels/roof.py), generated\n" + "\n".join(decorated) + "\n"
+
+
+def lowbit_roof(kind: str, k_slots: int):
+    """The compiled roof of ``k_slots`` state columns stored as ``kind``: "bfloat16"
+    (``fn(p, g, s0, ..., scale, chunk)``, uint16 columns) or "int8"
+    (``fn(p, g, s0, ..., a0, ..., scale, block, chunk)``: uint8 codes and float32 absmax)."""
+    key = (kind, int(k_slots))
+    fn = _LOWBIT.get(key)
+    if fn is None:
+        if not 1 <= k_slots <= 8:
+            raise ValueError(f"a low-bit roof needs 1 to 8 state columns, got {k_slots}")
+        import numba
+        import numpy as np
+
+        from . import codegen
+        module = codegen.load(_lowbit_source(kind, k_slots),
+                              {"numba": numba, "np": np, "prange": numba.prange})
+        fn = _LOWBIT[key] = getattr(module, f"roof_{kind}_{k_slots}")
+    return fn

@@ -19,7 +19,7 @@ RESULT_FIELDS = {
     "bytes_per_param", "times_s", "repeats", "ms_median", "ms_min", "ms_p25", "ms_p75", "spread",
     "params_per_s", "gb_per_s", "roof_fraction", "speedup_vs_numpy", "speedup_vs_torch",
     "first_call_s", "compiled", "peak_alloc_bytes", "peak_rss_bytes", "wall_s", "error",
-    "uncertain",
+    "uncertain", "state", "state_bytes_per_param", "speedup_vs_float32", "speedup_vs_bnb",
 }
 
 
@@ -152,7 +152,8 @@ def test_bench_json_has_the_documented_fields(tmp_path, capsys):
     backends = "roof,fastopt,numpy" + (",torch" if _have("torch") else "")
     rc = cli.main(["bench", "--size", "200k", "--optimizers", "sgd,adam", "--layouts",
                    "large,transformer", "--backends", backends, "--repeats", "3",
-                   "--numpy-repeats", "1", "--cold-start", "none", "--quiet", "--json", str(path)])
+                   "--numpy-repeats", "1", "--cold-start", "none", "--quiet", "--json", str(path),
+                   "--state-formats", "float32"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "== one large tensor: 200k params in 1 tensor ==" in out
@@ -171,6 +172,9 @@ def test_bench_json_has_the_documented_fields(tmp_path, capsys):
         assert key in m
     assert m["versions"]["numba"] and m["versions"]["numpy"]
     assert record["config"]["size"] == 200_000 and record["config"]["optimizers"] == ["sgd", "adam"]
+    assert record["config"]["state_formats"] == ["float32"]
+    assert record["state_formats"] == {"sgd": ["float32"], "adam": ["float32"]}
+    assert "lowbit_summary" not in record
     assert record["layouts"]["large"] == {"n_params": 200_000, "n_tensors": 1}
     results = record["results"]
     per_case = 4 + _have("torch")              # roof, flat, list, numpy (+ torch)
@@ -180,6 +184,10 @@ def test_bench_json_has_the_documented_fields(tmp_path, capsys):
         assert r["error"] is None
         assert r["ms_median"] > 0 and r["gb_per_s"] > 0
         assert r["bytes_per_param"] == {"sgd": 12, "adam": 28}[r["optimizer"]]
+        assert r["state"] == "float32" and r["speedup_vs_float32"] is None
+        if r["backend"] != "roof":      # measured on the optimizer's state arrays
+            assert r["state_bytes_per_param"] == pytest.approx({"sgd": 0, "adam": 8}[r["optimizer"]],
+                                                               abs=0.01)
         assert r["gb_per_s"] == pytest.approx(r["n_params"] * r["bytes_per_param"] / r["ms_median"] / 1e6)
         assert r["speedup_vs_numpy"] > 0 and r["roof_fraction"] > 0
         if _have("torch"):
@@ -306,6 +314,200 @@ def test_bench_list(capsys):
     lines = capsys.readouterr().out.splitlines()
     row = {line.split()[0]: line.split() for line in lines[1:]}
     assert row["sgd"][2] == "12" and row["adam"][2] == "28" and row["adam-amsgrad"][2] == "36"
+    text = {line.split()[0]: line for line in lines[1:]}
+    assert text["adam"].endswith("low-bit 20 / 16.0625")          # bfloat16 / int8
+    assert text["lamb"].endswith("low-bit 28 / -")                 # no int8 LAMB
+    assert text["sgd"].endswith("low-bit - / -")                   # no state
+
+
+# ------------------------------------------------------------------ low-bit state rows
+def test_bench_lowbit_rows_json_and_plot(tmp_path, capsys):
+    """--state-formats: bfloat16 and int8 rows with their own bytes, roof and resident state
+    bytes; int8 skips the many-small layout; bitsandbytes' 8-bit Adam beside int8 when it
+    is importable (else a note)."""
+    pytest.importorskip("matplotlib")
+    path, chart = tmp_path / "bench.json", tmp_path / "bench.png"
+    rc = cli.main(["bench", "--size", "25600", "--optimizers", "sgd,adam", "--layouts",
+                   "large,small", "--backends", "roof,fastopt,bnb", "--state-formats",
+                   "float32,bf16,int8", "--repeats", "2", "--numpy-repeats", "1", "--cold-start",
+                   "none", "--no-clip", "--no-memory", "--quiet", "--json", str(path),
+                   "--plot", str(chart)])
+    assert rc == 0
+    captured = capsys.readouterr()
+    out, err = captured.out, captured.err
+    assert "kernels-community" not in err                    # bitsandbytes imported cleanly
+    assert "note: sgd bfloat16: no rows: it has no state" in out
+    assert "note: small int8: no rows: every tensor is under 4096 elements" in out
+    assert "adam (fastopt flat): speed-up per step over float32: bfloat16 " in out
+    record = json.loads(path.read_text())
+    assert record["config"]["state_formats"] == ["float32", "bfloat16", "int8"]
+    assert record["state_formats"] == {"sgd": ["float32"], "adam": ["float32", "bfloat16", "int8"]}
+    results = record["results"]
+    rows = {(r["layout"], r["optimizer"], r["state"], r["backend"], r["mode"]): r for r in results}
+    import importlib.util
+    bnb_ok = importlib.util.find_spec("bitsandbytes") is not None
+    for layout, states in (("large", ("float32", "bfloat16", "int8")), ("small", ("float32", "bfloat16"))):
+        for state in states:
+            for backend, mode in (("roof", ""), ("fastopt", "flat"), ("fastopt", "list")):
+                r = rows[(layout, "adam", state, backend, mode)]
+                assert RESULT_FIELDS <= set(r) and r["error"] is None, r
+                assert r["roof_fraction"] > 0
+                if backend == "fastopt" and state != "float32":
+                    assert r["speedup_vs_float32"] > 0
+    assert not any(k[0] == "small" and k[2] == "int8" for k in rows)
+    assert not any(k[1] == "sgd" and k[2] != "float32" for k in rows)
+    bpp = {(k[0], k[2]): r["bytes_per_param"] for k, r in rows.items() if k[1] == "adam"}
+    assert bpp[("large", "bfloat16")] == 20 and bpp[("small", "bfloat16")] == 20
+    assert bpp[("large", "int8")] == pytest.approx(12 + 2 * 2 * (1 + 4 / 256))  # 100 whole blocks
+    resident = {(k[0], k[2], k[4]): r["state_bytes_per_param"] for k, r in rows.items()
+                if k[1] == "adam" and k[3] == "fastopt"}
+    for mode in ("flat", "list"):
+        assert resident[("large", "float32", mode)] == pytest.approx(8.0)
+        assert resident[("large", "bfloat16", mode)] == pytest.approx(4.0)
+        assert resident[("large", "int8", mode)] == pytest.approx(2 + 8 / 256)
+        assert resident[("small", "bfloat16", mode)] == pytest.approx(4.0)
+    (summary,) = record["lowbit_summary"][:1]
+    assert summary["layout"] == "large" and set(summary["speedup_vs_float32"]) == {"bfloat16", "int8"}
+    if bnb_ok:
+        bnb = rows[("large", "adam", "int8", "bnb", "8-bit")]
+        assert bnb["error"] is None and bnb["bytes_per_param"] == bpp[("large", "int8")]
+        assert 2.0 < bnb["state_bytes_per_param"] < 2.2       # codes, absmax, its two maps
+        assert rows[("large", "adam", "int8", "fastopt", "flat")]["speedup_vs_bnb"] > 0
+        assert summary["speedup_vs_bnb"] > 0 and "over bitsandbytes Adam8bit: int8 " in out
+        assert "vs bnb" in out and "bnb 8-bit" in out
+    else:
+        assert "note: bnb 8-bit rows (adam int8) skipped:" in out
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_default_state_formats_and_what_is_skipped():
+    from fastopt.benchmark import suite
+    config = suite.BenchConfig(optimizers=cases.available_optimizers(), layouts="large,small")
+    assert {c.name: config.formats_for(c) for c in config.optimizers} == {
+        "sgd": ["float32"], "sgd-momentum": ["float32"],
+        "adam": ["float32", "bfloat16", "int8"], "adamw": ["float32"]}
+    wide = suite.BenchConfig(optimizers=cases.available_optimizers(), dtype="float64")
+    assert all(wide.formats_for(c) == ["float32"] for c in wide.optimizers)
+    notes = []
+    formats, skipped = suite.state_plan(suite.BenchConfig(
+        optimizers=cases.available_optimizers("sgd,lamb,adam"), layouts="large,small",
+        state_formats="int8,float32,int8"), notes)
+    assert formats == {"sgd": ["float32"], "lamb": ["float32"], "adam": ["int8", "float32"]}
+    assert skipped == {"int8": ["small"]}
+    assert any(n.startswith("lamb int8: no rows: LAMB does not support") for n in notes)
+    assert "sgd int8: no rows: it has no state" in notes
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--state-formats", "int4"], "unknown state format 'int4'"),
+    (["--state-formats", ","], "state formats must name at least one"),
+    (["--state-formats", "int8", "--dtype", "float64"], "need float32 params"),
+])
+def test_bad_state_formats_fail_before_the_run(argv, message, no_run, capsys):
+    assert cli.main(_bench(*argv)) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["bfloat16", "int8"])
+def test_lowbit_roof_moves_the_rows_bytes(fmt):
+    """The low-bit roof writes p, every state column and (int8) every absmax, reads g, and
+    its arrays hold the row's bytes per parameter; on a transformer-like layout int8 keeps
+    its small tensors' state in float32, and so does the roof."""
+    from fastopt.benchmark.roof import roof_bytes_per_param, roof_target
+    case = cases.available_optimizers("adam")[0]
+    data = runner.LayoutData("transformer", 70_000, np.float32)
+    roof = roof_target(case, data, fmt)
+    arrays = []
+
+    def collect(x):
+        if isinstance(x, np.ndarray):
+            arrays.append(x)
+        elif isinstance(x, (list, tuple)):
+            for y in x:
+                collect(y)
+        elif hasattr(x, "refs"):                   # a ChunkTable: its params, grads, slots
+            collect(x.refs)
+    collect(roof.keep)
+    unique = list({id(a): a for a in arrays}.values())
+    n = data.n_params
+
+    def is_grad(a):
+        return a.dtype == np.float32 and (np.array_equal(a, data.grads[:a.size])
+                                          or np.array_equal(a, data.grads[n - a.size:]))
+    grads = [a for a in unique if is_grad(a)]
+    others = [a for a in unique if not is_grad(a)]
+    assert sum(g.size for g in grads) == n            # the gradients, copied, read once
+    for a in others:
+        a[...] = 0
+    before = [a.copy() for a in grads]
+    roof.step()
+    assert all(a.any() for a in others)               # p, every state column, every absmax
+    assert all(np.array_equal(a, b) for a, b in zip(grads, before))
+    # its arrays move the row's bytes: p and g read, p written, all state read and written
+    moved = roof_bytes_per_param(case, np.float32, fmt, data.shapes) * n
+    assert moved == case.bytes_per_param(np.float32, fmt, data.shapes) * n
+    state = sum(a.nbytes for a in unique) - 2 * 4 * n
+    assert 3 * 4 * n + 2 * state == pytest.approx(moved, rel=1e-3)
+    dtypes = {a.dtype for a in others}
+    if fmt == "int8":
+        n_low, n_native = cases.lowbit_sizes("int8", data.shapes)
+        assert n_native > 0 and n_low > 0             # both parts of the roof ran
+        assert dtypes == {np.dtype(np.float32), np.dtype(np.uint8)}
+    else:
+        assert dtypes == {np.dtype(np.float32), np.dtype(np.uint16)}
+
+
+@pytest.mark.parametrize("kind", ["bfloat16", "int8"])
+@pytest.mark.parametrize("k_slots", [1, 4])
+def test_lowbit_roof_kernels_touch_every_column(kind, k_slots):
+    from fastopt.kernels import roof
+    n, block = 3000, 256                           # not a whole number of blocks
+    p, g = np.zeros(n, np.float32), np.ones(n, np.float32)
+    dtype = np.uint16 if kind == "bfloat16" else np.uint8
+    cols = [np.full(n, 7, dtype) for _ in range(k_slots)]
+    fn = roof.lowbit_roof(kind, k_slots)
+    if kind == "int8":
+        absmax = [np.zeros(-(-n // block), np.float32) for _ in range(k_slots)]
+        fn(p, g, *cols, *absmax, np.float32(0.5), block, 1024)
+        assert all(np.all(a == 0.5) for a in absmax)
+    else:
+        fn(p, g, *cols, np.float32(0.5), 1024)
+    assert np.all(p == 0.5) and np.all(g == 1)
+    assert all(np.all(c == 8) for c in cols)
+    with pytest.raises(ValueError, match="no low-bit roof"):
+        roof.lowbit_roof("float16", 1)
+
+
+def test_state_nbytes_counts_the_state_buffers():
+    import fastopt as fo
+    params = [np.ones(4096 * 2, np.float32), np.ones(100, np.float32)]
+    opt = fo.Adam([p.copy() for p in params], lr=1e-3, state_format="int8")
+    opt.step([np.full_like(p, 1e-2) for p in params])
+    # codes (1 B) and absmax (4 B per 256) of the large tensor; float32 for the small one
+    assert runner.state_nbytes(opt) == 2 * (8192 + 4 * 32) + 2 * 4 * 100
+    torch = pytest.importorskip("torch")
+    t = [torch.nn.Parameter(torch.ones(1000))]
+    t[0].grad = torch.ones(1000)
+    topt = torch.optim.Adam(t, lr=1e-3)
+    topt.step()
+    assert runner.state_nbytes(topt) in (8000 + 4, 8000 + 8)        # moments + step counter
+
+
+def test_bitsandbytes_imports_cleanly_from_the_source_tree():
+    """Run from the repository root (whose top-level kernels/ package bitsandbytes would
+    take for the kernel hub's): no stray 'kernels' module, no warning about it."""
+    import importlib.util
+    if importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("bitsandbytes is not installed")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(cli.__file__)))
+    code = ("import sys; sys.path.insert(0, '')\n"
+            "from fastopt.benchmark.runner import import_bitsandbytes\n"
+            "bnb = import_bitsandbytes(); print(bnb.optim.Adam8bit.__name__, 'kernels' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["Adam8bit", "False"]
+    assert "kernels-community" not in proc.stderr
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -32,6 +32,17 @@ then the update: LAMB, LARS) list their passes in ``passes``, each with the arra
 reads and writes, and move the sum: LAMB 16 + 8 (read p, g, m, v; write m, v) then
 12 + 4 (read p, m, v; write p) = 40 B; LARS 8 (read p, g) then 12 + 8 = 28 B. Their
 roof is as many passes with the same reads and writes (:mod:`fastopt.benchmark.roof`).
+
+Low-bit state (``state_format``, :data:`STATE_FORMATS`)
+-------------------------------------------------------
+A state column in ``"bfloat16"`` moves 2 B per element each way; in ``"int8"`` 1 B of
+code plus, per block of 256 elements, one float32 absmax (4/256 B per element), except in
+tensors under 4096 elements, which keep float32 state (fastopt/lowbit.py, as
+bitsandbytes). So the bytes depend on the layout's tensor sizes
+(:meth:`OptimizerCase.bytes_per_param` with ``shapes``); for Adam on one large tensor:
+float32 28, bfloat16 20, int8 12 + 2 x 2 x (1 + 4/256) = 16.06 B/param. The default run
+adds bfloat16 and int8 rows for :data:`LOWBIT_DEFAULT` (``fastopt bench
+--state-formats`` picks others).
 """
 from __future__ import annotations
 
@@ -41,6 +52,13 @@ import re
 from typing import Any
 
 import numpy as np
+
+FLOAT32, BF16, INT8 = "float32", "bfloat16", "int8"
+STATE_FORMATS = (FLOAT32, BF16, INT8)
+LOWBIT_DEFAULT = ("adam",)
+"""The optimizers the default run benchmarks with bfloat16 and int8 state too. Adam only:
+its two low-bit groups and bitsandbytes' row add about a sixth to the default run (AdamW's
+would add as much again, for the same access pattern)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,12 +158,95 @@ class OptimizerCase:
         """Which of the element's three state positions are live (the driver's mask)."""
         return tuple(s is not None for s in self.active_slots())
 
-    def bytes_per_param(self, dtype=np.float32) -> int:
-        """Bytes a step moves per parameter (see the module docstring)."""
+    def bytes_per_param(self, dtype=np.float32, state_format=FLOAT32, shapes=None) -> float:
+        """Bytes a step moves per parameter (see the module docstring): an int for
+        ``state_format="float32"`` (the params' own dtype); for a low-bit format, over
+        tensors of ``shapes`` (default: one tensor of a million elements)."""
         itemsize = np.dtype(dtype).itemsize
+        if state_format == FLOAT32:
+            if self.passes:
+                return itemsize * sum(p.words() for p in self.passes)
+            return itemsize * (3 + 2 * sum(self.slot_mask()))
+        per_slot = state_bytes_per_element(state_format, shapes, itemsize)
+        weight = {"p": itemsize, "g": itemsize}
+        weight.update({f"s{k}": per_slot for k in range(len(self.slot_mask()))})
         if self.passes:
-            return itemsize * sum(p.words() for p in self.passes)
-        return itemsize * (3 + 2 * sum(self.slot_mask()))
+            return float(sum(weight[a] for one in self.passes
+                             for a in one.reads.split() + one.writes.split()))
+        return float(3 * itemsize + 2 * per_slot * sum(self.slot_mask()))
+
+    def state_support(self, state_format, dtype=np.float32) -> str | None:
+        """None when this optimizer runs with ``state_format`` on ``dtype`` params, else
+        the reason it does not (the optimizer's own message; "no state" for a stateless
+        one, whose low-bit rows would repeat its float32 ones)."""
+        if state_format == FLOAT32:
+            return None
+        if not any(self.slot_mask()):
+            return "it has no state"
+        try:
+            self.make([np.zeros(1, dtype)], state_format=state_format)
+        except (ValueError, TypeError, NotImplementedError) as exc:
+            return str(exc)
+        return None
+
+
+def _storages(state_format: str, shapes):
+    """``(elements, storage)`` of each tensor of ``shapes`` under ``state_format``
+    (fastopt/lowbit.py's rule: int8 keeps tensors under 4096 elements "native"), and
+    the format's block size."""
+    import types
+
+    from .. import lowbit
+    fmt = lowbit.StateFormat.checked(state_format, lowbit.blockwise.BLOCK,
+                                     lowbit.blockwise.MIN_SIZE)
+    column = types.SimpleNamespace(unsigned=False)       # signed or not: the same bytes
+    return [(math.prod(s), fmt.storage(column, math.prod(s))) for s in shapes], fmt.block_size
+
+
+def lowbit_sizes(state_format: str, shapes) -> tuple[int, int]:
+    """(elements whose state is stored in ``state_format``, elements that keep the params'
+    dtype) of tensors of ``shapes``: int8 leaves tensors under 4096 elements in float32."""
+    sizes, _ = _storages(state_format, shapes)
+    native = sum(n for n, storage in sizes if storage == "native")
+    return sum(n for n, _ in sizes) - native, native
+
+
+def state_bytes_per_element(state_format: str, shapes=None, itemsize: int = 4) -> float:
+    """Bytes of one state column per parameter over tensors of ``shapes`` (default: one
+    tensor of 2^20 elements): codes and absmax, 16-bit values, or ``itemsize`` for the
+    tensors that keep the params' dtype."""
+    if state_format == FLOAT32:
+        return float(itemsize)
+    sizes, block = _storages(state_format, [(1 << 20,)] if shapes is None else shapes)
+    total = 0
+    for n, storage in sizes:
+        if storage == "native":
+            total += itemsize * n
+        elif state_format == BF16:
+            total += 2 * n
+        else:
+            total += n + 4 * (-(-n // block))
+    n_all = sum(n for n, _ in sizes)
+    return total / n_all if n_all else 0.0
+
+
+def parse_state_formats(text) -> list[str]:
+    """``"float32,int8"`` (or a list) as a checked list of :data:`STATE_FORMATS`, in the
+    order given, each once."""
+    names = [n.strip().lower() for n in text.split(",")] if isinstance(text, str) else list(text)
+    aliases = {"fp32": FLOAT32, "bf16": BF16, "8bit": INT8, "8-bit": INT8}
+    out = []
+    for n in names:
+        if not n:
+            continue
+        n = aliases.get(n, n)
+        if n not in STATE_FORMATS:
+            raise ValueError(f"unknown state format {n!r}; choose from {', '.join(STATE_FORMATS)}")
+        if n not in out:
+            out.append(n)
+    if not out:
+        raise ValueError(f"state formats must name at least one of {', '.join(STATE_FORMATS)}")
+    return out
 
 
 def _case(name, fastopt, kwargs=None, torch=None, **extra) -> OptimizerCase:
@@ -327,8 +428,13 @@ def format_count(n: float, base: int = 1000, units=("", "k", "M", "G", "T")) -> 
 
 
 def case_info(case: OptimizerCase, dtype=np.float32) -> dict[str, Any]:
-    """A row of ``fastopt bench --list``: name, classes, slots and bytes per parameter."""
+    """A row of ``fastopt bench --list``: name, classes, slots and bytes per parameter
+    (``bytes_per_format``: per state format, on one large tensor; None where the
+    optimizer does not run with that format)."""
     tcls = case.torch
+    per_format = {f: (case.bytes_per_param(dtype, f) if case.state_support(f, dtype) is None
+                      else None) for f in STATE_FORMATS}
     return dict(name=case.name, fastopt=case.fastopt, kwargs=case.kwargs, torch=tcls,
                 slots=[s for s in case.active_slots() if s is not None],
-                bytes_per_param=case.bytes_per_param(dtype), default=case.default)
+                bytes_per_param=case.bytes_per_param(dtype), bytes_per_format=per_format,
+                default=case.default)

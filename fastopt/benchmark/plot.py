@@ -1,6 +1,7 @@
 """The benchmark chart (``fastopt bench --plot PATH``): achieved GB/s against the roof.
 
-One bar group per layout; in each group one bar per optimizer: the filled bar is fastopt
+One bar group per layout; in each group one bar per optimizer (and per low-bit state
+format it ran with: "adam int8", against its own roof): the filled bar is fastopt
 in FlatParams mode (one contiguous buffer per column; list mode when the run has no
 FlatParams rows), the outline around it is the roof kernel with the same access pattern,
 the number on top is the fraction of the roof (``~`` when it is within the noise), and a
@@ -47,12 +48,24 @@ def optimizer_styles(n: int) -> list[tuple]:
             for i in range(n)]
 
 
-def _pick(rows, optimizer, layout, backend, mode=None):
+def _pick(rows, optimizer, layout, backend, mode=None, state="float32"):
     for r in rows:
         if (r.ok and r.optimizer == optimizer and r.layout == layout and r.backend == backend
-                and (mode is None or r.mode == mode)):
+                and (mode is None or r.mode == mode) and getattr(r, "state", "float32") == state):
             return r
     return None
+
+
+def series(run) -> list[tuple[str, str, str]]:
+    """The bars of each group: ``(label, optimizer, state)`` per optimizer and state
+    format that ran, in the run's optimizer order, float32 first."""
+    order = ("float32", "bfloat16", "int8")
+    out = []
+    for c in run.config.optimizers:
+        states = {getattr(r, "state", "float32") for r in run.results if r.optimizer == c.name}
+        for state in sorted(states, key=lambda s: order.index(s) if s in order else 9):
+            out.append((c.name if state == "float32" else f"{c.name} {state}", c.name, state))
+    return out or [(c.name, c.name, "float32") for c in run.config.optimizers]
 
 
 def make_figure(run):
@@ -61,7 +74,8 @@ def make_figure(run):
     from matplotlib.figure import Figure
 
     cfg = run.config
-    names = [c.name for c in cfg.optimizers]
+    bars = series(run)
+    names = [label for label, _, _ in bars]
     panels = [p for p in _PANELS if any(r.ok and r.device == p[0] for r in run.results)]
     if not panels:
         raise ValueError("nothing to plot: no row ran")
@@ -75,13 +89,14 @@ def make_figure(run):
     for ax, (device, main, roof, torch) in zip(axes[:, 0], panels):
         top = 0.0
         for gi, layout in enumerate(cfg.layouts):
-            for oi, name in enumerate(names):
+            for oi, (name, optimizer, state) in enumerate(bars):
                 x = gi + (oi - (len(names) - 1) / 2) * width
-                fast = _pick(run.results, name, layout, main, mode) or _pick(run.results, name, layout, main)
-                ceiling = _pick(run.results, name, layout, roof)
+                fast = (_pick(run.results, optimizer, layout, main, mode, state)
+                        or _pick(run.results, optimizer, layout, main, None, state))
+                ceiling = _pick(run.results, optimizer, layout, roof, None, state)
                 if device == "cuda" and ceiling is None:
-                    ceiling = _pick(run.results, name, layout, "copy-cuda")
-                ref = _pick(run.results, name, layout, torch)
+                    ceiling = _pick(run.results, optimizer, layout, "copy-cuda", None, state)
+                ref = _pick(run.results, optimizer, layout, torch, None, state)
                 if ceiling is not None:
                     ax.bar(x, ceiling.gb_per_s, width * 0.95, fill=False, edgecolor="black",
                            linewidth=1.0, label="roof kernel (same access pattern)" if gi == oi == 0 else None)

@@ -12,23 +12,38 @@ JSON record (``fastopt bench --json PATH``), ``schema: "fastopt-bench/1"``:
   repeats, numpy_repeats, ...).
 - ``layouts``: ``{layout: {n_params, n_tensors}}``.
 - ``results``: one object per row with ``optimizer``, ``layout``, ``backend`` (roof,
-  fastopt, numpy, torch, roof-cuda, copy-cuda, fastopt-cuda, torch-cuda), ``mode``
-  (flat, list, fused, foreach, ref or ""), ``device``, ``dtype``, ``n_params``,
-  ``n_tensors``, ``bytes_per_param``, ``times_s`` (per-step seconds of each sample),
+  fastopt, numpy, torch, bnb, roof-cuda, copy-cuda, fastopt-cuda, torch-cuda), ``mode``
+  (flat, list, fused, foreach, ref, 8-bit or ""), ``device``, ``dtype``, ``state`` (the
+  optimizer state's format: float32 = the params' dtype, bfloat16 or int8), ``n_params``,
+  ``n_tensors``, ``bytes_per_param`` (moved by a step; a float for low-bit state),
+  ``state_bytes_per_param`` (resident bytes of the optimizer's state arrays per
+  parameter, measured after its first step; null for roofs), ``times_s`` (per-step seconds of each sample),
   ``steps_per_sample``, ``repeats``, ``ms_median``, ``ms_min``, ``ms_p25``, ``ms_p75``,
   ``spread`` (half IQR / median), ``params_per_s``, ``gb_per_s``, ``roof_fraction``
-  (this GB/s / the roof's GB/s = the roof's time / this time), ``speedup_vs_numpy``, ``speedup_vs_torch``, ``first_call_s``,
+  (this GB/s / the roof's GB/s = the roof's time / this time; a low-bit row against its
+  format's roof), ``speedup_vs_numpy``, ``speedup_vs_torch`` (low-bit rows: against the
+  float32 NumPy and torch rows), ``speedup_vs_float32`` (low-bit rows: the same backend
+  and mode with float32 state), ``speedup_vs_bnb`` (int8 rows: bitsandbytes' 8-bit
+  row), ``first_call_s``,
   ``compiled`` (fastopt CPU drivers: compiled / cache / process), ``peak_alloc_bytes``
   (tracemalloc), ``peak_rss_bytes``, ``wall_s`` (the whole group the row was timed in: roof and
   fastopt rows are timed together, interleaved), ``error`` (null when
   the row ran), ``uncertain`` (the ratios among ``roof_fraction``, ``speedup_vs_numpy``,
-  ``speedup_vs_torch`` that are within the noise, printed with a ``~``: the two rows'
+  ``speedup_vs_torch``, ``speedup_vs_float32``, ``speedup_vs_bnb`` that are within the noise, printed with a ``~``: the two rows'
   spreads combined exceed 15 %, or the ratio is within that combined spread of 1).
 - ``cold_start``: per optimizer and cache state (empty, warm): ``import_s`` (import
   numpy and fastopt), ``setup_s`` (build the FlatParams and the optimizer),
   ``first_step_s``, ``second_step_s``, ``process_s`` (the whole child), ``n_params``,
   ``dtype``; ``error`` if the child failed.
 - ``notes``: rows skipped and why.
+- ``state_formats``: the optimizer state formats each optimizer ran with (``config``'s
+  ``state_formats`` is what was asked: a list, or null for the default: float32, and
+  bfloat16 and int8 for adam).
+- ``lowbit_summary`` (when the run had low-bit rows): per layout and optimizer
+  ``layout``, ``optimizer``, ``mode`` (the fastopt mode compared: flat when it ran),
+  ``speedup_vs_float32`` and ``uncertain`` per low-bit format, ``speedup_vs_bnb``
+  (int8), ``state_bytes_per_param`` per format, ``bnb`` (``ms``,
+  ``state_bytes_per_param``, ``optimizer``; null without a bitsandbytes row).
 - ``clipping`` (when the run included the clipping comparison): per variant
   ``variant``, ``bytes_per_param``, ``ms``, ``spread``, ``gb_per_s``, ``reset_ms``,
   ``fused_speedup`` (its time over the fused variant's), ``uncertain``.
@@ -46,15 +61,29 @@ from .runner import NOISY_SPREAD
 
 SCHEMA = "fastopt-bench/1"
 
-_ORDER = {"roof": 0, "fastopt": 1, "torch": 2, "numpy": 3, "roof-cuda": 4, "copy-cuda": 5,
-          "fastopt-cuda": 6, "torch-cuda": 7}
+_ORDER = {"roof": 0, "fastopt": 1, "torch": 2, "numpy": 3, "bnb": 4, "roof-cuda": 5,
+          "copy-cuda": 6, "fastopt-cuda": 7, "torch-cuda": 8}
 _NAMES = {"roof": "roof", "fastopt": "fastopt", "numpy": "numpy", "torch": "torch",
-          "roof-cuda": "cuda roof", "copy-cuda": "cuda d2d copy", "fastopt-cuda": "fastopt cuda",
-          "torch-cuda": "torch cuda"}
+          "bnb": "bnb", "roof-cuda": "cuda roof", "copy-cuda": "cuda d2d copy",
+          "fastopt-cuda": "fastopt cuda", "torch-cuda": "torch cuda"}
+_STATE_ORDER = {"float32": 0, "bfloat16": 1, "int8": 2}
 
 
 def row_label(r) -> str:
     return f"{_NAMES.get(r.backend, r.backend)} {r.mode}".strip()
+
+
+def state_label(r) -> str:
+    """The state column: the format, with the params' dtype for the default one."""
+    state = getattr(r, "state", "float32")
+    return r.dtype if state == "float32" else state
+
+
+def _bpp(x) -> str:
+    """Bytes per parameter: whole numbers as they are, others to two decimals."""
+    if x is None:
+        return "-"
+    return str(int(x)) if float(x).is_integer() else f"{x:.2f}"
 
 
 def _bytes(n) -> str:
@@ -107,19 +136,34 @@ def machine_line(m: dict) -> str:
 
 
 def format_run(run) -> str:
-    """The text report: one table per layout, then first calls, cold start and notes."""
+    """The text report: one table per layout (and the low-bit summary under it), then
+    first calls, cold start and notes."""
     cfg = run.config
+    lowbit = any(getattr(r, "state", "float32") != "float32" for r in run.results)
+    with_bnb = any(getattr(r, "speedup_vs_bnb", None) is not None for r in run.results)
     out = [f"fastopt bench: {cfg.dtype}, {format_count(cfg.size)} params "
            f"(many-small: 2000 x 512), {len(cfg.optimizers)} optimizers",
            f"machine: {machine_line(run.machine)}",
            "ms/step: median of the samples; +-: half the interquartile range; GB/s at the "
-           "optimizer's bytes per parameter (B/p);",
-           "roof: GB/s over the roof kernel's GB/s; vs numpy / vs torch: their time / this time; "
-           "alloc, RSS+: step's peak tracemalloc and RSS increase.", ""]
-    header = ["optimizer", "B/p", "backend", "ms/step", "+-", "Mparam/s", "GB/s", "roof",
-              "vs numpy", "vs torch", "alloc", "RSS+"]
-    align = "<><>>>>>>>>>"
+           "optimizer's bytes moved per parameter (B/p);",
+           "roof: GB/s over the roof kernel's GB/s (same access pattern and state format); "
+           "vs numpy / vs torch: their time / this time;",
+           "state: the optimizer state's storage; state B/p: resident bytes of the state "
+           "arrays per parameter (measured); alloc, RSS+: step's peak tracemalloc and RSS "
+           "increase."]
+    if lowbit:
+        out.append("Low-bit rows: int8 = blockwise 8-bit codes + a float32 absmax per 256 "
+                   "elements (tensors under 4096 elements keep float32 state); their vs numpy "
+                   "/ vs torch: against the float32 rows (neither has low-bit state)"
+                   + ("; vs bnb: bitsandbytes' 8-bit optimizer's time / this time." if with_bnb
+                      else "."))
+    out.append("")
+    header = ["optimizer", "state", "B/p", "backend", "ms/step", "+-", "Mparam/s", "GB/s",
+              "roof", "vs numpy", "vs torch", *(["vs bnb"] if with_bnb else []), "state B/p",
+              "alloc", "RSS+"]
+    align = "<<><>>>>>>>" + (">" if with_bnb else "") + ">>>"
     marked = 0
+    summaries = run.extra.get("lowbit_summary") or []
     for layout in cfg.layouts:
         rows = [r for r in run.results if r.layout == layout]
         if not rows:
@@ -129,22 +173,30 @@ def format_run(run) -> str:
                    f"{li.get('n_tensors', '?')} tensor{'' if li.get('n_tensors') == 1 else 's'} ==")
         table = []
         order = {c.name: i for i, c in enumerate(cfg.optimizers)}
-        rows.sort(key=lambda r: (order.get(r.optimizer, 99), _ORDER.get(r.backend, 9), r.mode))
+        rows.sort(key=lambda r: (order.get(r.optimizer, 99),
+                                 _STATE_ORDER.get(getattr(r, "state", "float32"), 9),
+                                 _ORDER.get(r.backend, 9), r.mode))
         for r in rows:
+            head = [r.optimizer, state_label(r), _bpp(r.bytes_per_param), row_label(r)]
             if not r.ok:
-                table.append([r.optimizer, str(r.bytes_per_param), row_label(r), "error", "", "",
-                              "", "", "", "", "", ""])
+                table.append(head + ["error"] + [""] * (len(header) - len(head) - 1))
                 continue
             unsure = set(r.uncertain)
             marked += bool(unsure)
-            table.append([r.optimizer, str(r.bytes_per_param), row_label(r), _ms(r.median_s * 1e3),
-                          f"{r.spread * 100:.0f}%", f"{r.params_per_s / 1e6:.0f}",
-                          f"{r.gb_per_s:.1f}",
-                          _mark(_num(r.roof_fraction, ".2f"), "roof_fraction" in unsure),
-                          _mark(_ratio(r.speedup_vs_numpy), "speedup_vs_numpy" in unsure),
-                          _mark(_ratio(r.speedup_vs_torch), "speedup_vs_torch" in unsure),
-                          _bytes(r.peak_alloc_bytes), _bytes(r.peak_rss_bytes)])
-        out += _table(header, table, align) + [""]
+            bnb = ([_mark(_ratio(getattr(r, "speedup_vs_bnb", None)), "speedup_vs_bnb" in unsure)]
+                   if with_bnb else [])
+            table.append(head + [_ms(r.median_s * 1e3),
+                                 f"{r.spread * 100:.0f}%", f"{r.params_per_s / 1e6:.0f}",
+                                 f"{r.gb_per_s:.1f}",
+                                 _mark(_num(r.roof_fraction, ".2f"), "roof_fraction" in unsure),
+                                 _mark(_ratio(r.speedup_vs_numpy), "speedup_vs_numpy" in unsure),
+                                 _mark(_ratio(r.speedup_vs_torch), "speedup_vs_torch" in unsure),
+                                 *bnb, _num(getattr(r, "state_bytes_per_param", None), ".2f"),
+                                 _bytes(r.peak_alloc_bytes), _bytes(r.peak_rss_bytes)])
+        out += _table(header, table, align)
+        lines = [summary_line(s) for s in summaries if s["layout"] == layout]
+        marked += sum(UNCERTAIN_MARK in line for line in lines)
+        out += lines + [""]
     clip_rows = run.extra.get("clipping")
     if clip_rows:
         from .clipping import format_clip_rows
@@ -158,8 +210,8 @@ def format_run(run) -> str:
         out.append("First call per driver in this process (outside the timings): "
                    "compiled now, or loaded from Numba's on-disk cache")
         out += _table(["optimizer", "row", "driver", "seconds"],
-                      [[r.optimizer, row_label(r), r.compiled, f"{r.first_call_s:.2f}"] for r in firsts],
-                      "<<<>") + [""]
+                      [[_with_state(r), row_label(r), r.compiled, f"{r.first_call_s:.2f}"]
+                       for r in firsts], "<<<>") + [""]
     if run.cold_start:
         out.append(f"Cold start: first step in a fresh process, FlatParams of "
                    f"{format_count(run.cold_start[0]['n_params'])} params "
@@ -180,6 +232,37 @@ def format_run(run) -> str:
     out.append(f"total {run.total_s:.1f} s, {first:.1f} s of it in first calls (compiling or "
                "loading drivers, torch's first steps)")
     return "\n".join(out)
+
+
+def _with_state(r) -> str:
+    state = getattr(r, "state", "float32")
+    return r.optimizer if state == "float32" else f"{r.optimizer} {state}"
+
+
+def summary_line(s: dict) -> str:
+    """One line of the low-bit summary (:func:`fastopt.benchmark.suite.lowbit_summary`):
+    each format's speed-up per step over float32 fastopt, int8's over bitsandbytes, and
+    the state's resident bytes per parameter."""
+    def ratio(x, unsure):
+        return "-" if x is None else _mark(_ratio(x), unsure)
+
+    vs32 = s["speedup_vs_float32"]
+    unsure = s.get("uncertain", {})
+    parts = [f"{s['optimizer']} (fastopt {s['mode']}): speed-up per step over float32: "
+             + ", ".join(f"{fmt} {ratio(x, 'speedup_vs_float32' in unsure.get(fmt, ()))}"
+                         for fmt, x in vs32.items())]
+    if "int8" in vs32:
+        bnb = s.get("bnb")
+        if bnb is None or s.get("speedup_vs_bnb") is None:
+            parts.append("over bitsandbytes: no row (see the notes)")
+        else:
+            parts.append(f"over bitsandbytes {bnb['optimizer']}: int8 "
+                         f"{ratio(s['speedup_vs_bnb'], 'speedup_vs_bnb' in unsure.get('int8', ()))}")
+    sizes = [f"{fmt} {_num(x, '.2f')}" for fmt, x in s["state_bytes_per_param"].items()]
+    if s.get("bnb") and s["bnb"].get("state_bytes_per_param") is not None:
+        sizes.append(f"bitsandbytes {s['bnb']['state_bytes_per_param']:.2f}")
+    parts.append("state B/param: " + ", ".join(sizes))
+    return "; ".join(parts)
 
 
 def to_json(run, argv=None) -> dict:

@@ -9,6 +9,17 @@ A multi-pass step (``case.passes``: LAMB, LARS) has a roof of the same passes, e
 reading and writing what the optimizer's pass does, through the same reduction and
 per-row step drivers on a one-row-per-tensor table.
 
+Low-bit state (``state_format`` "bfloat16" or "int8") has roofs of its own: the
+loops of :func:`fastopt.kernels.roof.lowbit_roof`, which read and write the params
+(float32), read the gradients and read and write each live state column as uint16
+(bfloat16) or as uint8 codes plus one float32 absmax per 256 elements (int8), with
+trivial math, in the driver's chunks, on one contiguous buffer per array. The driver's
+own 16-bit or blockwise loads and stores are the format's math (rounding; absmax,
+encoding), which a roof must not time. Where a layout keeps some tensors' state in
+float32 (int8: tensors under 4096 elements), the roof also runs the float32 roof over
+that many elements, so it moves the row's bytes. A multi-pass step (LAMB, LARS: no int8)
+with bfloat16 state runs its pass roofs through the drivers on bfloat16 state columns.
+
 On a GPU there are two: the roof kernel through fastopt's CUDA driver, and a
 device-to-device ``memcpy`` moving the same number of bytes as one step (half read,
 half written): the copy bandwidth of the card.
@@ -21,9 +32,12 @@ from .cases import OptimizerCase
 from .runner import LayoutData, Target
 
 
-def roof_bytes_per_param(case: OptimizerCase, dtype=np.float32) -> int:
-    """Bytes the roof moves per parameter: the optimizer's own (same reads and writes)."""
-    return case.bytes_per_param(dtype)
+def roof_bytes_per_param(case: OptimizerCase, dtype=np.float32, state_format="float32",
+                         shapes=None) -> float:
+    """Bytes the roof moves per parameter: the optimizer's own (same reads and writes;
+    a low-bit roof's blocks run over one buffer, not per tensor, which may save a few
+    absmax values where a tensor's size is not a whole number of blocks)."""
+    return case.bytes_per_param(dtype, state_format, shapes)
 
 
 def _passes_step(case: OptimizerCase, table, cast, reduce_chunks, run):
@@ -42,11 +56,18 @@ def _passes_step(case: OptimizerCase, table, cast, reduce_chunks, run):
     return lambda: [f() for f in steps]
 
 
-def roof_target(case: OptimizerCase, data: LayoutData) -> Target:
-    """The optimizer's access pattern with trivial math, through the same CPU driver."""
+def roof_target(case: OptimizerCase, data: LayoutData, state_format="float32") -> Target:
+    """The optimizer's access pattern with trivial math, through the same CPU driver
+    (low-bit state: :func:`lowbit_roof_target`)."""
+    if state_format != "float32":
+        return lowbit_roof_target(case, data, state_format)
+    return _float_roof(case, data.params.copy(), data.grads.copy())
+
+
+def _float_roof(case: OptimizerCase, p, g, slot_dtype=None) -> Target:
     from fastopt.kernels import cpu, roof
-    p, g = data.params.copy(), data.grads.copy()
-    slots = tuple([np.zeros_like(p)] if live else None for live in case.slot_mask())
+    slots = tuple([np.zeros(p.size, dtype=slot_dtype or p.dtype)] if live else None
+                  for live in case.slot_mask())
     if case.passes:
         table = cpu.ChunkTable([p], [g], slots, merge=False)
         ones = np.ones(table.table.shape[0], dtype=p.dtype)
@@ -59,6 +80,44 @@ def roof_target(case: OptimizerCase, data: LayoutData) -> Target:
     element = roof.ROOF_ELEMENTS[len(slots)]
     return Target(lambda: cpu.run(element, table, scalars), keep=(table, slots),
                   numba_cpu=True)
+
+
+def lowbit_roof_target(case: OptimizerCase, data: LayoutData, state_format: str) -> Target:
+    """The roof of ``case`` with its state in ``state_format`` ("bfloat16", "int8") on
+    ``data``'s layout (see the module docstring)."""
+    from fastopt import lowbit
+    from fastopt.kernels import cpu, roof, threads
+
+    from .cases import lowbit_sizes
+    if state_format not in roof.LOWBIT_KINDS:
+        raise ValueError(f"no low-bit roof for state format {state_format!r}")
+    if case.passes:
+        if state_format != "bfloat16":
+            raise ValueError(f"{case.name} has no {state_format} state (multi-pass step)")
+        return _float_roof(case, data.params.copy(), data.grads.copy(), lowbit.bfloat16())
+    k_slots = sum(case.slot_mask())
+    n_low, n_native = lowbit_sizes(state_format, data.shapes)
+    parts, keep = [], []
+    if n_native:      # tensors whose state keeps the params' dtype: the float32 roof
+        rest = _float_roof(case, data.params[n_low:].copy(), data.grads[n_low:].copy())
+        parts.append(rest.step)
+        keep.append(rest.keep)
+    if n_low:
+        p, g = data.params[:n_low].copy(), data.grads[:n_low].copy()
+        scale = p.dtype.type(1e-12)
+        fn = roof.lowbit_roof(state_format, k_slots)
+        if state_format == "bfloat16":
+            cols = [np.zeros(n_low, np.uint16) for _ in range(k_slots)]
+            args = (p, g, *cols, scale, cpu.CHUNK)
+        else:
+            block = lowbit.blockwise.BLOCK
+            cols = [np.zeros(n_low, np.uint8) for _ in range(k_slots)]
+            cols += [np.ones(lowbit.n_blocks(n_low, block), np.float32) for _ in range(k_slots)]
+            args = (p, g, *cols, scale, block, cpu.CHUNK)
+        parts.append(lambda: threads.launch(fn, *args))
+        keep.append(args)
+    step = parts[0] if len(parts) == 1 else (lambda: [f() for f in parts])
+    return Target(step, keep=keep, numba_cpu=True)
 
 
 def roof_cuda_target(case: OptimizerCase, data: LayoutData) -> Target:

@@ -28,13 +28,13 @@ class Result:
 
     optimizer: str
     layout: str
-    backend: str            # roof, fastopt, numpy, torch, roof-cuda, fastopt-cuda, torch-cuda, copy-cuda
-    mode: str               # flat, list, fused, foreach, "" (roof, copy)
+    backend: str            # roof, fastopt, numpy, torch, bnb, roof-cuda, fastopt-cuda, torch-cuda, copy-cuda
+    mode: str               # flat, list, fused, foreach, ref, 8-bit (bnb), "" (roof, copy)
     device: str             # cpu or cuda
     dtype: str
     n_params: int
     n_tensors: int
-    bytes_per_param: int
+    bytes_per_param: float   # moved by one step (an int for float32 state)
     times_s: list = dataclasses.field(default_factory=list)
     steps_per_sample: int = 1
     first_call_s: float | None = None
@@ -49,6 +49,15 @@ class Result:
     # Ratios among roof_fraction, speedup_vs_numpy, speedup_vs_torch that are not firm
     # figures (see :func:`ratio_is_uncertain`); set by :func:`compare`.
     uncertain: list = dataclasses.field(default_factory=list)
+    # The optimizer state's storage: "float32" (the params' own dtype), "bfloat16", "int8".
+    state: str = "float32"
+    # Resident bytes per parameter of the optimizer's state arrays, measured on the
+    # object after its first step (:func:`state_nbytes`); None for the roofs.
+    state_bytes_per_param: float | None = None
+    # A low-bit row's time against the same backend and mode with float32 state, and an
+    # int8 row's against bitsandbytes' 8-bit optimizer (their time / this time).
+    speedup_vs_float32: float | None = None
+    speedup_vs_bnb: float | None = None
 
     @property
     def label(self) -> str:
@@ -103,6 +112,8 @@ class Target:
     # up to 1.6x slower, 20% spread). OMP_WAIT_POLICY=PASSIVE instead would make torch
     # itself 10x slower on many small tensors, which is not its real speed.
     settle_s: float = 0.0
+    # Resident bytes of the optimizer state the step keeps (None: not an optimizer).
+    state_nbytes: Callable[[], int] | None = None
 
 
 class LayoutData:
@@ -137,28 +148,43 @@ class LayoutData:
 
 
 # ------------------------------------------------------------------------ cpu targets
-def fastopt_target(case: OptimizerCase, data: LayoutData, mode: str, backend="cpu") -> Target:
-    """fastopt through a FlatParams (``mode="flat"``) or over separate arrays (``"list"``)."""
+def fastopt_target(case: OptimizerCase, data: LayoutData, mode: str, backend="cpu",
+                   state_format="float32") -> Target:
+    """fastopt through a FlatParams (``mode="flat"``) or over separate arrays (``"list"``),
+    its state in ``state_format``."""
     import fastopt as fo
+    extra = {} if state_format == "float32" else {"state_format": state_format}
     if mode == "flat":
         flat = fo.FlatParams(data.views(data.params))
         flat.grad[...] = data.grads
-        opt = case.make(flat, backend=backend)
+        opt = case.make(flat, backend=backend, **extra)
         step, keep = opt.step, (flat, opt)
     elif mode == "list":
         params, grads = data.copies(data.params), data.copies(data.grads)
-        opt = case.make(params, backend=backend)
+        opt = case.make(params, backend=backend, **extra)
         step, keep = (lambda: opt.step(grads)), (params, grads, opt)
     else:
         raise ValueError(f"mode must be 'flat' or 'list', got {mode!r}")
-    return Target(step, mode=mode, keep=keep, numba_cpu=backend == "cpu")
+    return Target(step, mode=mode, keep=keep, numba_cpu=backend == "cpu",
+                  state_nbytes=lambda: state_nbytes(case._engine(opt)))
 
 
 def numpy_target(case: OptimizerCase, data: LayoutData) -> Target:
     """The independent NumPy reference (fastopt's ``"numpy"`` backend), list mode."""
     params, grads = data.copies(data.params), data.copies(data.grads)
     opt = case.make(params, backend="numpy")
-    return Target(lambda: opt.step(grads), mode="ref", keep=(params, grads, opt))
+    return Target(lambda: opt.step(grads), mode="ref", keep=(params, grads, opt),
+                  state_nbytes=lambda: state_nbytes(case._engine(opt)))
+
+
+def _torch_params(data: LayoutData, device="cpu") -> list:
+    import torch
+    params = []
+    for p, g in zip(data.views(data.params), data.views(data.grads)):
+        t = torch.nn.Parameter(torch.from_numpy(p.copy()).to(device))
+        t.grad = torch.from_numpy(g.copy()).to(device)
+        params.append(t)
+    return params
 
 
 def torch_target(case: OptimizerCase, data: LayoutData, device="cpu") -> Target | None:
@@ -167,11 +193,7 @@ def torch_target(case: OptimizerCase, data: LayoutData, device="cpu") -> Target 
     if cls is None:
         return None
     import torch
-    params = []
-    for p, g in zip(data.views(data.params), data.views(data.grads)):
-        t = torch.nn.Parameter(torch.from_numpy(p.copy()).to(device))
-        t.grad = torch.from_numpy(g.copy()).to(device)
-        params.append(t)
+    params = _torch_params(data, device)
     sync = torch.cuda.synchronize if device == "cuda" else None
     errors = []
     for impl in ("fused", "foreach"):
@@ -182,15 +204,106 @@ def torch_target(case: OptimizerCase, data: LayoutData, device="cpu") -> Target 
             errors.append(f"{impl}: {exc}")
             continue
         return Target(opt.step, sync=sync, mode=impl, keep=(params, opt),
-                      settle_s=0.03 if device == "cpu" else 0.0)
+                      settle_s=0.03 if device == "cpu" else 0.0,
+                      state_nbytes=lambda o=opt: state_nbytes(o))
     raise RuntimeError("; ".join(errors))
+
+
+# ----------------------------------------------------------------------- bitsandbytes
+# bitsandbytes' 8-bit optimizers by bench row: blockwise codes of the same dynamic maps,
+# 256 elements per block, tensors under 4096 elements in float32 (as fastopt's "int8").
+BNB_CLASSES = {"adam": "Adam8bit", "adamw": "AdamW8bit"}
+
+
+def import_bitsandbytes():
+    """bitsandbytes, imported without picking up a top-level ``kernels`` package from
+    the current folder (fastopt's source tree has one; bitsandbytes' CPU backend takes
+    any ``kernels`` module for the Hugging Face kernel hub's and logs a warning when it is
+    not). Raises ImportError (or whatever the import raised) when it is not importable."""
+    import logging
+    import os
+    import sys
+    import warnings
+    if "bitsandbytes" in sys.modules:
+        return sys.modules["bitsandbytes"]
+
+    def ours(entry):
+        folder = os.path.join(entry or os.getcwd(), "kernels")
+        return os.path.isfile(os.path.join(folder, "roof.py")) and os.path.isfile(
+            os.path.join(folder, "blockwise.py"))
+
+    hidden = [e for e in sys.path if ours(e)]
+    saved_path, stray = list(sys.path), sys.modules.get("kernels")
+    quiet = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = quiet.level
+    sys.path[:] = [e for e in sys.path if e not in hidden]
+    if stray is not None and ours(os.path.dirname(os.path.dirname(getattr(stray, "__file__", "") or ""))):
+        del sys.modules["kernels"]
+    quiet.setLevel(logging.ERROR)         # the 4-bit CPU matmul's kernel-hub warning only
+    try:
+        with warnings.catch_warnings():   # torch.jit deprecations of its import, not ours
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import bitsandbytes
+    finally:
+        sys.path[:] = saved_path
+        quiet.setLevel(level)
+        if stray is not None and "kernels" not in sys.modules:
+            sys.modules["kernels"] = stray
+    return bitsandbytes
+
+
+def bnb_target(case: OptimizerCase, data: LayoutData) -> Target:
+    """bitsandbytes' CPU 8-bit optimizer (:data:`BNB_CLASSES`) over torch tensors of the
+    layout, with the case's hyperparameters."""
+    bnb = import_bitsandbytes()
+    cls = getattr(bnb.optim, BNB_CLASSES[case.name])
+    params = _torch_params(data)
+    opt = cls(params, **case.torch_hyperparameters)
+    return Target(opt.step, mode="8-bit", keep=(params, opt), settle_s=0.03,
+                  state_nbytes=lambda: state_nbytes(opt))
+
+
+# ------------------------------------------------------------------- resident state
+def _base(a):
+    while isinstance(getattr(a, "base", None), np.ndarray):
+        a = a.base
+    return a
+
+
+def state_nbytes(opt) -> int:
+    """Resident bytes of an optimizer's state arrays, each underlying buffer counted once.
+
+    fastopt (and the NumPy reference): every array of its per-param state (moments,
+    int8 codes and absmax), by the buffer it is a view of: a FlatParams' state lives in
+    one buffer per column and storage, and such a buffer counts whole, whatever part of
+    it the params use. torch and bitsandbytes: every tensor in ``opt.state`` (moments,
+    codes, absmax, maps, step counters), by storage. Scalars are not counted.
+    """
+    seen: dict = {}
+    per_param = getattr(opt, "_state", None)
+    if isinstance(per_param, list):
+        for st in per_param:
+            for a in (st or {}).values():
+                if hasattr(a, "nbytes") and hasattr(a, "dtype"):
+                    b = _base(a)
+                    seen[id(b)] = (b, int(b.nbytes))
+        return sum(n for _, n in seen.values())
+    for st in getattr(opt, "state", {}).values():
+        for t in st.values():
+            storage = getattr(t, "untyped_storage", None)
+            if storage is None:
+                continue
+            s = storage()
+            seen[(s.data_ptr(), s.nbytes())] = (s, int(s.nbytes()))
+    return sum(n for _, n in seen.values())
 
 
 def _compiled_counts() -> tuple[int, int]:
     """(on-disk cache hits, compilations) summed over every fastopt CPU driver so far."""
     import sys as _sys
     registries = []
-    for name, attr in (("fastopt.kernels.cpu", "_DRIVERS"), ("fastopt.kernels.per_tensor", "_COMPILED")):
+    for name, attr in (("fastopt.kernels.cpu", "_DRIVERS"), ("fastopt.kernels.per_tensor", "_COMPILED"),
+                       ("fastopt.kernels.roof", "_LOWBIT")):
         module = _sys.modules.get(name)
         if module is not None:
             registries.append(getattr(module, attr, {}))
@@ -326,6 +439,8 @@ def warm_up(result: Result, target: Target, memory=True) -> None:
     result.first_call_s = time.perf_counter() - t0
     if probe is not None:
         result.compiled = probe()
+    if target.state_nbytes is not None and result.n_params:
+        result.state_bytes_per_param = target.state_nbytes() / result.n_params
     if memory:
         result.peak_alloc_bytes, result.peak_rss_bytes = step_memory(target.step, target.sync)
     else:
@@ -381,31 +496,52 @@ def ratio_is_uncertain(ratio: float, spread_a: float, spread_b: float,
     return ratio > 0 and abs(math.log(ratio)) < math.log1p(combined)
 
 
+_RATIOS = ("roof_fraction", "speedup_vs_numpy", "speedup_vs_torch", "speedup_vs_float32",
+           "speedup_vs_bnb")
+
+
 def compare(results: list[Result]) -> list[Result]:
-    """Set each row's fraction of the roof and its speed-ups over NumPy and torch.
+    """Set each row's fraction of the roof and its speed-ups over NumPy, torch, the same
+    row with float32 state and bitsandbytes.
 
     The fraction of the roof compares bandwidths (achieved GB/s over the roof's GB/s);
     the roof moves the row's own bytes (multi-pass steps too), so it is the time ratio. Rows are compared within (optimizer,
-    layout, dtype): the roof of the row's device
+    layout, dtype): the roof of the row's device and state format
     (the roof kernel; on CUDA the device-to-device copy where the CUDA roof is missing),
-    the NumPy reference and torch on the same device. A ratio whose two rows are too noisy
-    to quote (:func:`ratio_is_uncertain`) is named in the row's ``uncertain`` list; a row's
-    ratio to itself (the roof's 1.00) never is.
+    the NumPy reference and torch on the same device (with the row's state format, or
+    else their float32 rows: neither has low-bit state), the row of the same backend and
+    mode with float32 state (low-bit rows) and bitsandbytes' 8-bit row (int8 rows). A
+    ratio whose two rows are too noisy to quote (:func:`ratio_is_uncertain`) is named in
+    the row's ``uncertain`` list; a row's ratio to itself (the roof's 1.00) never is.
     """
     groups: dict = {}
     for r in results:
         if r.ok:
             groups.setdefault((r.optimizer, r.layout, r.dtype), []).append(r)
     for rows in groups.values():
-        by = {(r.backend, r.device): r for r in rows}
-        numpy_row = by.get(("numpy", "cpu"))
+        by = {(r.backend, r.device, r.state): r for r in rows}
+        modes = {(r.backend, r.device, r.state, r.mode): r for r in rows}
+
+        def find(backend, device, state, fallback=True):
+            return by.get((backend, device, state)) or (
+                by.get((backend, device, "float32")) if fallback else None)
+
         for r in rows:
-            roof = next((by[(b, r.device)] for b in _ROOF_OF[r.device] if (b, r.device) in by), None)
-            torch_row = by.get(("torch-cuda" if r.device == "cuda" else "torch", r.device))
+            roof = next((by[(b, r.device, r.state)] for b in _ROOF_OF[r.device]
+                         if (b, r.device, r.state) in by), None)
+            others = {
+                "roof_fraction": None if r.backend == "copy-cuda" else roof,
+                "speedup_vs_numpy": find("numpy", r.device, r.state),
+                "speedup_vs_torch": find("torch-cuda" if r.device == "cuda" else "torch",
+                                         r.device, r.state),
+                "speedup_vs_float32": (modes.get((r.backend, r.device, "float32", r.mode))
+                                       if r.state != "float32" else None),
+                "speedup_vs_bnb": by.get(("bnb", "cpu", r.state)) if r.state == "int8" else None,
+            }
             r.uncertain = []
-            for name, other in (("roof_fraction", roof), ("speedup_vs_numpy", numpy_row),
-                                ("speedup_vs_torch", torch_row)):
-                if other is None or (name == "roof_fraction" and r.backend == "copy-cuda"):
+            for name in _RATIOS:
+                other = others[name]
+                if other is None:
                     continue
                 ratio = (r.gb_per_s / other.gb_per_s if name == "roof_fraction"
                          else other.median_s / r.median_s)

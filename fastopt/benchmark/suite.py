@@ -4,7 +4,13 @@ For each layout, for each optimizer, in one process: the roof kernel, fastopt in
 FlatParams and list mode and torch (fused where it supports it, else foreach) are built
 side by side and timed interleaved (sample by sample, so the fraction of the roof and the
 ratio to torch survive a machine whose speed drifts); then the NumPy reference alone
-(fewer repeats: it is slow); then the CUDA rows when a GPU is present. Each group builds
+(fewer repeats: it is slow); then the CUDA rows when a GPU is present. Then, per low-bit
+state format of that optimizer (``state_formats``: by default bfloat16 and int8 for
+adam), the format's roof and fastopt's two modes, interleaved, and for int8
+bitsandbytes' CPU 8-bit optimizer alone (as slow as the NumPy reference: as few
+repeats). Low-bit rows run on the CPU; a format an optimizer does not support, or int8
+on a layout whose tensors are all under 4096 elements (their state stays float32, so the
+rows would repeat the float32 ones), is skipped with a note before anything is timed. Each group builds
 its own arrays from the layout's shared initial values and frees them before the next:
 peak memory is about four copies of one optimizer's arrays plus the initial values.
 Then, inside the same progress bar and total, the cold-start children and the fused
@@ -20,13 +26,16 @@ import time
 import numpy as np
 import psutil
 
-from .cases import LAYOUTS, OptimizerCase, available_optimizers, parse_layouts, parse_size
+from .cases import (FLOAT32, INT8, LAYOUTS, LOWBIT_DEFAULT, STATE_FORMATS, OptimizerCase,
+                    available_optimizers, layout_shapes, lowbit_sizes, parse_layouts, parse_size,
+                    parse_state_formats)
 from .clipping import VARIANTS, run_clip_comparison
 from .roof import copy_cuda_target, roof_bytes_per_param, roof_cuda_target, roof_target
-from .runner import (LayoutData, Result, compare, fastopt_target, numpy_target, time_together,
-                     torch_target, warm_up)
+from .runner import (BNB_CLASSES, LayoutData, Result, bnb_target, compare, fastopt_target,
+                     import_bitsandbytes, numpy_target, time_together, torch_target, warm_up)
 
-BACKENDS = ("roof", "fastopt", "numpy", "torch", "cuda")
+BACKENDS = ("roof", "fastopt", "numpy", "torch", "cuda", "bnb")
+SLOW_BACKENDS = ("numpy", "bnb")     # timed alone, with numpy_repeats samples
 DEFAULT_SIZE = "8M"
 
 
@@ -49,10 +58,15 @@ class BenchConfig:
     threads: int | None = None
     seed: int = 0
     clip: bool = True                       # the clipping comparison, where it applies
+    # Optimizer state formats to run (STATE_FORMATS), for every optimizer; None: float32
+    # for every optimizer, and bfloat16 and int8 too for LOWBIT_DEFAULT (float32 runs).
+    state_formats: list = None
 
     def __post_init__(self):
         if self.optimizers is None:
             self.optimizers = available_optimizers()
+        if self.state_formats is not None:
+            self.state_formats = parse_state_formats(self.state_formats)
         if self.threads is not None:
             import numba
             top = numba.config.NUMBA_NUM_THREADS
@@ -74,6 +88,18 @@ class BenchConfig:
             raise ValueError("repeats must be at least 1")
         if not self.max_time_s > 0:
             raise ValueError(f"max_time_s must be positive, got {self.max_time_s}")
+        low = [f for f in self.state_formats or () if f != FLOAT32]
+        if low and self.dtype != "float32":
+            raise ValueError(f"state formats {', '.join(low)} need float32 params (--dtype "
+                             f"float32): {self.dtype} params keep {self.dtype} state")
+
+    def formats_for(self, case: OptimizerCase) -> list:
+        """The state formats requested for ``case`` (before checking it supports them)."""
+        if self.state_formats is not None:
+            return list(self.state_formats)
+        if self.dtype == "float32" and case.name in LOWBIT_DEFAULT:
+            return list(STATE_FORMATS)
+        return [FLOAT32]
 
     @property
     def clip_applies(self) -> bool:
@@ -118,41 +144,101 @@ def _torch_status(wanted: bool, notes: list) -> bool:
     return True
 
 
-def _plan(config: BenchConfig, torch_ok: bool, gpu_ok: bool, torch_cuda: bool) -> list:
-    """Groups of rows ``(layout, case, [(kind, mode), ...])``; a group's rows are timed
-    together, interleaved (the roof beside fastopt), the others alone."""
+def _bnb_status(config: BenchConfig, formats: dict, notes: list) -> bool:
+    """Whether bitsandbytes' rows run: wanted, an int8 row of an optimizer it has, and
+    importable; otherwise a note says why not (when it was wanted)."""
+    wanted = [c.name for c in config.optimizers
+              if INT8 in formats.get(c.name, ()) and c.name in BNB_CLASSES]
+    if "bnb" not in config.backends or not wanted:
+        return False
+    why = None
+    try:
+        import_bitsandbytes()         # imports torch (the torch rows need not be wanted)
+    except Exception as exc:
+        why = (f"bitsandbytes is not importable ({type(exc).__name__}: {exc}); "
+               "pip install bitsandbytes")
+    if why:
+        notes.append(f"bnb 8-bit rows ({', '.join(wanted)} int8) skipped: {why}")
+        return False
+    return True
+
+
+def state_plan(config: BenchConfig, notes: list) -> tuple[dict, dict]:
+    """The state formats each optimizer runs with (``{name: [formats]}``) and the layouts
+    each low-bit format skips (``{format: [layouts]}``), with a note for each format an
+    optimizer does not support and each skipped layout."""
+    formats = {}
+    for case in config.optimizers:
+        keep = []
+        for fmt in config.formats_for(case):
+            why = case.state_support(fmt, config.dtype)
+            if why is None:
+                keep.append(fmt)
+            elif config.state_formats is not None or why != "it has no state":
+                notes.append(f"{case.name} {fmt}: no rows: {why}")
+        formats[case.name] = keep
+    skipped = {}
+    if any(INT8 in f for f in formats.values()):
+        for layout in config.layouts:
+            if lowbit_sizes(INT8, layout_shapes(layout, config.size))[0] == 0:
+                skipped.setdefault(INT8, []).append(layout)
+                notes.append(f"{layout} int8: no rows: every tensor is under 4096 elements, "
+                             "and those keep float32 state (as in bitsandbytes), so the rows "
+                             "would repeat the float32 ones")
+    return formats, skipped
+
+
+def _plan(config: BenchConfig, torch_ok: bool, gpu_ok: bool, torch_cuda: bool,
+          formats: dict | None = None, skipped: dict | None = None, bnb_ok: bool = False) -> list:
+    """Groups of rows ``(layout, case, state, [(kind, mode), ...])``; a group's rows are
+    timed together, interleaved (the roof beside fastopt), the others alone."""
     groups = []
     b = set(config.backends)
+    skipped = skipped or {}
     for layout in config.layouts:
         for case in config.optimizers:
-            together = [("roof", "")] if "roof" in b else []
-            if "fastopt" in b:
-                together += [("fastopt", m) for m in config.modes]
-            # torch in the same interleaved group: the vs-torch ratios, like the fraction
-            # of the roof, then survive a shared machine whose speed drifts.
-            if torch_ok and case.torch_class() is not None:
-                together += [("torch", "")]
-            groups.append((layout, case, together))
-            if "numpy" in b:
-                groups.append((layout, case, [("numpy", "")]))
-            if gpu_ok:
-                together = [("roof-cuda", ""), ("copy-cuda", "")]
-                together += [("fastopt-cuda", m) for m in config.modes]
-                groups.append((layout, case, together))
-                if torch_cuda and case.torch_class() is not None:
-                    groups.append((layout, case, [("torch-cuda", "")]))
-    return [g for g in groups if g[2]]
+            fmts = [FLOAT32] if formats is None else formats.get(case.name, [FLOAT32])
+            if FLOAT32 in fmts:
+                together = [("roof", "")] if "roof" in b else []
+                if "fastopt" in b:
+                    together += [("fastopt", m) for m in config.modes]
+                # torch in the same interleaved group: the vs-torch ratios, like the
+                # fraction of the roof, then survive a shared machine whose speed drifts.
+                if torch_ok and case.torch_class() is not None:
+                    together += [("torch", "")]
+                groups.append((layout, case, FLOAT32, together))
+                if "numpy" in b:
+                    groups.append((layout, case, FLOAT32, [("numpy", "")]))
+                if gpu_ok:
+                    together = [("roof-cuda", ""), ("copy-cuda", "")]
+                    together += [("fastopt-cuda", m) for m in config.modes]
+                    groups.append((layout, case, FLOAT32, together))
+                    if torch_cuda and case.torch_class() is not None:
+                        groups.append((layout, case, FLOAT32, [("torch-cuda", "")]))
+            for fmt in fmts:
+                if fmt == FLOAT32 or layout in skipped.get(fmt, ()):
+                    continue
+                together = [("roof", "")] if "roof" in b else []
+                if "fastopt" in b:
+                    together += [("fastopt", m) for m in config.modes]
+                groups.append((layout, case, fmt, together))
+                if fmt == INT8 and bnb_ok and case.name in BNB_CLASSES:
+                    groups.append((layout, case, fmt, [("bnb", "")]))
+    return [g for g in groups if g[3]]
 
 
-def _target(kind: str, case: OptimizerCase, data: LayoutData, mode: str):
+def _target(kind: str, case: OptimizerCase, data: LayoutData, mode: str, state: str = FLOAT32):
     if kind == "roof":
-        return roof_target(case, data)
+        return roof_target(case, data) if state == FLOAT32 else roof_target(case, data, state)
     if kind == "fastopt":
-        return fastopt_target(case, data, mode)
+        return (fastopt_target(case, data, mode) if state == FLOAT32
+                else fastopt_target(case, data, mode, state_format=state))
     if kind == "numpy":
         return numpy_target(case, data)
     if kind == "torch":
         return torch_target(case, data)
+    if kind == "bnb":
+        return bnb_target(case, data)
     from . import gpu
     if kind == "roof-cuda":
         return roof_cuda_target(case, data)
@@ -165,19 +251,23 @@ def _target(kind: str, case: OptimizerCase, data: LayoutData, mode: str):
     raise ValueError(kind)
 
 
-def _run_group(config, layout, case, rows, data, notes) -> list:
+def _run_group(config, layout, case, rows, data, notes, state=FLOAT32) -> list:
     """Build the group's targets, time them together, return their results."""
     t0 = time.perf_counter()
     pairs, failed = [], []
     for kind, mode in rows:
         device = "cuda" if kind.endswith("-cuda") else "cpu"
         roof = kind in ("roof", "roof-cuda", "copy-cuda")
-        nbytes = (roof_bytes_per_param(case, config.dtype) if roof
-                  else case.bytes_per_param(config.dtype))
+        if state == FLOAT32:
+            nbytes = (roof_bytes_per_param(case, config.dtype) if roof
+                      else case.bytes_per_param(config.dtype))
+        else:
+            nbytes = (roof_bytes_per_param(case, config.dtype, state, data.shapes) if roof
+                      else case.bytes_per_param(config.dtype, state, data.shapes))
         result = Result(case.name, layout, kind, mode, device, config.dtype, data.n_params,
-                        data.n_tensors, nbytes)
+                        data.n_tensors, nbytes, state=state)
         try:
-            pairs.append((result, _target(kind, case, data, mode)))
+            pairs.append((result, _target(kind, case, data, mode, state)))
         except Exception as exc:  # one failing row must not sink the run
             result.error = f"{type(exc).__name__}: {exc}"
             failed.append(result)
@@ -191,17 +281,18 @@ def _run_group(config, layout, case, rows, data, notes) -> list:
             result.error = f"{type(exc).__name__}: {exc}"
             failed.append(result)
     if live:
-        numpy_only = all(r.backend == "numpy" for r, _ in live)
+        slow = all(r.backend in SLOW_BACKENDS for r, _ in live)
         try:
-            time_together(live, config.numpy_repeats if numpy_only else config.repeats,
-                          max_time_s=None if numpy_only else config.max_time_s)
+            time_together(live, config.numpy_repeats if slow else config.repeats,
+                          max_time_s=None if slow else config.max_time_s)
         except Exception as exc:
             for result, _ in live:
                 result.error = f"{type(exc).__name__}: {exc}"
                 failed.append(result)
     out = [r for r, _ in pairs] + failed[:n_build_failed]
     for r in failed:
-        notes.append(f"{layout} {case.name} {r.label}: {r.error}")
+        fmt = "" if state == FLOAT32 else f" {state}"
+        notes.append(f"{layout} {case.name}{fmt} {r.label}: {r.error}")
     wall = time.perf_counter() - t0
     for r in out:
         r.wall_s = wall
@@ -241,13 +332,20 @@ def run_bench(config: BenchConfig, progress: bool = True, log=None) -> BenchRun:
     for case in config.optimizers:
         if "torch" in config.backends and torch_ok and case.torch_class() is None:
             notes.append(f"{case.name}: torch.optim has no counterpart; no torch row")
+    formats, skipped = state_plan(config, notes)
+    if gpu_ok and any(f != FLOAT32 for fmts in formats.values() for f in fmts):
+        notes.append("cuda: bfloat16 and int8 state rows run on the CPU only")
+    bnb_ok = _bnb_status(config, formats, notes)
+    if bnb_ok and config.threads:
+        import torch
+        torch.set_num_threads(config.threads)
     early_notes = len(notes)
     if log is not None:
         for note in notes:
             log(f"note: {note}")
 
-    plan = _plan(config, torch_ok, gpu_ok, torch_cuda)
-    n_rows = sum(len(rows) for _, _, rows in plan)
+    plan = _plan(config, torch_ok, gpu_ok, torch_cuda, formats, skipped, bnb_ok)
+    n_rows = sum(len(rows) for *_, rows in plan)
     n_cold = len(config.cold_start or [])
     n_clip = (len(VARIANTS) - (not torch_ok)) if config.clip_applies else 0
     bar = tqdm(total=n_rows + n_cold + n_clip, desc="fastopt bench", unit="row", file=sys.stderr,
@@ -258,15 +356,16 @@ def run_bench(config: BenchConfig, progress: bool = True, log=None) -> BenchRun:
     proc = psutil.Process()
     rss_floor = 0
     try:
-        for layout, case, rows in plan:
+        for layout, case, state, rows in plan:
             if data is None or data.layout != layout:
                 data = None
                 gc.collect()
                 data = LayoutData(layout, config.size, config.dtype, seed=config.seed)
                 rss_floor = proc.memory_info().rss
                 layout_info[layout] = dict(n_params=data.n_params, n_tensors=data.n_tensors)
-            bar.set_postfix_str(f"{layout} {case.name} {' + '.join(k for k, _ in rows)}")
-            results += _run_group(config, layout, case, rows, data, notes)
+            fmt = "" if state == FLOAT32 else f" {state}"
+            bar.set_postfix_str(f"{layout} {case.name}{fmt} {' + '.join(k for k, _ in rows)}")
+            results += _run_group(config, layout, case, rows, data, notes, state=state)
             # Refcounting frees a group's arrays; a full collection (0.1-0.3 s with numba
             # and torch loaded) runs only when something survived in a cycle.
             if proc.memory_info().rss > rss_floor + (64 << 20):
@@ -284,7 +383,7 @@ def run_bench(config: BenchConfig, progress: bool = True, log=None) -> BenchRun:
             notes += [f"cold start {c['optimizer']} ({c['cache']} cache): {c['error']}"
                       for c in cold if "error" in c]
             bar.update(n_cold)
-        extra = {}
+        extra = {"state_formats": formats}
         if n_clip:
             bar.set_postfix_str("clipping + adam: fused, clip-then-step"
                                 + (", torch" if torch_ok else ""))
@@ -297,5 +396,37 @@ def run_bench(config: BenchConfig, progress: bool = True, log=None) -> BenchRun:
     finally:
         bar.close()
     compare(results)
+    summary = lowbit_summary(results, config)
+    if summary:
+        extra["lowbit_summary"] = summary
     return BenchRun(config, results, cold, machine_info(import_torch=torch_ok), notes,
                     time.perf_counter() - t_start, layout_info, extra, early_notes)
+
+
+def lowbit_summary(results: list, config: BenchConfig) -> list[dict]:
+    """Per layout and optimizer with low-bit rows: each format's speed-up over float32
+    (fastopt, in FlatParams mode when it ran, else list mode), int8's over bitsandbytes,
+    and the resident state bytes per parameter of each format (and of bitsandbytes)."""
+    out = []
+    mode = "flat" if "flat" in config.modes else (config.modes[0] if config.modes else "")
+    for layout in config.layouts:
+        for case in config.optimizers:
+            rows = [r for r in results if r.ok and r.layout == layout and r.optimizer == case.name
+                    and r.device == "cpu"]
+            fast = {r.state: r for r in rows if r.backend == "fastopt" and r.mode == mode}
+            if not any(s != FLOAT32 for s in fast):
+                continue
+            bnb = next((r for r in rows if r.backend == "bnb"), None)
+            entry = dict(layout=layout, optimizer=case.name, mode=mode,
+                         speedup_vs_float32={s: r.speedup_vs_float32 for s, r in fast.items()
+                                             if s != FLOAT32},
+                         speedup_vs_bnb=fast[INT8].speedup_vs_bnb if INT8 in fast else None,
+                         state_bytes_per_param={s: r.state_bytes_per_param for s, r in fast.items()},
+                         uncertain={s: [u for u in r.uncertain if u in ("speedup_vs_float32",
+                                                                       "speedup_vs_bnb")]
+                                    for s, r in fast.items() if s != FLOAT32},
+                         bnb=None if bnb is None else dict(
+                             ms=bnb.median_s * 1e3, state_bytes_per_param=bnb.state_bytes_per_param,
+                             optimizer=BNB_CLASSES.get(case.name)))
+            out.append(entry)
+    return out
