@@ -130,9 +130,11 @@ def make_figure(run):
         ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=8,
                   ncol=legend_cols, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
         ax.grid(axis="y", alpha=0.3)
+    lowbit = any(state != "float32" for _, _, state in bars)
     fig.suptitle(f"fastopt {cfg.dtype} step throughput. Bars: fastopt over "
-                 f"{_MODE_TITLES.get(mode, mode)}; outlines: the roof kernel;\n"
-                 "number: fraction of the roof (~ = within the noise); triangle: torch "
+                 f"{_MODE_TITLES.get(mode, mode)}; outlines: the roof kernel"
+                 + (" (a bfloat16 or int8 bar: that state format and its roof)" if lowbit else "")
+                 + ";\nnumber: fraction of the roof (~ = within the noise); triangle: torch "
                  "(fused, else foreach)", fontsize=10)
     return fig
 
