@@ -106,8 +106,8 @@ class _Driver:
             bucket.table = self.driver.table(bucket.params, bucket.grads, bucket.slots, **options)
         cast = np.float32 if bucket.pure is not None else np.dtype(bucket.params[0].dtype).type
         scalars = spec.scalars(group, step, cast)
-        options = {} if bucket.model is None and bucket.pure is None else \
-            {"seed": seed, "stochastic": stochastic}
+        # the seed: stochastic rounding of 16-bit params (master weights' or pure ones)
+        options = {"seed": seed} if bucket.model is None else {"seed": seed, "stochastic": stochastic}
         self.driver.run(spec.element, bucket.table, scalars, scale, **options)
 
     def step_rows(self, spec, group, step, param, index, rows, slots, scale=1.0) -> None:
@@ -123,7 +123,7 @@ class _Reference:
 
     def step(self, spec, group, bucket, step, scale=1.0, seed=0, stochastic=False) -> None:
         if bucket.pure is not None:
-            self._pure_step(spec, group, bucket, step, scale)
+            self._pure_step(spec, group, bucket, step, scale, seed)
             return
         cast = np.dtype(bucket.params[0].dtype).type
         grads = bucket.grads
@@ -141,7 +141,7 @@ class _Reference:
             for w, master in zip(bucket.model, bucket.params):
                 w[...] = master.astype(w.dtype)          # round to nearest even
 
-    def _pure_step(self, spec, group, bucket, step, scale) -> None:
+    def _pure_step(self, spec, group, bucket, step, scale, seed) -> None:
         """Pure 16-bit params with Kahan compensation: the float32 step on widened copies,
         then each param gets ``round(p + c)`` with ``c`` its carried error plus the exact
         update, and keeps what rounding left out (``kernels/codegen.py`` _param_store)."""
@@ -151,7 +151,7 @@ class _Reference:
         before = [w.copy() for w in wide]
         grads = [g.astype(np.float32) * np.float32(scale) for g in bucket.grads]
         widened = _Bucket32(bucket, wide, grads)
-        self.step(spec, group, widened, step)
+        self.step(spec, group, widened, step, seed=seed)
         for p, c, p0, new in zip(bucket.params, bucket.compensation, before, wide):
             comp = c.astype(np.float32) + (new - p0)
             p[...] = (p0 + comp).astype(p.dtype)

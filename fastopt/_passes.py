@@ -13,7 +13,8 @@ def run(spec, group, bucket, step, backend, scale) -> None:
     from .kernels import per_tensor
     rule = spec.per_tensor
     if bucket.table is None:
-        bucket.table = per_tensor.table(bucket.params, bucket.grads, bucket.slots, backend)
+        bucket.table = per_tensor.table(bucket.params, bucket.grads, bucket.slots, backend,
+                                        formats=bucket.formats)
     cast = np.dtype(bucket.params[0].dtype).type
     # The reducer reads raw gradients: it applies the step's gradient scale itself.
     scalars = spec.scalars(group, step, cast)._replace(grad_scale=cast(scale))

@@ -240,7 +240,9 @@ class Optimizer(_Planning, SparseSteps, HostStates):
                 continue
             fill = 0.0 if name == KAHAN else self._initial_value(group, name)
             storage = self._storage(name, p)
-            if storage != NATIVE:
+            if storage != NATIVE or (not self.state_format.is_default and name not in (MASTER, KAHAN)):
+                # low-bit columns, and under a low-bit state_format the float32 columns
+                # of small tensors too: compact buffers of just their members
                 st.update(self._new_lowbit_column(p, name, storage, fill))
                 continue
             dtype = np.dtype(p.dtype) if name == KAHAN or not low else np.dtype(np.float32)
@@ -259,7 +261,8 @@ class Optimizer(_Planning, SparseSteps, HostStates):
                 st[name] = p.astype(np.float32) if name == MASTER else xp.full(p.shape, fill, dtype=dtype)
 
     def _new_lowbit_column(self, p, name, storage, fill) -> dict:
-        """State column ``name`` of ``p`` in a 16-bit or 8-bit ``storage``, holding ``fill``:
+        """State column ``name`` of ``p`` in ``storage`` (16-bit, 8-bit, or float32 beside
+        them), holding ``fill``:
         ``{name: values or codes[, name_absmax: absmax]}``. The params of one FlatParams
         share one compact buffer per column and storage (and one of absmax), in their
         order, so that a step streams them as one run."""
@@ -288,7 +291,9 @@ class Optimizer(_Planning, SparseSteps, HostStates):
         if xp is None:
             xp = np if not params or isinstance(params[0], np.ndarray) else _cupy()
         sizes = [int(q.size) for q in params]
-        if storage == BFLOAT16:
+        if storage == NATIVE:       # float32 state of the tensors under min_8bit_size
+            kinds = {"": (sizes, np.float32, fill)}
+        elif storage == BFLOAT16:
             # device arrays have no bfloat16 dtype: their columns hold the 16-bit patterns
             kinds = {"": (sizes, lowbit.bfloat16(), fill)} if xp is np else \
                 {"": (sizes, np.uint16, int(np.array(fill, lowbit.bfloat16()).view(np.uint16)))}

@@ -36,11 +36,13 @@ def _is_cpu(backend) -> bool:
     return backend is None or getattr(backend, "name", None) == "cpu"
 
 
-def table(params, grads, slots, backend=None):
-    """The ``merge=False`` table (one row per non-empty tensor) of ``backend``'s driver."""
+def table(params, grads, slots, backend=None, formats=None):
+    """The ``merge=False`` table (one row per non-empty tensor) of ``backend``'s driver;
+    ``formats``: the state columns' storage formats (16-bit state given as uint16
+    patterns, as on a GPU, needs them)."""
     if _is_cpu(backend):
-        return cpu.ChunkTable(params, grads, slots, merge=False)
-    return backend.table(params, grads, slots, merge=False)
+        return cpu.ChunkTable(params, grads, slots, merge=False, formats=formats)
+    return backend.table(params, grads, slots, merge=False, formats=formats)
 
 
 def row_starts(table) -> np.ndarray:

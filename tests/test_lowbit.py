@@ -2,8 +2,8 @@
 
 The fused drivers against the unfused NumPy reference (kernels/reference_lowbit.py,
 written apart from the drivers' encoder), for every optimizer whose state is moments;
-the maps and the encoder against a brute-force search (and bitsandbytes' maps where it
-is installed; tests/test_lowbit_bnb.py steps bitsandbytes' optimizers side by side);
+the maps and the encoder against their description and a brute-force search
+(tests/test_lowbit_bnb.py compares with bitsandbytes' maps and optimizers);
 list against FlatParams, thread counts, master weights, state dicts, bad input.
 """
 from __future__ import annotations
@@ -101,16 +101,6 @@ def test_encoder_is_the_nearest_code_ties_to_the_lower(kind):
     codes, _ = lowbit.encode(x.reshape(-1, 1), "int8-" + kind, 1)      # absmax = |x|: x / |x|
     assert np.array_equal(codes.ravel()[np.abs(x) > 0],
                           np.abs(np.sign(x)[:, None] - q[None, :]).argmin(axis=1)[np.abs(x) > 0])
-
-
-def test_maps_are_bitsandbytes_maps():
-    F = pytest.importorskip("bitsandbytes.functional",
-                            reason="bitsandbytes not installed: its maps are not compared")
-    for kind, signed in ((blockwise.SIGNED, True), (blockwise.UNSIGNED, False)):
-        theirs = F.create_dynamic_map(signed=signed).numpy().copy()
-        if signed:
-            theirs[0] = -1.0        # what bitsandbytes' CPU quantizer sets before searching
-        assert np.array_equal(blockwise.dynamic_map(kind).view(np.uint32), theirs.view(np.uint32))
 
 
 # -- fused drivers against the reference ----------------------------------------------------------
@@ -439,3 +429,13 @@ def test_sparse_gradients_refuse_low_bit_state_before_any_change():
     with pytest.raises(NotImplementedError, match="SparseGrad"):
         opt.step([fo.SparseGrad(np.array([1, 3]), np.ones((2, 8), np.float32))])
     assert np.array_equal(p[0], before) and len(opt.state) == 0
+
+
+@pytest.mark.parametrize("case", case_params([c for c in ALL_CASES if c.spec.per_tensor is not None]))
+def test_per_tensor_optimizers_take_bfloat16_state(case):
+    """LAMB and LARS: their reduction pass reads and writes bfloat16 state columns."""
+    opt_c, p_c = _run(case, "bfloat16", "cpu", SIZES, 3)
+    opt_n, p_n = _run(case, "bfloat16", "numpy", SIZES, 3)
+    for a, b in zip(p_c, p_n):
+        assert rel_err(a, b, rms(p_n)) < 1e-4
+    assert any(np.asarray(v).dtype == lowbit.bfloat16() for v in opt_c.state[2].values())
