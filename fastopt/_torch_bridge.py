@@ -155,12 +155,26 @@ def host_value(v, where: str, key: str, index: int | None = None):
 
 
 def to_numpy(v):
+    """A host NumPy copy of a state tensor: float32/float64 as they are; uint8 (int8
+    state codes), float16 and bfloat16 (low-bit state, Kahan compensations) kept
+    exactly; other dtypes widened to float32."""
     if isinstance(v, torch.Tensor):
         v = v.detach()
-        if v.dtype not in DTYPES:
+        if v.dtype == torch.bfloat16:
+            from .lowbit import bfloat16
+            return v.view(torch.int16).cpu().numpy().view(bfloat16())
+        if v.dtype not in DTYPES + (torch.uint8, torch.float16):
             v = v.to(torch.float64 if v.dtype == torch.float64 else torch.float32)
         return v.cpu().numpy()
     return v
+
+
+def from_numpy(a, device=None):
+    """A torch tensor of a host state array (bfloat16 arrays by their bits)."""
+    from .lowbit import bfloat16
+    if np.dtype(a.dtype) == bfloat16():
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16).to(device)
+    return torch.from_numpy(a).to(device)
 
 
 def scalar_dtype():

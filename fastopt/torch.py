@@ -94,7 +94,8 @@ except ImportError as err:          # (a broken torch install is an ImportError 
 
 from . import optimizer as _fo_optimizer
 from ._torch_bridge import (StateView, array_view, check_options, check_param, host_value,
-                            scalar_dtype, stream_context, tensor_view, to_numpy,
+                            from_numpy, scalar_dtype, stream_context, tensor_view,
+                            to_numpy,
                             torch_signature)
 from .flat import FlatParams
 
@@ -461,7 +462,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                 # 0-d entries ('step', NAdam's 'mu_product') are CPU scalars, as torch keeps them
                 # (a fused group's 'step' is float32 whatever the default dtype)
                 step_dtype = torch.float32 if i in fused else scalar_dtype()
-                state[i] = {k: (torch.from_numpy(v).to(device) if np.ndim(v) else
+                state[i] = {k: (from_numpy(v, device) if np.ndim(v) else
                                 torch.tensor(float(v), dtype=step_dtype if k == "step" else scalar_dtype()))
                             for k, v in st.items()}
         groups, start = [], 0
@@ -471,6 +472,8 @@ class TorchOptimizer(torch.optim.Optimizer):
             start += len(g["params"])
             groups.append(packed)
         sd = {"state": state, "param_groups": groups}
+        if self._fo is not None and not self._fo.state_format.is_default:
+            sd["state_format"] = self._fo.state_format.record()     # torch ignores the key
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, sd)
             if result is not None:
@@ -522,8 +525,11 @@ class TorchOptimizer(torch.optim.Optimizer):
             # (an empty entry: torch's defaultdict state looked up for a param without state)
             state = {pid: {k: to_numpy(v) for k, v in st.items()}
                      for pid, st in state_dict["state"].items() if not isinstance(st, dict) or st}
+            loaded = {"state": state, "param_groups": fo_groups}
+            if "state_format" in state_dict:
+                loaded["state_format"] = state_dict["state_format"]
             with self._stream():
-                self._fo.load_state_dict({"state": state, "param_groups": fo_groups})
+                self._fo.load_state_dict(loaded)
             self.state._written.clear()
             self.state._views.clear()
             self._sync_steps()
