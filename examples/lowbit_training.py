@@ -38,24 +38,13 @@ import time
 import numpy as np
 
 import fastopt as fo
+from fastopt.examples.torch_digits import load_digits_split   # the same split as there
 
 FORMATS = ("float32", "bfloat16", "int8")
 TOLERANCE = 0.01          # |final loss / float32's - 1| allowed for bfloat16 and int8
 TAIL = 100                # the final loss is the mean over this many last steps
 DEFAULT_PNG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures",
                            "lowbit_training.png")
-
-
-def load_digits_split(seed=0, test_fraction=0.2):
-    """The 1797 8x8 digits that ship with scikit-learn, scaled to [0, 1], split."""
-    from sklearn.datasets import load_digits
-    digits = load_digits()
-    x = (digits.data / 16.0).astype(np.float32)
-    y = digits.target.astype(np.int64)
-    order = np.random.default_rng(seed).permutation(len(x))
-    n_test = int(len(x) * test_fraction)
-    test, train = order[:n_test], order[n_test:]
-    return x[train], y[train], x[test], y[test]
 
 
 class MLP:
