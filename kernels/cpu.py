@@ -356,8 +356,9 @@ def run(element, table: ChunkTable, scalars, grad_scale=1.0, seed=0, stochastic=
     args = (table.table, table.chunks, table.like, _BITS, scalars, table.like.dtype.type(grad_scale),
             row_values if row_mode is not None else None, np.uint32(seed & 0xFFFFFFFF))
     threads.launch(fn, *args)
-    if first and row_mode is None:
-        _BY_CALL[key] = _entry_point(fn, args)
+    if first:
+        # row_values' dtype is not part of the key: such calls keep the dispatcher
+        _BY_CALL[key] = _entry_point(fn, args) if row_mode is None else fn
 
 
 def _entry_point(fn, args):
