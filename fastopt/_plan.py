@@ -155,7 +155,7 @@ class _Planning:
         """The group's plan for these grads: cached, re-targeted, or new (validated)."""
         group = self.param_groups[gi]
         params = group["params"]
-        key = (self._active_slots(group), backend_name, from_flat)
+        key = (self._checked_group(gi, group), backend_name, from_flat)
         plan = self._plans[gi]
         reuse = plan is not None and plan.same_arrays(key, params, grads)
         if reuse and plan.same_grads(grads):

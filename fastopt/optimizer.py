@@ -110,6 +110,7 @@ class Optimizer(_Planning, SparseSteps, HostStates):
         self._steps = np.zeros(0, dtype=np.int64)
         self._arenas: dict = {}
         self._plans: list[_Plan | None] = []
+        self._checked: dict = {}             # group index -> (values, active slots, group)
         self._spans = None                   # sorted param byte spans (see _param_spans)
         groups = self._as_groups(params)
         for group in groups:
@@ -184,6 +185,32 @@ class Optimizer(_Planning, SparseSteps, HostStates):
     def _check_group(cls, group: dict, where: str) -> None:
         """Validate a group's hyperparameters (raise naming the bad one)."""
         cls.spec.check_group(group, where)
+
+    def _checked_group(self, gi: int, group: dict) -> tuple:
+        """Validate ``param_groups[gi]`` (its values may have been edited since the last
+        step) and return its active state columns. A step of many small tensors is
+        short: checking every hyperparameter again cost it 10-30 us, so the check runs
+        when a value or its type differs from those last checked (checks normalise their
+        values, so equal values are valid ones; a NaN never equals itself and is checked
+        again)."""
+        names = self._hyper_names
+        # with their types: 0 == False, and a flag set to 0 must be refused
+        values = tuple([(v.__class__, v) for v in map(group.get, names)])
+        checked = self.__dict__.setdefault("_checked", {})
+        seen = checked.get(gi)
+        if seen is not None and seen[2] is group and seen[0] == values:
+            return seen[1]
+        self._check_group(group, f"param_groups[{gi}]")
+        slots = self._active_slots(group)
+        checked[gi] = (tuple([(v.__class__, v) for v in map(group.get, names)]), slots, group)
+        return slots
+
+    @property
+    def _hyper_names(self) -> tuple:
+        names = self.__dict__.get("_hyper_names_")
+        if names is None:
+            names = self.__dict__["_hyper_names_"] = tuple(self.defaults)
+        return names
 
     @classmethod
     def _active_slots(cls, group: dict) -> tuple:
@@ -353,7 +380,7 @@ class Optimizer(_Planning, SparseSteps, HostStates):
                              f"state_format={self.state_format.name!r}")
         plans, groups = [], []
         for gi, group in enumerate(self.param_groups):
-            self._check_group(group, f"param_groups[{gi}]")
+            self._checked_group(gi, group)
             groups.append(self._at_iteration(group, f"param_groups[{gi}]"))
             plans.append(self._plan_for(gi, per_group[gi], backend_name, from_flat))
         self._check_swapped(plans)
