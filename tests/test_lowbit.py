@@ -439,3 +439,81 @@ def test_per_tensor_optimizers_take_bfloat16_state(case):
     for a, b in zip(p_c, p_n):
         assert rel_err(a, b, rms(p_n)) < 1e-4
     assert any(np.asarray(v).dtype == lowbit.bfloat16() for v in opt_c.state[2].values())
+
+
+# -- combinations -----------------------------------------------------------------------------------
+def _pair(fmt, backend, **options):
+    params = _params([(5000,), (300,), (70, 71)])
+    groups = [{"params": params[:2]}, {"params": params[2:], "lr": 0.003, "weight_decay": 0.1}]
+    return params, fo.AdamW(groups, lr=0.01, backend=backend, state_format=fmt, **options)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "bfloat16"])
+def test_groups_none_grads_grad_scale_and_clipping(fmt):
+    """Two groups, params skipping steps (None gradients: buckets split by step count),
+    grad_scale and fused global-norm clipping: the driver against the reference."""
+    runs = []
+    for backend in ("cpu", "numpy"):
+        params, opt = _pair(fmt, backend, max_grad_norm=1.0)
+        for t in range(1, 6):
+            grads = _grads([p.shape for p in params], t)
+            if t % 2 == 0:
+                grads[0] = None
+            assert opt.step(grads, grad_scale=0.5)
+        runs.append((params, opt.state_dict()))
+    (pc, sc), (pn, sn) = runs
+    for a, b in zip(pc, pn):
+        assert rel_err(a, b, rms(pn)) < 1e-4
+    assert int(sc["state"][0]["step"]) == 3 and int(sc["state"][1]["step"]) == 5
+    for i in sc["state"]:
+        for key, a in sc["state"][i].items():
+            if np.asarray(a).dtype == np.uint8:
+                assert _codes_equal(a, sn["state"][i][key]) >= 0.999
+
+
+def test_master_weights_flat_params_with_int8_equal_lists():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    shapes = [(5000,), (256 * 17,), (300,)]
+    runs = []
+    for flat in (False, True):
+        start = [p.astype(ml_dtypes.bfloat16) for p in _params(shapes)]
+        if flat:
+            fp = fo.FlatParams(start)
+            params = list(fp.params)
+        else:
+            params = start
+        opt = fo.Adam(params, lr=1e-2, master_weights=True, state_format="int8")
+        for t in range(1, 4):
+            g = [x.astype(ml_dtypes.bfloat16) for x in _grads(shapes, t)]
+            if flat:
+                for dst, src in zip(fp.grads, g):
+                    dst[...] = src
+                opt.step()
+            else:
+                opt.step(g)
+        runs.append(([p.view(np.uint16).copy() for p in params], opt.state_dict()["state"]))
+    (pl, sl), (pf, sf) = runs
+    for a, b in zip(pl, pf):
+        assert np.array_equal(a, b)
+    for i in sl:
+        for key in sl[i]:
+            assert np.array_equal(np.atleast_1d(sl[i][key]).view(np.uint8),
+                                  np.atleast_1d(sf[i][key]).view(np.uint8)), (i, key)
+
+
+def test_copies_and_pickles_step_their_own_low_bit_state():
+    import copy
+    import pickle
+    params, opt = _pair("int8", "cpu")
+    opt.step(_grads([p.shape for p in params], 1))
+    twin = copy.deepcopy(opt)
+    thawed = pickle.loads(pickle.dumps(opt))
+    g = _grads([p.shape for p in params], 2)
+    before = [p.copy() for p in params]
+    for o in (twin, thawed):
+        o.step(g)
+    assert all(np.array_equal(a, b) for a, b in zip(params, before))    # the original untouched
+    opt.step(g)
+    for o in (twin, thawed):
+        for a, b in zip(o.param_groups[0]["params"] + o.param_groups[1]["params"], params):
+            assert np.array_equal(a, b)
