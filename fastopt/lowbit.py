@@ -126,27 +126,12 @@ def decode(codes, absmax, block: int, table) -> np.ndarray:
     return (np.asarray(table, dtype=np.float32)[flat] * scale).reshape(codes.shape)
 
 
-def filled(storage: str, shape, fill: float, block: int, xp=np) -> dict:
-    """The arrays of a new column in ``storage`` holding ``fill`` everywhere:
-    ``{"": values or codes, ABSMAX: absmax}`` (absmax only for int8)."""
-    size = int(np.prod(shape, dtype=np.int64))
-    if storage in _KIND:
-        codes, absmax = encode(np.full(min(size, block), fill, np.float32), storage, block)
-        code = codes.reshape(-1)[0] if size else 0
-        a = absmax[0] if size else 0.0
-        return {"": xp.full(shape, code, dtype=np.uint8),
-                ABSMAX: xp.full(n_blocks(size, block), a, dtype=np.float32)}
-    return {"": None}
-
-
-def as_float32(arrays: dict, name: str, storage: str, block: int) -> np.ndarray:
-    """A column's values in float32 from its arrays (host copies)."""
-    a = np.asarray(arrays[name])
-    if storage in _KIND:
-        return decode(a, arrays[name + ABSMAX], block, qmap(storage))
-    if storage == BFLOAT16:
-        return a.astype(np.float32)
-    return a
+def constant(storage: str, fill: float) -> tuple:
+    """``(code, absmax)`` of a block of an int8 ``storage`` holding ``fill`` everywhere
+    (a new column's initial value): ``fill`` is its own absmax, and its code that of 1.0
+    (or of 0 for a zero fill)."""
+    codes, absmax = encode(np.full(1, fill, np.float32), storage, 1)
+    return int(codes[0]), float(absmax[0])
 
 
 def from_float32(values, storage: str, block: int, dtype) -> dict:

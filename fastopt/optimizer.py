@@ -306,7 +306,7 @@ class Optimizer(_Planning, SparseSteps, HostStates):
                                                 zip(members, self._lowbit_arrays(storage, members, fill))})
         arrays = arena[1][flat.index_of(p)]
         # The arena was filled for the group that created it; groups may differ.
-        fresh = self._lowbit_arrays(storage, [p], fill, xp=np)[0]
+        fresh = self._lowbit_arrays(storage, [p], fill)[0]      # host or device, as p
         for key2, a in arrays.items():
             a[...] = fresh[key2]
         return {name + suffix: a for suffix, a in arrays.items()}
@@ -325,10 +325,9 @@ class Optimizer(_Planning, SparseSteps, HostStates):
             kinds = {"": (sizes, lowbit.bfloat16(), fill)} if xp is np else \
                 {"": (sizes, np.uint16, int(np.array(fill, lowbit.bfloat16()).view(np.uint16)))}
         else:
-            one = lowbit.filled(storage, (block,), fill, block)
-            kinds = {"": (sizes, np.uint8, one[""][0]),
-                     lowbit.ABSMAX: ([lowbit.n_blocks(n, block) for n in sizes], np.float32,
-                                     one[lowbit.ABSMAX][0])}
+            code, absmax = lowbit.constant(storage, fill)
+            kinds = {"": (sizes, np.uint8, code),
+                     lowbit.ABSMAX: ([lowbit.n_blocks(n, block) for n in sizes], np.float32, absmax)}
         out = [{} for _ in params]
         for suffix, (counts, dtype, value) in kinds.items():
             buffer = xp.full(sum(counts), value, dtype=dtype)

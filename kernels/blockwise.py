@@ -92,7 +92,7 @@ def dynamic_map(kind: str = SIGNED) -> np.ndarray:
     return _dynamic_map(kind == SIGNED)
 
 
-def _bucket_bounds() -> tuple:
+def bucket_bounds() -> tuple:
     """The lowest and highest float32 value of every key's bucket (value order)."""
     key = np.arange(_KEYS, dtype=np.uint32)
     sign = key >> 12
@@ -111,7 +111,7 @@ def _bucket_bounds() -> tuple:
     return lowest, highest
 
 
-def _thresholds(qmap: np.ndarray) -> np.ndarray:
+def thresholds(qmap: np.ndarray) -> np.ndarray:
     """For each pair of neighbours ``(q[c], q[c+1])``, the largest float32 ``t`` at which
     ``q[c]`` is still the nearer in float32 arithmetic, ``|t - q[c+1]| >= |t - q[c]|`` (a
     tie keeps the lower code): so ``x > t`` chooses ``c + 1`` exactly when the distances,
@@ -142,8 +142,8 @@ def _thresholds(qmap: np.ndarray) -> np.ndarray:
 def _encoder(kind: str) -> np.ndarray:
     qmap = dynamic_map(kind)
     # mid[c]: the largest float32 at which code c is still nearer than c + 1
-    mid = _thresholds(qmap)
-    lowest, highest = _bucket_bounds()
+    mid = thresholds(qmap)
+    lowest, highest = bucket_bounds()
     negative = np.arange(_KEYS) >= _KEYS // 2
     # each bucket holds at most one threshold (its float32 values are closer together
     # than any two map values): the bucket's code at its zero-low-bits end, and where

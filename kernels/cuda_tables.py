@@ -453,8 +453,8 @@ def encoder_host_tables(kind: str) -> tuple:
     from . import blockwise
     qmap = blockwise.dynamic_map(kind)
     mid = np.full(256, np.inf, dtype=np.float32)
-    mid[:255] = blockwise._thresholds(qmap)
-    lowest, _ = blockwise._bucket_bounds()
+    mid[:255] = blockwise.thresholds(qmap)
+    lowest, _ = blockwise.bucket_bounds()
     lut = np.searchsorted(mid[:255], lowest, side="left").astype(np.uint8)
     return qmap, mid, lut.view("<u4")
 

@@ -88,7 +88,7 @@ def test_encoder_is_the_nearest_code_ties_to_the_lower(kind):
         q, mids, np.nextafter(mids, np.float32(2)), np.nextafter(mids, np.float32(-2)),
         [0.0, -0.0, 1.0, -1.0, 1e-38, -1e-38, 1.0000001]]).astype(np.float32)
     table = blockwise.encoder(kind)
-    thresholds = blockwise._thresholds(q)
+    thresholds = blockwise.thresholds(q)
     # every threshold, the floats beside it, with both signs
     edges = np.concatenate([thresholds, np.nextafter(thresholds, np.float32(2)),
                             np.nextafter(thresholds, np.float32(-2))])
