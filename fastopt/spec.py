@@ -44,6 +44,10 @@ class Hyper:
       as Adagrad's ``initial_accumulator_value``: the caller initialises the state).
     fixed: its default is fixed by the optimizer (AdamW's ``decoupled_weight_decay``): in
       the groups and checked there, in no signature.
+    bad: values its check must refuse, for a hyperparameter that is not a flag, a betas
+      tuple or a real number (Rprop's ``etas`` pair, an integer count, an optional value):
+      the tests' bad values for it. Empty for those three kinds, whose bad values the
+      tests know.
     """
 
     name: str
@@ -52,6 +56,7 @@ class Hyper:
     keyword: bool = False
     functional: bool = True
     fixed: bool = False
+    bad: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)

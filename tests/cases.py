@@ -150,8 +150,11 @@ def _refuses(h, value) -> bool:
 
 def hyper_kind(h) -> str:
     """The kind of hyperparameter ``h`` (a :class:`fastopt.spec.Hyper`) by its default and
-    its declared check: "flag", "betas", "real", "nonnegative", "unit", or "unknown"
-    (a check the bad-value table does not know: tests fail on it)."""
+    its declared check: "flag", "betas", "real", "nonnegative", "unit", "declared" (the
+    spec lists its bad values: ``Hyper.bad``), or "unknown" (a check the bad-value table
+    does not know: tests fail on it)."""
+    if h.bad:
+        return "declared"
     if isinstance(h.default, bool):
         return "flag"
     if isinstance(h.default, tuple):
@@ -179,7 +182,7 @@ def bad_hyperparameters(case, first_only=False) -> list:
             values += [(h.default[:-1], h.name), (h.default[0], h.name)]
             out += [(h.name, v, m) for v, m in (values[::3] if first_only else values)]
         else:
-            values = BAD_VALUES.get(kind, [])
+            values = list(h.bad) if kind == "declared" else BAD_VALUES.get(kind, [])
             out += [(h.name, v, h.name) for v in (values[:1] if first_only else values)]
     return out
 

@@ -90,6 +90,10 @@ def _from_spec(case, h):
         return st.booleans()
     if kind == "betas":
         return st.tuples(st.floats(0.0, 0.99), *[st.floats(0.5, 0.9999)] * (len(h.default) - 1))
+    if kind == "declared":
+        # Values of other shapes (a pair of another meaning, a count): those the examples use.
+        used = [case.hp(row).get(h.name, h.default) for row in case.grid] + [h.default]
+        return st.sampled_from(list({repr(x): x for x in used}.values()))
     values = {float(case.hp(row).get(h.name, h.default)) for row in case.grid} | {float(h.default)}
     nonzero = sorted(v for v in values if v != 0)
     if not nonzero:
