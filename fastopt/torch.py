@@ -40,6 +40,13 @@ Without ``flat``, a param whose ``.data`` is rebound (e.g. by
 ``ZeroRedundancyOptimizer(parameters_as_bucket_view=True)``) is followed: the next step
 re-targets its state at the new memory.
 
+Under ``torch.compile``, ``step()``, ``zero_grad()``, ``state_dict()`` and
+``load_state_dict()`` are opaque to Dynamo (``torch.compiler.disable``): a compiled
+function that calls them breaks its graph there and runs the fused kernel eagerly, so
+``torch.compile(opt.step)`` and a compiled forward + backward + step equal the eager run,
+and an lr a scheduler changes (read on the host inside the step) recompiles nothing
+(tests/test_torch_compile.py).
+
 ``opt.state[p]`` holds live torch views of fastopt's state (``'step'`` and NAdam's
 ``'mu_product'`` included); assigning or writing entries is loaded, validated, before the
 next step. ``state_dict()`` returns copies (torch's returns references), and optimizers
@@ -110,6 +117,10 @@ _LATE_KEYS = ("maximize", "decoupled_weight_decay")
 _FASTOPT_OPTIONS = frozenset(
     n for n, p in inspect.signature(_fo_optimizer.Optimizer.__init__).parameters.items()
     if p.kind == p.KEYWORD_ONLY)
+
+
+_opaque = torch.compiler.disable(
+    recursive=True, reason="fastopt.torch runs its fused Numba/CUDA kernel eagerly")
 
 
 class FlatParamsError(RuntimeError):
@@ -282,6 +293,11 @@ class TorchOptimizer(torch.optim.Optimizer):
         return i
 
     # -- stepping -------------------------------------------------------------------------
+    # Opaque to torch.compile: Dynamo must not trace into Numba's dispatcher (it fails
+    # there), so a compiled function calling step() breaks its graph here and runs the
+    # fused kernel eagerly, as a custom kernel should. Hyperparameters are read on the host
+    # inside, so an lr changed by a scheduler never causes a recompile.
+    @_opaque
     @torch.no_grad()
     def step(self, closure=None):
         """One fused fastopt step over every param that has a gradient."""
@@ -406,6 +422,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         self.state._views.clear()
 
     # -- gradients ------------------------------------------------------------------------
+    @_opaque
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset gradients as torch does; flat buffers are always zeroed in place (and a flat
         param whose .grad was set to None or replaced is re-linked to its view)."""
@@ -447,6 +464,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         self.state._views.clear()
         self._sync_steps()
 
+    @_opaque
     def state_dict(self) -> dict:
         """torch.optim's layout, with torch tensors (copies) and torch's param numbering."""
         for hook in self._optimizer_state_dict_pre_hooks.values():
@@ -489,6 +507,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             start += len(g["params"])
         return out
 
+    @_opaque
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict from this class or from torch.optim's class of the same name.
 
