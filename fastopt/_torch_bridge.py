@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 DTYPES = (torch.float32, torch.float64)
+LOW_PRECISION = (torch.bfloat16, torch.float16)   # stepped through fastopt's 16-bit param modes
 
 
 # -- zero-copy bridges between torch tensors and the arrays fastopt's kernels take ----------
@@ -21,6 +22,9 @@ def array_view(t: torch.Tensor):
     if t.requires_grad:
         t = t.detach()
     if t.device.type == "cpu":
+        if t.dtype == torch.bfloat16:       # NumPy has no bfloat16: ml_dtypes' over the bits
+            from .lowbit import bfloat16
+            return t.view(torch.int16).numpy().view(bfloat16())
         return t.numpy()
     import cupy  # fastopt[cuda]
     return cupy.asarray(t)
@@ -29,6 +33,9 @@ def array_view(t: torch.Tensor):
 def tensor_view(a, device: torch.device) -> torch.Tensor:
     """A torch tensor sharing the memory of a NumPy or CuPy array."""
     if isinstance(a, np.ndarray):
+        from .lowbit import bfloat16
+        if a.dtype == bfloat16():
+            return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(a)
     return torch.as_tensor(a, device=device)
 
@@ -184,9 +191,13 @@ def scalar_dtype():
 def check_param(p: torch.Tensor, label: str) -> None:
     if p.layout != torch.strided:
         raise TypeError(f"{label} is a {p.layout} tensor; fastopt.torch steps dense tensors")
-    if p.dtype not in DTYPES:
+    if p.dtype not in DTYPES + LOW_PRECISION:
         raise TypeError(f"{label} has dtype {p.dtype}; fastopt.torch steps float32 and float64 "
-                        "params (keep float32 master weights for bfloat16/float16 models)")
+                        "params, and bfloat16/float16 ones with master_weights=True (float32 "
+                        "master weights), kahan_sum=True or stochastic_rounding=True")
+    if p.dtype in LOW_PRECISION and p.device.type != "cpu":
+        raise TypeError(f"{label} is a {p.dtype} tensor on {p.device}: fastopt.torch steps 16-bit "
+                        "params on the CPU only so far; keep a float32 model on the GPU")
     if p.device.type not in ("cpu", "cuda"):
         raise TypeError(f"{label} is on device {p.device}; fastopt.torch steps CPU and CUDA tensors")
     if not p.is_contiguous():
@@ -278,9 +289,8 @@ class StateView(MutableMapping):
             items["step"] = torch.from_numpy(opt._step_store[i:i + 1]).view(())
         # The spec's host state (NAdam's mu_product): a live 0-d view of fastopt's
         # float32 array over params, as torch's tensor is.
-        host = opt._fo.spec.host if opt._fo.spec is not None else None
-        if host is not None:
-            items[host.name] = torch.from_numpy(opt._fo._host_values[i:i + 1]).view(())
+        for name, value in opt._fo._host_views(i).items():
+            items[name] = torch.from_numpy(value).view(())
         view = ParamState(self, p, items)
         self._views[i] = (st, len(st), view)
         return view
