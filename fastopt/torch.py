@@ -19,22 +19,28 @@ Interchangeable with torch.optim: a state dict saved by ``torch.optim.Adam`` loa
 :class:`~fastopt.FlatParams` buffer: every ``p.data`` becomes a view of the flat
 parameter buffer and every ``p.grad`` a view of the flat gradient buffer, so backward
 accumulates straight into it and a step is one streaming pass over a few long arrays.
-The rules after ``flat=True`` (checked on every step; a violation raises
-:class:`FlatParamsError` before anything is updated):
+What frameworks do to ``.grad`` and ``.data`` after ``flat=True`` is adopted, checked at
+every step before anything is updated:
 
-- zero grads in place: ``opt.zero_grad()`` (it always zeroes the flat buffer in place,
-  whatever ``set_to_none`` says) or ``model.zero_grad(set_to_none=False)`` (also for
-  wrappers: ``ZeroRedundancyOptimizer(...).zero_grad(set_to_none=False)``). Setting a
-  ``.grad`` to None (``model.zero_grad()``'s default) lets the next backward allocate a
-  new gradient outside the buffer. ``opt.zero_grad()`` re-links such grads.
-- never assign ``p.grad = ...`` or ``p.data = ...`` and don't move or cast the model
-  (``.to()``, ``.half()``, ``.cuda()``) after building the optimizer; in-place changes
-  (``p.data.copy_(...)``, ``model.load_state_dict(...)``) are fine.
-- no ``create_graph=True`` backward (it replaces ``.grad`` by a new tensor).
-- params with ``requires_grad=False`` stay where they are and are skipped while their
-  ``.grad`` is None; a flat param that did not contribute to the loss keeps a zero
-  gradient and is stepped with it (weight decay and momentum still act), as torch steps a
-  param whose gradient was zeroed in place.
+- a ``.grad`` set to None and not recomputed: that param is skipped, as torch skips it
+  (``model.zero_grad()``'s default, a param the loss did not reach);
+- a ``.grad`` replaced by another tensor (a backward after ``model.zero_grad()``, HF
+  ``Trainer``, DDP's ``gradient_as_bucket_view=True`` bucket views, FSDP1's sharded grads,
+  ``ZeroRedundancyOptimizer.zero_grad()``, ``create_graph=True``): copied into the flat
+  buffer before every step while it stays there (one more read and write of those
+  gradients, 8 B per float32 param); ``opt.zero_grad()`` re-links ``.grad`` to the buffer;
+- a ``.data`` rebound (``ZeroRedundancyOptimizer(parameters_as_bucket_view=True)``, FSDP1's
+  local shard, accelerate's ``model.to()``): the param is stepped where it now lives, with
+  its state carried over, its gradient still read from the flat buffer (it leaves the
+  one-pass arena for a chunk table);
+- refused with :class:`FlatParamsError` or ValueError, naming the param: a model cast to
+  another dtype or shape after the optimizer was built (build a new optimizer).
+
+Zeroing grads with ``opt.zero_grad()`` (or ``set_to_none=False``) keeps the one-pass
+path. Params with ``requires_grad=False`` stay where they are and are skipped while their
+``.grad`` is None; a flat param that did not contribute to the loss keeps a zero gradient
+and is stepped with it (weight decay and momentum still act), as torch steps a param
+whose gradient was zeroed in place.
 
 Without ``flat``, a param whose ``.data`` is rebound (e.g. by
 ``ZeroRedundancyOptimizer(parameters_as_bucket_view=True)``) is followed: the next step
@@ -181,6 +187,9 @@ class TorchOptimizer(torch.optim.Optimizer):
         self._grad_src: list = []        # the tensor each grad array views (None: no grad)
         self._grad_arrays: list = []     # what fastopt steps with (same objects every step)
         self._flat_grad: list = []       # flat=True: the param's grad view (else None)
+        self._flat_arrays: list = []     # flat=True: the array fastopt steps it with (else None)
+        self._adopted: dict = {}         # flat param index -> a foreign .grad copied in per step
+        self._adopted_pairs = ([], [])
         self._data_ptrs: list = []       # each param's data_ptr() when last seen
         self._hp_seen: list = []         # per fastopt group: the torch values last copied
         self._step_dtype = np.float64 if scalar_dtype() == torch.float64 else np.float32
@@ -243,6 +252,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         self._grad_src.extend(flat_grad)
         self._grad_arrays.extend(grads)
         self._flat_grad.extend(flat_grad)
+        self._flat_arrays.extend(g if fg is not None else None for g, fg in zip(grads, flat_grad))
         self._data_ptrs.extend(p.data_ptr() for p in params)
         self._hp_seen.append({})
         self._step_store = np.zeros(len(self._params), self._step_dtype)
@@ -347,6 +357,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         ptrs = list(map(_DATA_PTR, params))
         if ptrs != self._data_ptrs:
             self._rebind(ptrs)
+        self._copy_adopted()
         return self._grad_arrays
 
     def _where(self, i):
@@ -360,41 +371,58 @@ class TorchOptimizer(torch.optim.Optimizer):
     def _regrad(self, now):
         changed = [i for i, (g, s) in enumerate(zip(now, self._grad_src)) if g is not s]
         for i in changed:
-            if self._flat_grad[i] is not None:
-                how = "is None" if now[i] is None else "is a tensor outside the flat buffer"
-                raise FlatParamsError(
-                    f"{type(self).__name__}(flat=True): the .grad of {self._where(i)} {how}: it was "
-                    "set to None or replaced (model.zero_grad(), a wrapper's zero_grad() such as "
-                    "ZeroRedundancyOptimizer's, zero_grad(set_to_none=True) or p.grad = None before "
-                    "backward; p.grad = ...; a create_graph=True backward), so "
-                    "this step would not see the gradient in the flat buffer. "
-                    f"{len(changed)} param(s) affected. Zero grads with opt.zero_grad() or "
-                    "model.zero_grad(set_to_none=False) and never assign p.grad; opt.zero_grad() "
-                    "re-links the grads. Nothing was updated.")
-        for i in changed:
             g = now[i]
-            if g is not None:
-                if g.layout != torch.strided:
-                    raise TypeError(f"the grad of {self._where(i)} is a {g.layout} tensor; "
-                                    "fastopt.torch steps dense gradients")
+            if g is None:
+                continue
+            if g.layout != torch.strided:
+                raise TypeError(f"the grad of {self._where(i)} is a {g.layout} tensor; "
+                                "fastopt.torch steps dense gradients")
+            fg = self._flat_grad[i]
+            if fg is None:
                 if not g.is_contiguous():
                     raise ValueError(f"the grad of {self._where(i)} is not contiguous")
+            elif g is not fg and (g.shape != fg.shape or g.dtype != fg.dtype or g.device != fg.device):
+                raise FlatParamsError(
+                    f"{type(self).__name__}(flat=True): the .grad of {self._where(i)} was replaced "
+                    f"by a {g.dtype} tensor of shape {tuple(g.shape)} on {g.device}, where the param "
+                    f"is {fg.dtype} {tuple(fg.shape)} on {fg.device}: no gradient of this param can "
+                    "be taken from it. Nothing was updated.")
         for i in changed:
             g = now[i]
             self._grad_src[i] = g
-            self._grad_arrays[i] = None if g is None else array_view(g)
+            fg = self._flat_grad[i]
+            if fg is None:
+                self._grad_arrays[i] = None if g is None else array_view(g)
+            elif g is None:
+                # No gradient this step (set to None and not recomputed): skipped, as torch
+                # skips it; its flat view is not stepped.
+                self._grad_arrays[i] = None
+                self._adopted.pop(i, None)
+            else:
+                # The flat view again, or a tensor a wrapper put there (DDP's bucket views,
+                # FSDP's sharded grads, a backward after model.zero_grad()): adopted, copied
+                # into the flat view before every step while it stays there.
+                self._grad_arrays[i] = self._flat_arrays[i]
+                if g is fg:
+                    self._adopted.pop(i, None)
+                else:
+                    self._adopted[i] = g
+        self._adopted_pairs = ([self._flat_grad[i] for i in self._adopted], list(self._adopted.values()))
+
+    def _copy_adopted(self):
+        """Copy the adopted gradients (tensors a wrapper or a backward after
+        ``model.zero_grad()`` put in ``.grad``) into their flat views: one read and one
+        write of those gradients per step, the price of keeping the flat buffer's one pass."""
+        dst, src = self._adopted_pairs
+        if dst:
+            torch._foreach_copy_(dst, src)
 
     def _rebind(self, ptrs):
         moved = [i for i, (a, b) in enumerate(zip(ptrs, self._data_ptrs)) if a != b]
-        flat = [i for i in moved if self._flat_grad[i] is not None]
-        if flat:
-            raise FlatParamsError(
-                f"{type(self).__name__}(flat=True): the .data of {self._where(flat[0])} was rebound "
-                "(p.data = ..., model.to()/half()/cuda(), or a wrapper that re-buckets params), so "
-                "it no longer lives in the flat buffer and this step would update stale memory. "
-                f"{len(flat)} param(s) affected. After flat=True change params only in place "
-                "(p.data.copy_(...), model.load_state_dict(...)). Nothing was updated.")
-        # Not flat: follow the param to its new memory, carrying the state over.
+        # Follow each param to its new memory, carrying the state over. A flat param whose
+        # .data a wrapper rebound (ZeroRedundancyOptimizer's bucket views, FSDP1's local
+        # shard, accelerate's model.to()) is stepped where it now lives, its gradient still
+        # taken from the flat buffer: that param leaves the one-pass arena for a chunk table.
         fo = self._fo
         with self._stream():
             sd = fo.state_dict()

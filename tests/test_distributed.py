@@ -22,7 +22,8 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 
 STEPS, RELOAD_AT, BATCH, LR = 30, 20, 16, 1e-2
-SCENARIOS = ("ddp", "ddp_flat", "zero", "zero_flat", "zero_bucket_view")
+SCENARIOS = ("ddp", "ddp_flat", "ddp_bucket_view", "ddp_bucket_view_flat", "zero", "zero_flat",
+             "zero_bucket_view", "zero_bucket_view_flat", "fsdp1", "fsdp1_flat")
 TIMEOUT_S = 90
 
 
@@ -71,25 +72,30 @@ def _worker(rank: int, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
     out = {}
 
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
     def make_opt(scenario, params):
-        if scenario == "ddp":
-            return ft.Adam(params, lr=LR)
-        if scenario == "ddp_flat":
-            return ft.Adam(params, lr=LR, flat=True)
+        flat = scenario.endswith("_flat")
+        if scenario.startswith(("ddp", "fsdp1")):
+            return ft.Adam(params, lr=LR, flat=flat)
         return ZeroRedundancyOptimizer(params, optimizer_class=ft.Adam, lr=LR,
-                                       parameters_as_bucket_view=scenario == "zero_bucket_view",
-                                       **({"flat": True} if scenario == "zero_flat" else {}))
+                                       parameters_as_bucket_view=scenario.startswith("zero_bucket_view"),
+                                       flat=flat)
 
     for scenario in SCENARIOS:
+        print(f"rank {rank}: {scenario}", flush=True)
         model = make_model()
-        ddp = DDP(model)
+        if scenario.startswith("fsdp1"):
+            # FSDP1 flattens and shards the params itself; each rank steps its shard.
+            ddp = FSDP(model, use_orig_params=False, device_id=torch.device("cpu"))
+        else:
+            ddp = DDP(model, gradient_as_bucket_view=scenario.startswith("ddp_bucket_view"))
         opt = make_opt(scenario, ddp.parameters())
         if scenario.startswith("zero"):
             assert isinstance(opt.optim, ft.Adam)
             out[f"{scenario}/local_params"] = np.array(sum(len(g["params"]) for g in opt.optim.param_groups))
-        # ZeroRedundancyOptimizer.zero_grad is torch's: it would set the flat grads to
-        # None (a flat=True violation), so zero them in place.
-        set_to_none = scenario != "zero_flat"
+        # Every wrapper's own zero_grad (set_to_none=True): flat=True adopts what it does.
+        set_to_none = True
         train_steps(ddp, opt, RELOAD_AT, shard=(rank, 2), set_to_none=set_to_none)
         if scenario.startswith("zero"):
             # Gather the sharded state on rank 0, then resume from it in a fresh optimizer:
@@ -104,6 +110,12 @@ def _worker(rank: int, out_dir: str) -> None:
             opt = make_opt(scenario, ddp.parameters())
             opt.load_state_dict(sd)
         train_steps(ddp, opt, STEPS - RELOAD_AT, start=RELOAD_AT, shard=(rank, 2), set_to_none=set_to_none)
+        if scenario.startswith("fsdp1"):
+            with FSDP.summon_full_params(ddp):
+                # (clone first: .numpy() would pin the unsharded storage FSDP frees on exit)
+                for i, p in enumerate(ddp.module.parameters()):
+                    out[f"{scenario}/param/{i}"] = p.detach().clone().numpy()
+            continue
         for i, p in enumerate(model.parameters()):
             out[f"{scenario}/param/{i}"] = p.detach().numpy().copy()
     np.savez(os.path.join(out_dir, f"rank{rank}.npz"), **out)
