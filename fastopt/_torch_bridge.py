@@ -112,7 +112,8 @@ def torch_signature(name: str, fo_cls: type) -> tuple[inspect.Signature, dict]:
         params = [fo_params["params"], *hyper.values()]
         params += [inspect.Parameter(n, _KW, default=d) for n, d in options.items()]
     flat = inspect.Parameter("flat", _KW, default=False)
-    return inspect.Signature([*params, tail[0], flat, *tail[1:]]), options
+    in_backward = inspect.Parameter("in_backward", _KW, default=False)
+    return inspect.Signature([*params, tail[0], flat, in_backward, *tail[1:]]), options
 
 
 def check_options(group: dict, defaults: dict, where: str = "") -> None:

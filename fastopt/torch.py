@@ -46,6 +46,17 @@ Without ``flat``, a param whose ``.data`` is rebound (e.g. by
 ``ZeroRedundancyOptimizer(parameters_as_bucket_view=True)``) is followed: the next step
 re-targets its state at the new memory.
 
+``in_backward=True`` (optimizer-in-backward, as torchtune's): every param with
+``requires_grad`` gets a post-accumulate-grad hook that steps it as soon as backward has
+its gradient, while that gradient is still in cache, then frees it (``p.grad = None``), so
+the gradients never all exist at once. ``opt.step()`` then does nothing (a training
+loop that calls it still works) and one state dict holds every param's state. Excluded,
+refused at construction: ``flat=True`` (one buffer for every gradient) and
+``max_grad_norm=`` (global-norm clipping needs every gradient before any step); gradient
+accumulation is excluded by design: every backward steps. ``remove_backward_hooks()``
+detaches the hooks (before handing the params to another optimizer).
+``examples/optimizer_in_backward.py`` measures its peak memory and time.
+
 Under ``torch.compile``, ``step()``, ``zero_grad()``, ``state_dict()`` and
 ``load_state_dict()`` are opaque to Dynamo (``torch.compiler.disable``): a compiled
 function that calls them breaks its graph there and runs the fused kernel eagerly, so
@@ -165,7 +176,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         for name, p in self._signature.parameters.items():
             if p.kind == p.VAR_KEYWORD:
                 options = hyper.pop(name)
-        params, flat = hyper.pop("params"), hyper.pop("flat")
+        params, flat, in_backward = hyper.pop("params"), hyper.pop("flat"), hyper.pop("in_backward")
         unknown = sorted(set(options) - _FASTOPT_OPTIONS)
         if unknown:
             raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument "
@@ -174,12 +185,25 @@ class TorchOptimizer(torch.optim.Optimizer):
         check_options(switches, self._torch_options)
         if not isinstance(flat, bool):
             raise TypeError(f"flat must be a bool, got {type(flat).__name__} {flat!r}")
+        if not isinstance(in_backward, bool):
+            raise TypeError(f"in_backward must be a bool, got {type(in_backward).__name__} {in_backward!r}")
+        if in_backward:
+            if flat:
+                raise ValueError("in_backward=True steps each param as soon as its gradient is ready "
+                                 "and frees that gradient; flat=True keeps every gradient in one "
+                                 "buffer for one pass: choose one")
+            if options.get("max_grad_norm") is not None:
+                raise ValueError("in_backward=True steps each param before the other gradients "
+                                 "exist, so global-norm clipping (max_grad_norm=) cannot be applied; "
+                                 "clip per param in a hook of your own, or step after backward")
         fo_kwargs = {k: host_value(v, "", k) for k, v in hyper.items()}
         fo_kwargs.update(options)
         probe = cls([np.zeros(1, np.float32)], **fo_kwargs)   # validates the arguments
         self._fo_kwargs = fo_kwargs      # the fastopt class's arguments (numbers, options)
         self._hp_keys = tuple(probe.defaults)
         self._flat = flat
+        self._in_backward = in_backward
+        self._hooks: list = []           # in_backward=True: post-accumulate-grad hook handles
         self._fo = None                  # the fastopt optimizer over views of the params
         self._fo_group_of: list = []     # torch group index -> fastopt group index (None: empty)
         self._params: list = []          # torch params in global order (fastopt's indices)
@@ -260,6 +284,9 @@ class TorchOptimizer(torch.optim.Optimizer):
         if isinstance(self.state, StateView):   # (torch's constructor adds groups before it exists)
             self.state._views.clear()
         self._cuda = self._cuda or any(p.device.type == "cuda" for p in params)
+        if self._in_backward:
+            self._hooks += [p.register_post_accumulate_grad_hook(self._step_in_backward)
+                            for p in params if p.requires_grad]
 
     @torch.no_grad()
     def _flatten(self, params, arrays, grads, flat_grad):
@@ -303,22 +330,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         return i
 
     # -- stepping -------------------------------------------------------------------------
-    # Opaque to torch.compile: Dynamo must not trace into Numba's dispatcher (it fails
-    # there), so a compiled function calling step() breaks its graph here and runs the
-    # fused kernel eagerly, as a custom kernel should. Hyperparameters are read on the host
-    # inside, so an lr changed by a scheduler never causes a recompile.
-    @_opaque
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One fused fastopt step over every param that has a gradient."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        if self._fo is None:
-            return loss
-        grads = self._current_grads()          # may re-target self._fo at rebound params
-        self._import_state()
+    def _sync_groups(self):
+        """Copy the torch groups' hyperparameters (changed ones, tensors always) into fastopt's."""
         fo = self._fo
         seen = self._hp_seen
         switches = self._torch_options
@@ -333,6 +346,59 @@ class TorchOptimizer(torch.optim.Optimizer):
                         # (a tensor lr may change in place: read at every step)
                         fg[key] = host_value(v, f"param_groups[{gi}]", key)
                         last[key] = v
+
+    def remove_backward_hooks(self) -> None:
+        """in_backward=True: stop stepping during backward (remove the hooks from the params),
+        e.g. before handing the params to another optimizer. The optimizer then steps
+        nothing: build a new one (its state dict loads)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    @torch.no_grad()
+    def _step_in_backward(self, p):
+        """in_backward=True: step ``p`` as soon as backward has accumulated its gradient,
+        then free the gradient (torchtune's optimizer-in-backward)."""
+        i = self._index[id(p)]
+        if p.data_ptr() != self._data_ptrs[i]:
+            self._rebind(list(map(_DATA_PTR, self._params)))
+        g = p.grad
+        if g.layout != torch.strided or not g.is_contiguous():
+            raise ValueError(f"the grad of {self._where(i)} is not a dense contiguous tensor")
+        grads = [None] * len(self._params)
+        grads[i] = array_view(g)
+        self._import_state()
+        self._sync_groups()
+        steps = self._step_store
+        if steps.tobytes() != self._step_bytes:
+            self._fo._steps[:] = steps
+        with self._stream():
+            self._fo.step(grads)
+        self._sync_steps()
+        # The step's cached plan holds the gradient array (a view of p.grad's memory): drop
+        # it, or the previous param's gradient would outlive its step. (Every call here has
+        # another set of gradients, so the plan is rebuilt anyway.)
+        plans = self._fo._plans
+        plans[:] = [None] * len(plans)
+        p.grad = None
+    # Opaque to torch.compile: Dynamo must not trace into Numba's dispatcher (it fails
+    # there), so a compiled function calling step() breaks its graph here and runs the
+    # fused kernel eagerly, as a custom kernel should. Hyperparameters are read on the host
+    # inside, so an lr changed by a scheduler never causes a recompile.
+    @_opaque
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One fused fastopt step over every param that has a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self._fo is None or self._in_backward:      # (in_backward: stepped during backward)
+            return loss
+        grads = self._current_grads()          # may re-target self._fo at rebound params
+        self._import_state()
+        fo = self._fo
+        self._sync_groups()
         steps = self._step_store
         if steps.tobytes() != self._step_bytes:
             fo._steps[:] = steps                        # a 'step' tensor was written in place

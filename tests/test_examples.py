@@ -135,3 +135,26 @@ def test_lowbit_training_quick_trains_every_state_format(tmp_path, capsys, monke
     assert r["int8_params"] > 0                              # int8 codes really used
     bpp = r["bytes_per_param"]
     assert bpp["float32"] == 8.0 and bpp["bfloat16"] == 4.0 and bpp["int8"] < 3.0
+
+
+def test_optimizer_in_backward_example_frees_the_gradients(capsys):
+    """examples/optimizer_in_backward.py at a small size (4 x 1024^2 params, 16 MB of
+    gradients): with in_backward=True the step's peak over params + state is at least half
+    the gradients' size lower than stepping after backward."""
+    pytest.importorskip("torch")
+    import importlib.util
+
+    path = demo.examples_dir() / "optimizer_in_backward.py"
+    spec = importlib.util.spec_from_file_location("_fastopt_example_in_backward", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.main(["--width", "1024", "--layers", "4", "--steps", "2", "--batch", "8", "--rounds", "1"])
+    out = capsys.readouterr().out
+    assert "in_backward saves" in out
+    after = [r for r in rows if r["mode"] == "after_backward"]
+    inside = [r for r in rows if r["mode"] == "in_backward"]
+    assert len(after) == len(inside) == 1
+    grad_mb = after[0]["grad_mb"]
+    for a, b in zip(after, inside):
+        assert a["peak_above_model_mb"] >= 0.9 * grad_mb, a          # every gradient at once
+        assert b["peak_above_model_mb"] <= a["peak_above_model_mb"] - 0.5 * grad_mb, (a, b)
