@@ -16,9 +16,45 @@ DTYPES = (torch.float32, torch.float64)
 LOW_PRECISION = (torch.bfloat16, torch.float16)   # stepped through fastopt's 16-bit param modes
 
 
+# -- DTensors (FSDP2's params): stepped on their local shards ----------------------------------
+def _dtensor_class():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:                  # (torch built without distributed)
+        return None
+    return DTensor
+
+
+DTensor = _dtensor_class()
+
+
+def is_dtensor(t) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor whose memory is stepped: a DTensor's local shard, else ``t``."""
+    return t._local_tensor if is_dtensor(t) else t
+
+
+def data_ptr(t: torch.Tensor) -> int:
+    return local(t).data_ptr()
+
+
+def like_param(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``t`` (a local state tensor) as ``p`` holds it: a DTensor with ``p``'s mesh,
+    placements, global shape and stride when ``p`` is one (so that
+    ``torch.distributed.checkpoint`` saves and reshards it), else ``t``."""
+    if not is_dtensor(p):
+        return t
+    return DTensor.from_local(t, p.device_mesh, p.placements, run_check=False,
+                              shape=p.shape, stride=p.stride())
+
+
 # -- zero-copy bridges between torch tensors and the arrays fastopt's kernels take ----------
 def array_view(t: torch.Tensor):
-    """A NumPy (CPU) or CuPy (CUDA) array sharing ``t``'s memory."""
+    """A NumPy (CPU) or CuPy (CUDA) array sharing ``t``'s memory (a DTensor's local shard's)."""
+    t = local(t)
     if t.requires_grad:
         t = t.detach()
     if t.device.type == "cpu":
@@ -167,7 +203,7 @@ def to_numpy(v):
     state codes), float16 and bfloat16 (low-bit state, Kahan compensations) kept
     exactly; other dtypes widened to float32."""
     if isinstance(v, torch.Tensor):
-        v = v.detach()
+        v = local(v).detach()           # a DTensor's local shard (DCP hands resharded ones)
         if v.dtype == torch.bfloat16:
             from .lowbit import bfloat16
             return v.view(torch.int16).cpu().numpy().view(bfloat16())
@@ -189,7 +225,17 @@ def scalar_dtype():
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def check_param(p: torch.Tensor, label: str) -> None:
+    if is_dtensor(p):
+        p = p._local_tensor
+    elif type(p) not in _PLAIN and not (isinstance(p, torch.nn.Parameter) and type(p.data) in _PLAIN):
+        raise TypeError(f"{label} is a {type(p).__module__}.{type(p).__name__}, a tensor subclass: "
+                        "fastopt.torch steps plain tensors and DTensors (FSDP2, stepped on their "
+                        "local shards) in place; this subclass's memory is not a plain strided "
+                        "buffer fastopt can update (use its own optimizer, or unwrap it)")
     if p.layout != torch.strided:
         raise TypeError(f"{label} is a {p.layout} tensor; fastopt.torch steps dense tensors")
     if p.dtype not in DTYPES + LOW_PRECISION:
@@ -285,7 +331,8 @@ class StateView(MutableMapping):
             return cached[2]
         opt = self._opt
         device = opt._params[i].device
-        items = {k: tensor_view(a, device) for k, a in st.items()}
+        param = opt._params[i]
+        items = {k: like_param(tensor_view(a, device), param) for k, a in st.items()}
         if opt._fo.has_step_state:
             items["step"] = torch.from_numpy(opt._step_store[i:i + 1]).view(())
         # The spec's host state (NAdam's mu_product): a live 0-d view of fastopt's

@@ -438,6 +438,10 @@ class Optimizer(_Planning, SparseSteps, HostStates):
         return {**group, "lr": value}
 
     # -- the pass before the step: non-finite check and global norm ----------------------
+    # ``local norm -> global norm`` for params sharded across processes (fastopt.torch sets
+    # it for DTensors): the fused clipping's norm then covers every shard.
+    _global_norm = None
+
     def _grad_multiplier(self, plans, sparse, backend_name, grad_scale):
         """The factor the step multiplies gradients by, or None to skip the step.
 
@@ -451,6 +455,8 @@ class Optimizer(_Planning, SparseSteps, HostStates):
         grads = dense + rows
         if self.max_grad_norm is not None:
             total = norms._total_norm(self._norm_prepared(grads), 2.0, backend_name, "step")
+            if self._global_norm is not None:   # params sharded over processes (FSDP2)
+                total = self._global_norm(total)
             finite = math.isfinite(total)
         else:
             total = None

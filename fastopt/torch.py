@@ -46,6 +46,15 @@ Without ``flat``, a param whose ``.data`` is rebound (e.g. by
 ``ZeroRedundancyOptimizer(parameters_as_bucket_view=True)``) is followed: the next step
 re-targets its state at the new memory.
 
+FSDP2 (``fully_shard``): params that are DTensors are stepped on their local shards, one
+fused pass per rank; ``opt.state[p]`` and ``state_dict()`` hold the state as DTensors with
+the param's mesh and placements, so ``torch.distributed.checkpoint``
+(``get_optimizer_state_dict`` / ``set_optimizer_state_dict``, DCP save and load) saves
+and reshards it, to another world size too. ``max_grad_norm=`` reduces the norm over the
+mesh (every param sharded on one 1-D mesh). ``flat=True`` is refused for DTensors (FSDP2
+owns the shards' storage and all-gathers from it); other tensor subclasses are refused,
+naming the class (tests/test_fsdp2.py).
+
 ``in_backward=True`` (optimizer-in-backward, as torchtune's): every param with
 ``requires_grad`` gets a post-accumulate-grad hook that steps it as soon as backward has
 its gradient, while that gradient is still in cache, then frees it (``p.grad = None``), so
@@ -117,10 +126,9 @@ except ImportError as err:          # (a broken torch install is an ImportError 
                       f"({err}): pip install fastopt[torch]") from err
 
 from . import optimizer as _fo_optimizer
-from ._torch_bridge import (StateView, array_view, check_options, check_param, host_value,
-                            from_numpy, scalar_dtype, stream_context, tensor_view,
-                            to_numpy,
-                            torch_signature)
+from ._torch_bridge import (StateView, array_view, check_options, check_param, data_ptr,
+                            from_numpy, host_value, is_dtensor, like_param, local, scalar_dtype,
+                            stream_context, tensor_view, to_numpy, torch_signature)
 from .flat import FlatParams
 
 __all__ = ["TorchOptimizer", "FlatParamsError", "OPTIMIZERS"]
@@ -203,6 +211,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         self._hp_keys = tuple(probe.defaults)
         self._flat = flat
         self._in_backward = in_backward
+        self._dtensor = False            # some params are DTensors (FSDP2): stepped on local shards
         self._hooks: list = []           # in_backward=True: post-accumulate-grad hook handles
         self._fo = None                  # the fastopt optimizer over views of the params
         self._fo_group_of: list = []     # torch group index -> fastopt group index (None: empty)
@@ -247,6 +256,12 @@ class TorchOptimizer(torch.optim.Optimizer):
         check_options(group, self._torch_options, where)
         for k, p in enumerate(params):
             check_param(p, f"{where}['params'][{k}]")
+            if self._flat and is_dtensor(p):
+                raise ValueError(
+                    f"{where}['params'][{k}] is a DTensor (FSDP2): its local shard lives in "
+                    "storage FSDP2 owns and all-gathers from, so flat=True cannot move it into a "
+                    "flat buffer; use flat=False (the step is still one fused pass over the local "
+                    "shards)")
         if not params:                 # ZeroRedundancyOptimizer gives a rank empty groups
             self._fo_group_of.append(None)
             return
@@ -277,7 +292,10 @@ class TorchOptimizer(torch.optim.Optimizer):
         self._grad_arrays.extend(grads)
         self._flat_grad.extend(flat_grad)
         self._flat_arrays.extend(g if fg is not None else None for g, fg in zip(grads, flat_grad))
-        self._data_ptrs.extend(p.data_ptr() for p in params)
+        self._data_ptrs.extend(map(data_ptr, params))
+        if any(map(is_dtensor, params)):
+            self._dtensor = True
+            self._fo._global_norm = self._sharded_norm
         self._hp_seen.append({})
         self._step_store = np.zeros(len(self._params), self._step_dtype)
         self._sync_steps()
@@ -360,9 +378,9 @@ class TorchOptimizer(torch.optim.Optimizer):
         """in_backward=True: step ``p`` as soon as backward has accumulated its gradient,
         then free the gradient (torchtune's optimizer-in-backward)."""
         i = self._index[id(p)]
-        if p.data_ptr() != self._data_ptrs[i]:
-            self._rebind(list(map(_DATA_PTR, self._params)))
-        g = p.grad
+        if data_ptr(p) != self._data_ptrs[i]:
+            self._rebind(list(map(data_ptr, self._params)))
+        g = local(p.grad)
         if g.layout != torch.strided or not g.is_contiguous():
             raise ValueError(f"the grad of {self._where(i)} is not a dense contiguous tensor")
         grads = [None] * len(self._params)
@@ -407,6 +425,26 @@ class TorchOptimizer(torch.optim.Optimizer):
         self._sync_steps()
         return loss
 
+    def _sharded_norm(self, local_norm: float) -> float:
+        """The global 2-norm of gradients sharded over processes (FSDP2's DTensors): the
+        squares of every process's local norm summed over the params' mesh. Every DTensor
+        param must be sharded (no Replicate placement: its gradient would be counted once
+        per replica)."""
+        import torch.distributed as dist
+        meshes = {id(p.device_mesh): p for p in self._params if is_dtensor(p)}
+        if len(meshes) != 1 or any(not pl.is_shard() or p.device_mesh.ndim != 1
+                                   for p in self._params if is_dtensor(p) for pl in p.placements):
+            raise ValueError("max_grad_norm= over DTensors needs every param sharded (Shard "
+                             "placements) on one 1-D device mesh; clip with "
+                             "torch.nn.utils.clip_grad_norm_ before the step instead")
+        if any(not is_dtensor(p) for p in self._params):
+            raise ValueError("max_grad_norm= with DTensor and plain params mixed: their global "
+                             "norm is ambiguous; clip with torch.nn.utils.clip_grad_norm_ instead")
+        p = next(iter(meshes.values()))
+        sq = torch.tensor([local_norm * local_norm], dtype=torch.float64)
+        dist.all_reduce(sq, group=p.device_mesh.get_group())
+        return float(sq.sqrt())
+
     def _stream(self):
         return stream_context(self._params) if self._cuda else contextlib.nullcontext()
 
@@ -420,7 +458,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         now = list(map(_GRAD, params))
         if not all(map(operator.is_, now, self._grad_src)):
             self._regrad(now)
-        ptrs = list(map(_DATA_PTR, params))
+        ptrs = list(map(data_ptr if self._dtensor else _DATA_PTR, params))
         if ptrs != self._data_ptrs:
             self._rebind(ptrs)
         self._copy_adopted()
@@ -440,6 +478,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             g = now[i]
             if g is None:
                 continue
+            g = local(g)
             if g.layout != torch.strided:
                 raise TypeError(f"the grad of {self._where(i)} is a {g.layout} tensor; "
                                 "fastopt.torch steps dense gradients")
@@ -511,6 +550,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         with self._stream():
             new = self._fastopt_class(groups, **self._fo_kwargs)
             new.load_state_dict(sd)
+        if self._dtensor:
+            new._global_norm = self._sharded_norm
         self._fo = new
         self._data_ptrs = ptrs
         self.state._views.clear()
@@ -574,7 +615,8 @@ class TorchOptimizer(torch.optim.Optimizer):
                 # 0-d entries ('step', NAdam's 'mu_product') are CPU scalars, as torch keeps them
                 # (a fused group's 'step' is float32 whatever the default dtype)
                 step_dtype = torch.float32 if i in fused else scalar_dtype()
-                state[i] = {k: (from_numpy(v, device) if np.ndim(v) else
+                p = self._params[i]
+                state[i] = {k: (like_param(from_numpy(v, device), p) if np.ndim(v) else
                                 torch.tensor(float(v), dtype=step_dtype if k == "step" else scalar_dtype()))
                             for k, v in st.items()}
         groups, start = [], 0
