@@ -315,13 +315,15 @@ class TorchOptimizer(torch.optim.Optimizer):
                 buckets.setdefault((p.dtype, p.device), []).append(k)
         for (_, device), ks in buckets.items():
             flat = FlatParams([array_view(params[k]) for k in ks])
-            data = tensor_view(flat.data, device)
             grad = tensor_view(flat.grad, device)
             for j, k in enumerate(ks):
                 p = params[k]
-                lo, hi = int(flat.offsets[j]), int(flat.offsets[j + 1])
-                p.data = data[lo:hi].view(p.shape)
-                g = grad[lo:hi].view(p.shape)
+                # Each view gets a storage object of its own over its part of the buffer (not
+                # a slice of one shared storage), so that code that refuses tensors sharing a
+                # storage (safetensors' save_model, accelerate's save_state) sees separate
+                # tensors; the memory is still the one flat buffer.
+                p.data = tensor_view(flat.params[j], device)
+                g = tensor_view(flat.grads[j], device)
                 if p.grad is not None:
                     g.copy_(p.grad)
                 p.grad = g
@@ -616,8 +618,11 @@ class TorchOptimizer(torch.optim.Optimizer):
                 # (a fused group's 'step' is float32 whatever the default dtype)
                 step_dtype = torch.float32 if i in fused else scalar_dtype()
                 p = self._params[i]
-                state[i] = {k: (like_param(from_numpy(v, device), p) if np.ndim(v) else
-                                torch.tensor(float(v), dtype=step_dtype if k == "step" else scalar_dtype()))
+                scalars = self._fo._host_views(i).keys() | {"step"}
+                state[i] = {k: (torch.tensor(float(v), dtype=step_dtype if k == "step" else scalar_dtype())
+                                if k in scalars else
+                                # (a state column of a 0-d param keeps its dtype, as torch's)
+                                like_param(from_numpy(np.asarray(v), device), p))
                             for k, v in st.items()}
         groups, start = [], 0
         for g in self.param_groups:

@@ -465,3 +465,23 @@ def test_flat_refuses_a_model_cast_after_building():
         opt.step()
     after = opt.state_dict()
     assert all(torch.equal(after["state"][i]["exp_avg"], before["state"][i]["exp_avg"]) for i in before["state"])
+
+
+def test_flat_params_save_with_safetensors(tmp_path):
+    """flat=True params are views of one buffer, each over a storage object of its own, so
+    safetensors' save_model (what accelerate's save_state calls) accepts them; the loaded
+    model equals the trained one and training continues through the flat buffer."""
+    st = pytest.importorskip("safetensors.torch", reason="safetensors not installed")
+    model = make_model(n_layers=3)
+    opt = ft.AdamW(model.parameters(), lr=1e-2, flat=True)
+    train(model, opt, 2)
+    st.save_model(model, str(tmp_path / "model.safetensors"))
+    other = make_model(seed=5, n_layers=3)
+    st.load_model(other, str(tmp_path / "model.safetensors"))
+    assert_same_params(model, other, tol=0.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    train(model, opt, 1, start=2)
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    base = opt._flat_buffers[0][1].data_ptr()
+    offsets = np.cumsum([0] + [q.numel() * 4 for q in model.parameters()])[:-1]
+    assert [p.grad.data_ptr() - base for p in model.parameters()] == list(offsets)
