@@ -152,6 +152,15 @@ class Lookahead:
             stepped = range(len(params))
         else:
             stepped = [i for i, g in enumerate(grads) if g is not None]
+        self.after_step(stepped)
+        return applied
+
+    def after_step(self, stepped) -> None:
+        """Count one applied inner step and run the slow update of the groups it completes,
+        over the params ``stepped`` (their positions over all groups: those that had a
+        gradient). :meth:`step` calls it; a wrapper that runs the inner step itself (a
+        torch-side Lookahead over fastopt.torch's optimizer) calls it after that step."""
+        params = self._params()
         due, start = set(), 0
         for gi, group in enumerate(self.optimizer.param_groups):
             self._counters[gi] += 1
@@ -162,7 +171,6 @@ class Lookahead:
         chosen = [i for i in stepped if i in due]
         if chosen:
             self._update(params, chosen)
-        return applied
 
     def _momenta(self, chosen):
         """The inner momentum_buffer of each chosen param (None where it keeps none)."""
