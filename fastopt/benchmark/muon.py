@@ -55,7 +55,7 @@ def run(shapes, dtype="float32", repeats=5, warmup=1, threads=None, seed=0, hype
     (total and per phase) for each, the speed-up, and the setting."""
     import torch
 
-    limits, blas_threads = None, None
+    limits, blas_threads, torch_threads = None, None, torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(int(threads))
         try:
@@ -67,6 +67,7 @@ def run(shapes, dtype="float32", repeats=5, warmup=1, threads=None, seed=0, hype
     try:
         return _run(shapes, dtype, repeats, warmup, seed, hyper, blas_threads)
     finally:
+        torch.set_num_threads(torch_threads)
         if limits is not None:
             limits.restore_original_limits()
 
