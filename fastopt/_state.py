@@ -29,8 +29,7 @@ def state_dict(opt) -> dict:
             else lowbit.saved_arrays(opt, i, st)
         if opt.has_step_state:
             d["step"] = _step_array(int(opt._steps[i]))
-        if opt._host_values is not None:
-            d[opt.spec.host.name] = np.array(opt._host_values[i], dtype=np.float32)
+        opt._host_save_to(i, d)
         state[i] = d
     groups, start = [], 0
     for g in opt.param_groups:

@@ -82,8 +82,7 @@ def _step(cls, name, group, step, params, grads, slots, backend):
     if cls.spec.per_tensor is not None:
         _backend.require(backend_name, _backend.PER_TENSOR, name)
     be = _backend.get(backend_name)
-    if cls.spec.host is not None and cls.spec.host.name not in group:
-        group[cls.spec.host.name] = float(cls.spec.host.after(step, group))
+    cls.spec.fill_host_values(group, step)
     by_dtype: dict = {}
     for i, p in enumerate(params):
         by_dtype.setdefault(np.dtype(p.dtype), []).append(i)

@@ -92,23 +92,56 @@ class Column:
 class HostState:
     """A float32 scalar per param kept on the host and saved in the state dict.
 
-    advance: ``advance(values, step, group) -> values`` after step ``step`` (1-based).
-      The element's scalars see this step's value as ``group[name]``; params whose values
-      differ run as separate passes.
+    A spec's ``host`` is one HostState or a tuple of them (ASGD's ``eta`` and ``mu``);
+    :attr:`Spec.hosts` is always the tuple.
+
+    advance: ``advance(values, step, group) -> values``: the values after step ``step``
+      (1-based) at ``group``'s hyperparameters, for a float32 array of several params'
+      values (same shape out).
+    initial: a fresh param's value: a number, or the name of the hyperparameter holding
+      it, read at the param's first step (ASGD's ``eta`` starts at that step's lr).
+    before: the element's scalars see, as ``group[name]``, the value the previous step left
+      (ASGD's ``eta`` and ``mu``: torch uses them, then computes the next ones); False:
+      this step's advanced value (NAdam's ``mu_product`` includes this step's ``mu_t``).
+      Params whose values differ run as separate passes.
+    low, high, low_open: the range a loaded value must lie in (``(low, high]`` when
+      ``low_open``).
+    required: a loaded param state must carry the value (ASGD's ``eta`` depends on the lr
+      of every past step and cannot be recomputed); False: a state without it gets the
+      value after its steps at the loaded hyperparameters (NAdam's ``mu_product``).
     """
 
     name: str
     advance: Callable
-    initial: float = 1.0
+    initial: Any = 1.0
     low: float = 0.0
     high: float = 1.0
+    before: bool = False
+    low_open: bool = False
+    required: bool = False
+
+    def initial_value(self, group) -> np.float32:
+        return np.float32(group[self.initial] if isinstance(self.initial, str) else self.initial)
 
     def after(self, steps: int, group) -> np.float32:
         """The value of a fresh param after ``steps`` steps at ``group``'s hyperparameters."""
-        value = np.float32(self.initial)
+        value = np.float32(self.initial_value(group))
         for s in range(1, steps + 1):
             value = self.advance(value, s, group)
         return np.float32(value)
+
+    def seen_at(self, step: int, group) -> np.float32:
+        """The value the element's scalars see at step ``step`` of a fresh param."""
+        return self.after(step - 1 if self.before else step, group)
+
+    def accepts(self, value: float) -> bool:
+        """Whether a loaded value lies in the declared range."""
+        low_ok = value > self.low if self.low_open else value >= self.low
+        return low_ok and value <= self.high
+
+    @property
+    def range_text(self) -> str:
+        return f"{'(' if self.low_open else '['}{self.low}, {self.high}]"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,6 +226,8 @@ class Spec:
     check: cross-hyperparameter checks ``check(group, where)``, after each one's own.
     oracle: the external implementation tests compare with ("torch.optim.Adam", ...).
     parent: the name of the spec whose class this one's subclasses (AdamW: Adam).
+    host: its per-param host state: a :class:`HostState`, or a tuple of them (ASGD's
+      ``eta`` and ``mu``); :attr:`hosts` is always the tuple.
     """
 
     name: str
@@ -204,7 +239,7 @@ class Spec:
     functional: str = ""
     doc: str = ""
     step_state: bool = True
-    host: HostState = None
+    host: Any = None               # a HostState, or a tuple of them
     per_tensor: PerTensor = None
     sparse: Sparse = None
     check: Callable = None
@@ -221,6 +256,20 @@ class Spec:
         if n is None:
             n = _POSITIONS[self.element] = len(inspect.signature(self.element).parameters) - 3
         return n
+
+    @property
+    def hosts(self) -> tuple:
+        """The host states (:class:`HostState`), in order; empty without any."""
+        host = self.host
+        return () if host is None else (host,) if isinstance(host, HostState) else tuple(host)
+
+    def fill_host_values(self, group: dict, step: int) -> dict:
+        """Put into ``group`` each host state it lacks, at the value a fresh param's
+        element sees at step ``step`` (the functional form's default); returns it."""
+        for h in self.hosts:
+            if h.name not in group:
+                group[h.name] = float(h.seen_at(step, group))
+        return group
 
     @property
     def column_names(self) -> tuple:
@@ -430,8 +479,8 @@ def functional_signature(spec: Spec) -> inspect.Signature:
             params += [P(f"beta{k}", P.KEYWORD_ONLY, default=b) for k, b in enumerate(h.default, 1)]
         else:
             params.append(P(h.name, P.KEYWORD_ONLY, default=h.default))
-    if spec.host is not None:
-        params.append(P(spec.host.name, P.KEYWORD_ONLY, default=None))
+    for h in spec.hosts:
+        params.append(P(h.name, P.KEYWORD_ONLY, default=None))
     params.append(P("backend", P.KEYWORD_ONLY, default=None))
     return inspect.Signature(params)
 
@@ -458,10 +507,10 @@ def functional_form(spec: Spec, cls: type, run: Callable) -> Callable:
                 group[k] = tuple(a.pop(f"beta{i}") for i in range(1, n_betas + 1))
             elif k in a:
                 group[k] = a.pop(k)
-        if spec.host is not None:
-            value = a.pop(spec.host.name)
+        for h in spec.hosts:
+            value = a.pop(h.name)
             if value is not None:
-                group[spec.host.name] = v.number(spec.host.name, value, where=spec.functional)
+                group[h.name] = v.number(h.name, value, where=spec.functional)
         columns = tuple(a[c.functional_name] for c in spec.columns)
         run(cls, spec.functional, group, a["step"], a["params"], a["grads"], columns, a["backend"])
 

@@ -173,8 +173,7 @@ def _flags(case, hp):
     group = {h.name: h.default for h in spec.hypers}
     group.update(hp)
     spec.check_group(group, "")
-    if spec.host is not None:
-        group[spec.host.name] = float(spec.host.after(3, group))
+    spec.fill_host_values(group, 3)
     scalars = spec.scalars(group, 3, np.float64)
     return {k: v for k, v in scalars._asdict().items() if isinstance(v, bool)}
 
@@ -374,9 +373,8 @@ def test_state_dict_round_trip_continues_bit_for_bit(case, backend, mode, tmp_pa
     for row in grads[:4]:
         a.step(row)
     sd = a.opt.state_dict()
-    if case.spec.host is not None:      # host state is saved, and differs per param here
-        name = case.spec.host.name
-        assert sd["state"][0][name] != sd["state"][3][name], name
+    for host in case.spec.hosts:        # host state is saved, and differs per param here
+        assert sd["state"][0][host.name] != sd["state"][3][host.name], host.name
     fo.save(tmp_path / "ckpt.npz", sd)
     loaded = fo.load(tmp_path / "ckpt.npz")
     _assert_sd_equal(loaded, sd, "saved and loaded")
