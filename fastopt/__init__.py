@@ -31,3 +31,12 @@ __all__ = [
     "init", "backend", "BackendUnavailableError", "save", "load", "CheckpointError",
     "ThreadingLayerWarning", "ThreadingLayerError", "__version__",
 ]
+
+from .adafactor import Adafactor  # noqa: E402  (its own class: factored state, several passes)
+__all__.append("Adafactor")
+
+from .muon import Muon, MuonWithAuxAdam  # noqa: E402  (its own class: momentum pass, batched Newton-Schulz, update pass)
+__all__ += ["Muon", "MuonWithAuxAdam"]
+
+from .lookahead import Lookahead  # noqa: E402  (wraps any fastopt optimizer)
+__all__.append("Lookahead")

@@ -70,6 +70,11 @@ class Optimizer(_Planning, SparseSteps, HostStates):
         if master_weights and self.spec is not None and self.spec.per_tensor is not None:
             raise NotImplementedError(f"{type(self).__name__} does not support master_weights "
                                       "(16-bit params) yet: its per-tensor pass has no 16-bit driver")
+        if master_weights and self.spec is not None and self.spec.sparse is not None \
+                and not self.spec.sparse.dense:
+            raise NotImplementedError(f"{type(self).__name__} does not support master_weights "
+                                      "(16-bit params): it steps sparse gradient rows, which do not "
+                                      "update master weights")
         if max_grad_norm is not None:
             max_grad_norm = _validate.number("max_grad_norm", max_grad_norm, low=0.0, low_open=True)
         self.state_format = lowbit.StateFormat.checked(state_format, block_size, min_8bit_size)

@@ -83,13 +83,29 @@ class SparseSteps:
 
     def _split_sparse(self, grads):
         """Take SparseGrad entries out of ``grads`` (they step separately)."""
+        rule = getattr(self.spec, "sparse", None)
+        sparse_only = rule is not None and not rule.dense
         if grads is None or _validate.is_array(grads):
+            if sparse_only:
+                self._refuse_dense(None if grads is None else 0)
             return grads, {}
         grads = list(grads)
         sparse = {i: g for i, g in enumerate(grads) if isinstance(g, SparseGrad)}
         for i in sparse:
             grads[i] = None
+        if sparse_only:
+            dense = next((i for i, g in enumerate(grads) if g is not None), None)
+            if dense is not None:
+                self._refuse_dense(dense)
         return grads, sparse
+
+    def _refuse_dense(self, index):
+        """A sparse-only optimizer (SparseAdam) refuses dense gradient ``index`` (None: the
+        FlatParams' gradients), as torch does, before anything changes."""
+        name = type(self).__name__
+        what = "the FlatParams gradients are dense" if index is None else f"grads[{index}] is dense"
+        raise TypeError(f"{name} does not support dense gradients ({what}), please consider Adam "
+                        f"instead: {name} takes fastopt.SparseGrad(indices, rows) gradients")
 
     def _check_sparse(self, sparse, backend_name):
         if not sparse:

@@ -176,12 +176,15 @@ class Sparse:
     all_seen: update every row seen so far, not only this step's (SGD's momentum).
     reference: ``(group, step, param, index, rows, slots)``; None runs the dense reference
       with a gradient that is zero outside the rows.
+    dense: dense gradients are taken too; False for a sparse-only optimizer (SparseAdam),
+      whose step refuses them before anything changes.
     """
 
     check: Callable = None
     scalars: Callable = None
     all_seen: Callable = None
     reference: Callable = None
+    dense: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,6 +231,9 @@ class Spec:
     parent: the name of the spec whose class this one's subclasses (AdamW: Adam).
     host: its per-param host state: a :class:`HostState`, or a tuple of them (ASGD's
       ``eta`` and ``mu``); :attr:`hosts` is always the tuple.
+    engine: the class the optimizer class subclasses, as ``"module.Class"`` (a subclass
+      of fastopt.optimizer.Optimizer with methods beyond the step: schedule-free's
+      ``train()``/``eval()`` and group host state); "" for Optimizer itself.
     """
 
     name: str
@@ -246,6 +252,7 @@ class Spec:
     reference_call: Callable = None
     oracle: str = ""
     parent: str = ""
+    engine: str = ""
     examples: Examples = None
     bench: tuple = ()
 

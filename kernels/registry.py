@@ -18,10 +18,15 @@ MODULES = (
     "nadam",
     "radam",
     "adadelta",
+    "rprop",
+    "asgd",
+    "sparse_adam",
     "lion",
     "lamb",
     "lars",
     "adan",
+    "ademamix",
+    "schedulefree",
 )
 
 

@@ -124,7 +124,9 @@ def hyperparameters(draw, case) -> dict:
         if name == "lr":
             continue
         if name == "momentum":
-            hp[name] = draw(st.one_of(st.just(0.0), st.floats(0.1, 0.95)))
+            zero_ok = _accepts(case, {**names, **hp, name: 0.0})   # SGDScheduleFree: (0, 1)
+            hp[name] = draw(st.one_of(st.just(0.0), st.floats(0.1, 0.95)) if zero_ok
+                            else st.floats(0.1, 0.95))
         elif name == "dampening":
             hp[name] = draw(_maybe_zero(0.01, 0.5))
         elif name == "nesterov":

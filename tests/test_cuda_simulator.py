@@ -55,6 +55,19 @@ def test_optimizer_database_on_the_cuda_backend_under_the_simulator():
     _under_the_simulator([str(HERE / "test_database.py"), "-k", "cuda"], 50)
 
 
+# The optimizers beyond one fused pass (or with their own oracle files): their CUDA tests.
+NEW_OPTIMIZER_FILES = ["test_adafactor.py", "test_muon.py", "test_ademamix.py", "test_sparse_adam.py",
+                       "test_lookahead.py", "test_schedulefree.py", "test_rprop_asgd.py"]
+
+
+@pytest.mark.skipif(UNDER_SIMULATOR, reason="already under the simulator: the files run directly")
+def test_new_optimizers_cuda_paths_under_the_simulator():
+    """Adafactor, Muon, AdEMAMix, SparseAdam, Lookahead, schedule-free, Rprop and ASGD on
+    backend 'cuda' against their references and oracles."""
+    files = [str(HERE / f) for f in NEW_OPTIMIZER_FILES if (HERE / f).exists()]
+    _under_the_simulator([*files, "-k", "cuda"], 40)
+
+
 # Compiles kernels of every kind and column description for compute capability 9.0, and
 # checks that numba's disk cache (FASTOPT_CUDA_CACHE=1) locates a generated kernel's file.
 # Numba asks the current device for its compute capability when it compiles a device

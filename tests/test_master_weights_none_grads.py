@@ -38,8 +38,14 @@ OPTIMIZERS = [
     (fo.Adadelta, dict(lr=1.0)),
     (fo.Lion, dict(lr=1e-3)),
     (fo.Adan, dict(lr=0.01)),
+    (fo.Rprop, dict(lr=0.01)),
+    (fo.ASGD, dict(lr=0.01, t0=2.0)),
+    (fo.AdEMAMix, dict(lr=0.01, t_alpha_beta3=10)),
+    (fo.AdamWScheduleFree, dict(lr=0.01, warmup_steps=2)),
+    (fo.SGDScheduleFree, dict(lr=0.05, momentum=0.9)),
 ]
-REFUSING = {fo.LAMB, fo.LARS}      # refuse master_weights at construction (no 16-bit pass)
+# refuse master_weights at construction (no 16-bit pass)
+REFUSING = {fo.LAMB, fo.LARS, fo.Adafactor, fo.Muon, fo.MuonWithAuxAdam, fo.SparseAdam}
 
 # Param 0 gets a gradient every step, param 1 every other step, param 2 only late; the
 # last two steps have the same pattern (a cached plan re-targeted at new gradients) while
