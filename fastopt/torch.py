@@ -148,6 +148,14 @@ _opaque = torch.compiler.disable(
     recursive=True, reason="fastopt.torch runs its fused Numba/CUDA kernel eagerly")
 
 
+def _sparse_rows(g: torch.Tensor):
+    """A row-sparse torch gradient (``nn.Embedding(sparse=True)``'s) as fastopt's SparseGrad
+    (coalesced: duplicate rows summed, as torch's sparse optimizers do)."""
+    from .sparse import SparseGrad
+    g = g.coalesce()
+    return SparseGrad(g.indices()[0].numpy(), g.values().numpy())
+
+
 class FlatParamsError(RuntimeError):
     """A ``flat=True`` param's ``.grad`` or ``.data`` no longer lives in the flat buffer."""
 
@@ -206,7 +214,8 @@ class TorchOptimizer(torch.optim.Optimizer):
                                  "clip per param in a hook of your own, or step after backward")
         fo_kwargs = {k: host_value(v, "", k) for k, v in hyper.items()}
         fo_kwargs.update(options)
-        probe = cls([np.zeros(1, np.float32)], **fo_kwargs)   # validates the arguments
+        # validates the arguments (a 2-D probe: Muon takes matrices only)
+        probe = cls([np.zeros((1, 1), np.float32)], **fo_kwargs)
         self._fo_kwargs = fo_kwargs      # the fastopt class's arguments (numbers, options)
         self._hp_keys = tuple(probe.defaults)
         self._flat = flat
@@ -395,6 +404,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         with self._stream():
             self._fo.step(grads)
         self._sync_steps()
+        if self._group_state:
+            self._copy_group_state()
         # The step's cached plan holds the gradient array (a view of p.grad's memory): drop
         # it, or the previous param's gradient would outlive its step. (Every call here has
         # another set of gradients, so the plan is rebuilt anyway.)
@@ -425,7 +436,21 @@ class TorchOptimizer(torch.optim.Optimizer):
         with self._stream():                    # CUDA: ordered with torch's kernels
             fo.step(grads)
         self._sync_steps()
+        if self._group_state:
+            self._copy_group_state()
         return loss
+
+    # Group keys the fastopt optimizer itself advances at every step (schedule-free's k,
+    # weight_sum, ...): copied back into torch's groups, so param_groups and state_dict()
+    # show them, as the schedulefree package's do.
+    _group_state: tuple = ()
+
+    def _copy_group_state(self):
+        for tg, fi in zip(self.param_groups, self._fo_group_of):
+            if fi is not None:
+                fg, last = self._fo.param_groups[fi], self._hp_seen[fi]
+                for key in self._group_state:
+                    tg[key] = last[key] = fg[key]
 
     def _sharded_norm(self, local_norm: float) -> float:
         """The global 2-norm of gradients sharded over processes (FSDP2's DTensors): the
@@ -481,10 +506,20 @@ class TorchOptimizer(torch.optim.Optimizer):
             if g is None:
                 continue
             g = local(g)
-            if g.layout != torch.strided:
-                raise TypeError(f"the grad of {self._where(i)} is a {g.layout} tensor; "
-                                "fastopt.torch steps dense gradients")
             fg = self._flat_grad[i]
+            if g.layout == torch.sparse_coo and fg is None and self._fastopt_class.supports_sparse:
+                if g.sparse_dim() != 1:
+                    raise TypeError(f"the grad of {self._where(i)} is sparse over {g.sparse_dim()} "
+                                    "dims; fastopt steps row-sparse gradients (sparse_dim 1, as "
+                                    "nn.Embedding(sparse=True) makes)")
+                continue
+            if g.layout != torch.strided:
+                raise TypeError(f"the grad of {self._where(i)} is a {g.layout} tensor; fastopt.torch "
+                                "steps dense gradients" + (" into the flat buffer (flat=True)" if fg is not None
+                                                           else "")
+                                + ("" if self._fastopt_class.supports_sparse else
+                                   ", and row-sparse ones for the optimizers that take them (SGD, "
+                                   "Adagrad, Adam, SparseAdam)"))
             if fg is None:
                 if not g.is_contiguous():
                     raise ValueError(f"the grad of {self._where(i)} is not contiguous")
@@ -499,7 +534,8 @@ class TorchOptimizer(torch.optim.Optimizer):
             self._grad_src[i] = g
             fg = self._flat_grad[i]
             if fg is None:
-                self._grad_arrays[i] = None if g is None else array_view(g)
+                self._grad_arrays[i] = None if g is None else \
+                    _sparse_rows(g) if g.layout == torch.sparse_coo else array_view(g)
             elif g is None:
                 # No gradient this step (set to None and not recomputed): skipped, as torch
                 # skips it; its flat view is not stepped.
@@ -747,10 +783,43 @@ def _make_class(name: str, fo_cls: type) -> type:
     self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
     __init__.__signature__ = sig.replace(parameters=[self_param, *sig.parameters.values()])
     __init__.__qualname__ = f"{name}.__init__"
-    return type(name, (TorchOptimizer,), {
-        "_fastopt_class": fo_cls, "_signature": sig, "_torch_options": options,
-        "_eager_state": name in _EAGER_STATE, "__init__": __init__, "__doc__": doc,
-        "__module__": __name__, "__qualname__": name})
+    body = {"_fastopt_class": fo_cls, "_signature": sig, "_torch_options": options,
+            "_eager_state": name in _EAGER_STATE, "__init__": __init__, "__doc__": doc,
+            "__module__": __name__, "__qualname__": name}
+    from .schedulefree import ScheduleFree
+    bases = (TorchOptimizer,)
+    if issubclass(fo_cls, ScheduleFree):
+        from .kernels.schedulefree import HOST_KEYS
+        body["_group_state"] = HOST_KEYS
+        bases = (ScheduleFreeSwitch, TorchOptimizer)
+    return type(name, bases, body)
+
+
+class ScheduleFreeSwitch:
+    """``train()`` / ``eval()`` of the schedule-free classes, as the schedulefree package's:
+    the params hold y in train mode and x in eval mode; one fused pass swaps them. A step
+    in eval mode raises (call ``train()`` first); a new optimizer starts in train mode."""
+
+    @_opaque
+    @torch.no_grad()
+    def train(self) -> None:
+        self._switch(False)
+
+    @_opaque
+    @torch.no_grad()
+    def eval(self) -> None:
+        self._switch(True)
+
+    def _switch(self, to_eval: bool) -> None:
+        if self._fo is None:
+            for g in self.param_groups:
+                g["train_mode"] = not to_eval
+            return
+        self._import_state()
+        self._sync_groups()
+        with self._stream():
+            self._fo.eval() if to_eval else self._fo.train()
+        self._copy_group_state()
 
 
 OPTIMIZERS: dict = {}
@@ -760,3 +829,106 @@ for _name, _cls in _fastopt_classes().items():
     OPTIMIZERS[_name] = globals()[_name] = _make_class(_name, _cls)
     __all__.append(_name)
 del _name, _cls
+
+
+# -- Lookahead around a fastopt.torch optimizer ------------------------------------------------
+class Lookahead(torch.optim.Optimizer):
+    """``pytorch_optimizer.Lookahead``'s semantics and state-dict layout around a
+    fastopt.torch optimizer: every ``k`` steps of the inner optimizer, the slow weights
+    move ``alpha`` of the way to the fast ones and the fast ones are set to them, as one
+    fused pass over all params (:class:`fastopt.Lookahead` on the inner fastopt optimizer).
+
+    Args:
+      optimizer: a fastopt.torch optimizer (``fastopt.torch.AdamW(model.parameters())``).
+      k, alpha, pullback_momentum: as pytorch_optimizer's (5, 0.5, "none").
+
+    ``state_dict()``: ``{"lookahead_state": {(group, index): {"slow_params": tensor}},
+    "base_optimizer": <the inner state dict, each group with its "counter">}``, which
+    pytorch_optimizer.Lookahead loads, and whose own state dicts load here.
+    """
+
+    def __init__(self, optimizer, k: int = 5, alpha: float = 0.5, pullback_momentum: str = "none"):
+        from collections import OrderedDict
+
+        from .lookahead import Lookahead as _FoLookahead
+        if not isinstance(optimizer, TorchOptimizer):
+            raise TypeError("fastopt.torch.Lookahead wraps a fastopt.torch optimizer "
+                            f"(fastopt.torch.AdamW(...), ...), got {type(optimizer).__name__}; "
+                            "wrap torch.optim optimizers with pytorch_optimizer.Lookahead")
+        if optimizer._fo is None:
+            raise ValueError("fastopt.torch.Lookahead: the inner optimizer has no params")
+        self.optimizer = optimizer
+        self._la = _FoLookahead(optimizer._fo, k, alpha, pullback_momentum)
+        self.k, self.alpha, self.pullback_momentum = self._la.k, self._la.alpha, self._la.pullback_momentum
+        self.defaults = self._la.defaults
+        for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
+                     "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
+                     "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
+            setattr(self, name, OrderedDict())
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @property
+    def state(self) -> dict:
+        """``{param: {"slow_params": live view}}`` (``"slow_momentum"`` with "pullback")."""
+        out = {}
+        for i, st in self._la.state.items():
+            p = self.optimizer._params[i]
+            out[p] = {k: tensor_view(a, p.device) for k, a in st.items()}
+        return out
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    @_opaque
+    def step(self, closure=None):
+        """The inner step, then the slow-weight update of the groups that reach k."""
+        loss = self.optimizer.step(closure)
+        self._la.optimizer = self.optimizer._fo          # (re-targeted when params moved)
+        stepped = [i for i, p in enumerate(self.optimizer._params) if p.grad is not None]
+        self._la.after_step(stepped)
+        return loss
+
+    @_opaque
+    def state_dict(self) -> dict:
+        base = self.optimizer.state_dict()
+        for g, counter in zip(base["param_groups"], self._la._counters):
+            g["counter"] = counter
+        keys = [(gi, k) for gi, g in enumerate(self.param_groups) for k in range(len(g["params"]))]
+        look = {keys[i]: {k: torch.from_numpy(np.array(a)) for k, a in st.items()}
+                for i, st in self._la.state.items()}
+        return {"lookahead_state": look, "base_optimizer": base}
+
+    @_opaque
+    def load_state_dict(self, state_dict: dict) -> None:
+        """pytorch_optimizer.Lookahead's layout (tensors) or this class's; all checked
+        before anything changes."""
+        if not isinstance(state_dict, dict) or "lookahead_state" not in state_dict \
+                or "base_optimizer" not in state_dict:
+            raise ValueError("Lookahead.load_state_dict: expected a dict with 'lookahead_state' "
+                             "and 'base_optimizer' (pytorch_optimizer's Lookahead layout)")
+        base = state_dict["base_optimizer"]
+        if not isinstance(base, dict) or not isinstance(base.get("param_groups"), (list, tuple)):
+            raise ValueError("Lookahead.load_state_dict: 'base_optimizer' must be the inner "
+                             "optimizer's state dict")
+        look = {key: ({k: to_numpy(v) for k, v in st.items()} if isinstance(st, dict) else st)
+                for key, st in dict(state_dict["lookahead_state"]).items()}
+        counters = [g.get("counter", 0) for g in base["param_groups"]]
+        inner = {**base, "param_groups": [{k: v for k, v in g.items() if k != "counter"}
+                                          for g in base["param_groups"]]}
+        before = self.optimizer.state_dict()
+        self.optimizer.load_state_dict(inner)              # checks, then loads
+        try:
+            fo_base = self.optimizer._fo.state_dict()
+            for g, c in zip(fo_base["param_groups"], counters):
+                g["counter"] = c
+            self._la.optimizer = self.optimizer._fo
+            self._la.load_state_dict({"lookahead_state": look, "base_optimizer": fo_base})
+        except BaseException:
+            self.optimizer.load_state_dict(before)         # nothing changed
+            raise
+
+
+__all__.append("Lookahead")
