@@ -213,6 +213,16 @@ def _bench(args) -> int:
     if args.plot:
         from .benchmark.plot import check_plot_path
         check_plot_path(args.plot)
+    # Optimizers that are not one fused pass have benches of their own (their passes,
+    # their torch counterpart in the same run): run after the table.
+    extras = []
+    if args.optimizers:
+        names = [n.lower() for n in _csv(args.optimizers)]
+        extras = [n for n in EXTRA_BENCHES if n in names or "all" in names]
+        rest = [n for n in _csv(args.optimizers) if n.lower() not in EXTRA_BENCHES]
+        args.optimizers = ",".join(rest)
+        if not rest:
+            return _extra_benches(extras, args)
     optimizers = available_optimizers(args.optimizers) if args.optimizers else None
     cold = []
     if args.cold_start.strip().lower() not in ("none", ""):
@@ -238,7 +248,40 @@ def _bench(args) -> int:
         from .benchmark.plot import write_plot
         write_plot(run, args.plot)
         print(f"wrote {args.plot}")
-    return 1 if any(r.error for r in run.results) and not any(r.ok for r in run.results) else 0
+    status = 1 if any(r.error for r in run.results) and not any(r.ok for r in run.results) else 0
+    if extras:
+        status = max(status, _extra_benches(extras, args))
+    return status
+
+
+# Benches of their own: Adafactor (its factored passes against torch.optim.Adafactor and a
+# roof with their traffic) and Muon (Newton-Schulz and elementwise time against
+# torch.optim.Muon on the same matrices). At --size 64M (or more) their full layouts, below
+# it their quick ones.
+EXTRA_BENCHES = ("adafactor", "muon")
+
+
+def _extra_benches(names, args) -> int:
+    from .benchmark.cases import parse_size
+    big = parse_size(args.size) >= 64_000_000
+    for name in names:
+        if name == "adafactor":
+            from .benchmark import adafactor
+            layouts = ("matrices", "gpt") if big else ("quick",)
+            print(f"\nAdafactor vs torch.optim.Adafactor ({args.dtype}; roof: its passes' 24 B/param "
+                  "in float32 with trivial math)", flush=True)
+            records = [adafactor.run(layout, args.dtype, repeats=max(3, min(args.repeats, 7)),
+                                     threads=args.threads, seed=args.seed) for layout in layouts]
+            print("\n".join(adafactor.lines(records)), flush=True)
+        else:
+            from .benchmark import muon
+            matrices = muon.DEFAULT_MATRICES if big else muon.QUICK_MATRICES
+            print(f"\nMuon vs torch.optim.Muon on {matrices} ({args.dtype})", flush=True)
+            record = muon.run(muon.parse_matrices(matrices), args.dtype,
+                              repeats=max(3, min(args.repeats, 7)), threads=args.threads,
+                              seed=args.seed)
+            print("\n".join(muon.lines(record)), flush=True)
+    return 0
 
 
 # ------------------------------------------------------------------------------ info

@@ -87,7 +87,9 @@ class OptimizerCase:
       name: the CLI name (``--optimizers adam,sgd-momentum``).
       fastopt: the class name in ``fastopt`` (``"Adam"``).
       kwargs: hyperparameters, for fastopt and torch alike (both use torch's names).
-      torch: the class name in ``torch.optim``, or None when torch has no counterpart.
+      torch: the class name in ``torch.optim``, or ``"package:Class"`` for a torch-based
+        implementation elsewhere (``"pytorch_optimizer:Adan"``, ``"schedulefree:
+        AdamWScheduleFree"``: the oracle), or None when there is none.
       torch_kwargs: torch's hyperparameters when they differ from ``kwargs``.
       default: part of the default ``fastopt bench`` run.
       passes: a multi-pass step's passes (:class:`Pass`), in order; empty for one pass.
@@ -121,14 +123,22 @@ class OptimizerCase:
         return self.fastopt.startswith("keras.")
 
     def torch_class(self):
-        """The torch.optim class, or None (no counterpart, or torch not importable)."""
+        """The torch.optim class (or the torch-based oracle's), or None (no counterpart, or
+        torch or the oracle's package not importable)."""
         if self.torch is None:
             return None
+        import importlib
+        module, _, name = self.torch.rpartition(":")
         try:
-            import torch.optim
+            where = importlib.import_module(module or "torch.optim")
         except Exception:
             return None
-        return getattr(torch.optim, self.torch, None)
+        return getattr(where, name, None)
+
+    @property
+    def torch_label(self) -> str:
+        """What the torch row runs: "torch" (torch.optim) or the oracle's package."""
+        return self.torch.rpartition(":")[0] or "torch" if self.torch else "torch"
 
     @property
     def torch_hyperparameters(self) -> dict:
@@ -260,13 +270,18 @@ def _pass(text: str) -> Pass:
     return Pass(reads.strip(), writes.strip(), reduce=reduce)
 
 
+# Torch-based oracles timed in the torch column for optimizers torch.optim lacks.
+TORCH_BASED = ("pytorch_optimizer.", "schedulefree.")
+
+
 def _spec_rows(specs=None, module=""):
     """The bench rows the specs declare, in order: kernels/registry.py's by default, or
     ``specs`` whose classes live in ``fastopt.<module>`` (kernels/keras.py's: "keras.")."""
     if specs is None:
         from ..kernels.registry import SPECS as specs
     for spec in specs:
-        torch = spec.oracle.removeprefix("torch.optim.") if spec.oracle.startswith("torch.optim.") else None
+        torch = spec.oracle.removeprefix("torch.optim.") if spec.oracle.startswith("torch.optim.") else \
+            ":".join(spec.oracle.rsplit(".", 1)) if spec.oracle.startswith(TORCH_BASED) else None
         for row in spec.bench:
             yield _case(row.name, module + spec.name, row.hyper, torch, default=row.default,
                         passes=tuple(map(_pass, row.passes)), variants=tuple(row.variants))

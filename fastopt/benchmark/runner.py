@@ -196,14 +196,18 @@ def torch_target(case: OptimizerCase, data: LayoutData, device="cpu") -> Target 
     params = _torch_params(data, device)
     sync = torch.cuda.synchronize if device == "cuda" else None
     errors = []
-    for impl in ("fused", "foreach"):
+    # torch.optim: fused, else foreach; a torch-based oracle elsewhere (pytorch_optimizer,
+    # schedulefree) as it comes.
+    for impl in ("fused", "foreach") if cls.__module__.startswith("torch.") else ("plain",):
         try:
-            opt = cls(params, **case.torch_hyperparameters, **{impl: True})
+            opt = cls(params, **case.torch_hyperparameters, **({} if impl == "plain" else {impl: True}))
+            if hasattr(opt, "train"):
+                opt.train()     # schedule-free: steps only in train mode
             opt.step()      # unsupported fused paths raise here, not in the constructor
         except (TypeError, RuntimeError, ValueError) as exc:
             errors.append(f"{impl}: {exc}")
             continue
-        return Target(opt.step, sync=sync, mode=impl, keep=(params, opt),
+        return Target(opt.step, sync=sync, mode="oracle" if impl == "plain" else impl, keep=(params, opt),
                       settle_s=0.03 if device == "cpu" else 0.0,
                       state_nbytes=lambda o=opt: state_nbytes(o))
     raise RuntimeError("; ".join(errors))

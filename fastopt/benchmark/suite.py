@@ -330,6 +330,10 @@ def run_bench(config: BenchConfig, progress: bool = True, log=None) -> BenchRun:
             import torch
             torch.set_num_threads(config.threads)
     for case in config.optimizers:
+        if "torch" in config.backends and torch_ok and case.torch and ":" in case.torch \
+                and case.torch_class() is not None:
+            notes.append(f"{case.name}: the 'torch oracle' row is {case.torch.replace(':', '.')} "
+                         "(torch-based; torch.optim has no counterpart)")
         if "torch" in config.backends and torch_ok and case.torch_class() is None:
             notes.append(f"{case.name}: torch.optim has no counterpart; no torch row")
     formats, skipped = state_plan(config, notes)
