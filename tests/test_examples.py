@@ -158,3 +158,27 @@ def test_optimizer_in_backward_example_frees_the_gradients(capsys):
     for a, b in zip(after, inside):
         assert a["peak_above_model_mb"] >= 0.9 * grad_mb, a          # every gradient at once
         assert b["peak_above_model_mb"] <= a["peak_above_model_mb"] - 0.5 * grad_mb, (a, b)
+
+
+def test_optimizers_compared_quick_trains_all_three(tmp_path, capsys):
+    """examples/optimizers_compared.py --quick: AdamW, Muon + AdamW and schedule-free AdamW
+    each train the digits MLP (the loss falls well below its start, accuracy well above
+    chance) and the PNG is written."""
+    pytest.importorskip("sklearn")
+    import importlib.util
+
+    import numpy as np
+
+    path = demo.examples_dir() / "optimizers_compared.py"
+    spec = importlib.util.spec_from_file_location("_fastopt_example_optimizers_compared", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    png = tmp_path / "compared.png"
+    r = module.run(str(png), steps=300, hidden=64)
+    assert_png(png)
+    assert set(r["results"]) == set(module.NAMES)
+    for name, res in r["results"].items():
+        losses = res["losses"]
+        assert np.all(np.isfinite(losses)), name
+        assert res["final"] < 0.5 * losses[:20].mean(), name        # it trained
+        assert res["accuracy"] > 0.8, name
