@@ -94,8 +94,8 @@ def plot(results, path, settings):
     ax.set_yscale("log")
     ax.set_xlabel(f"step (minibatch of {settings['batch']})")
     ax.set_ylabel(f"training cross-entropy (moving mean of {window} steps)")
-    ax.set_title(f"MLP {'-'.join(map(str, settings['sizes']))} on digits (+ pixel noise "
-                 f"{settings['noise']:g}): AdamW, Muon + AdamW, schedule-free AdamW")
+    ax.set_title(f"AdamW, Muon + AdamW, schedule-free AdamW\nMLP {'-'.join(map(str, settings['sizes']))} "
+                 f"on digits (+ pixel noise {settings['noise']:g}), same init and batches", fontsize=10)
     ax.legend(fontsize=8)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)
