@@ -166,3 +166,38 @@ def test_lightning_flat_trains_checkpoints_and_resumes(tmp_path):
     for a, b in zip(full.parameters(), reference.parameters()):
         assert _rel(a.detach(), b.detach()) <= 1e-5
     assert not np.allclose(full.net[0].weight.detach().numpy(), _lightning_module(True).net[0].weight.detach().numpy())
+
+
+# -- accelerate ------------------------------------------------------------------------------
+def test_accelerate_flat_prepare_save_state_and_resume(tmp_path):
+    """accelerate (CPU): ``prepare`` moves the model after the optimizer was built and wraps
+    the optimizer; ``save_state`` writes the model with safetensors and the optimizer's
+    state dict; a fresh run that ``load_state``s resumes bit for bit."""
+    accelerate = pytest.importorskip("accelerate", reason="accelerate not installed: its test is skipped")
+
+    def setup():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 24), torch.nn.Tanh(), torch.nn.Linear(24, 1))
+        opt = ft.AdamW(model.parameters(), lr=LR, flat=True)
+        acc = accelerate.Accelerator(cpu=True)
+        model, opt = acc.prepare(model, opt)
+        return acc, model, opt
+
+    def train(acc, model, opt, steps):
+        for s in steps:
+            g = torch.Generator().manual_seed(s)
+            x = torch.randn(16, 6, generator=g)
+            opt.zero_grad()
+            acc.backward(torch.nn.functional.mse_loss(model(x), x.sum(1, keepdim=True).sin()))
+            opt.step()
+
+    acc, full, opt = setup()
+    train(acc, full, opt, range(6))
+    acc, half, opt = setup()
+    train(acc, half, opt, range(3))
+    acc.save_state(str(tmp_path / "state"))
+    acc, resumed, opt = setup()
+    acc.load_state(str(tmp_path / "state"))
+    train(acc, resumed, opt, range(3, 6))
+    for a, b in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
