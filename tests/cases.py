@@ -487,3 +487,30 @@ def group_of(spec, **overrides) -> dict:
     fixed value, then ``overrides`` (hyperparameters, or host state such as NAdam's
     ``mu_product``)."""
     return {**{h.name: h.default for h in spec.hypers}, **overrides}
+
+
+# -- comparisons with an external oracle, in ulps of a run's scale -----------------------
+class RunScales:
+    """The largest magnitude each compared quantity has taken so far in a run (the scale
+    an oracle comparison's tolerance is counted in)."""
+
+    def __init__(self):
+        self.seen = {}
+
+    def update(self, name, arrays) -> float:
+        m = max((float(np.max(np.abs(a))) for a in arrays if a.size), default=0.0)
+        self.seen[name] = max(self.seen.get(name, 0.0), m)
+        return self.seen[name]
+
+
+def assert_within_ulps(ours, theirs, scale, dtype, what, ulps):
+    """Every array of ``ours`` has ``dtype``, ``theirs``' shape, and differs from it by at
+    most ``ulps`` units of ``dtype``'s epsilon times ``scale`` (:class:`RunScales`)."""
+    tol = ulps * float(np.finfo(dtype).eps) * scale
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        a, b = np.asarray(a), np.asarray(b)
+        assert a.dtype == np.dtype(dtype), f"{what}[{i}]: dtype {a.dtype}, not {np.dtype(dtype)}"
+        assert a.shape == b.shape, f"{what}[{i}]: shape {a.shape} != {b.shape}"
+        err = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)), initial=0.0))
+        assert err <= tol, (f"{what}[{i}] (shape {a.shape}): max |ours - oracle| = {err:.3g} > "
+                            f"{ulps} ulp x run scale {scale:.3g} = {tol:.3g}")

@@ -38,6 +38,8 @@ import pytest
 from fastopt.kernels import reference
 from fastopt.kernels.adan import SPEC, AdanScalars, adan_element, adan_scalars
 
+from cases import RunScales, assert_within_ulps
+
 SLOTS = SPEC.column_names
 
 DTYPES = [np.float32, np.float64]
@@ -117,26 +119,11 @@ def _init(shapes, dtype, seed):
     return params, states
 
 
-class _Scales:
-    """The largest magnitude each compared quantity has taken so far in a run."""
-
-    def __init__(self):
-        self.seen = {}
-
-    def update(self, name, arrays) -> float:
-        m = max((float(np.max(np.abs(a))) for a in arrays if a.size), default=0.0)
-        self.seen[name] = max(self.seen.get(name, 0.0), m)
-        return self.seen[name]
+_Scales = RunScales
 
 
 def _assert_close(ours, theirs, scale, dtype, what):
-    tol = ULPS * float(np.finfo(dtype).eps) * scale
-    for i, (a, b) in enumerate(zip(ours, theirs)):
-        assert a.dtype == np.dtype(dtype), f"{what}[{i}]: dtype {a.dtype}, not {np.dtype(dtype)}"
-        assert a.shape == b.shape, f"{what}[{i}]: shape {a.shape} != {b.shape}"
-        err = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)), initial=0.0))
-        assert err <= tol, (f"{what}[{i}] (shape {a.shape}): max |ours - oracle| = {err:.3g} > "
-                            f"{ULPS} ulp x run scale {scale:.3g} = {tol:.3g}")
+    assert_within_ulps(ours, theirs, scale, dtype, what, ULPS)
 
 
 @pytest.fixture(scope="module")

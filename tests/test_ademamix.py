@@ -40,6 +40,8 @@ from fastopt.kernels.ademamix import (SPEC, ademamix_element, ademamix_scalars, 
                                       schedule_beta3)
 from fastopt.kernels.reference_ademamix import ademamix as reference
 
+from cases import RunScales, assert_within_ulps
+
 SLOTS = SPEC.column_names            # exp_avg, exp_avg_sq, exp_avg_slow
 DTYPES = [np.float32, np.float64]
 DTYPE_IDS = ["f32", "f64"]
@@ -110,25 +112,11 @@ def _init(shapes, dtype, seed):
     return params, [[np.zeros_like(p) for p in params] for _ in SLOTS]
 
 
-class _Scales:
-    def __init__(self):
-        self.seen = {}
-
-    def update(self, name, arrays) -> float:
-        m = max((float(np.max(np.abs(a))) for a in arrays if a.size), default=0.0)
-        self.seen[name] = max(self.seen.get(name, 0.0), m)
-        return self.seen[name]
+_Scales = RunScales
 
 
 def _assert_close(ours, theirs, scale, dtype, what, ulps=ULPS):
-    tol = ulps * float(np.finfo(dtype).eps) * scale
-    for i, (a, b) in enumerate(zip(ours, theirs)):
-        a, b = np.asarray(a), np.asarray(b)
-        assert a.dtype == np.dtype(dtype), f"{what}[{i}]: dtype {a.dtype}"
-        assert a.shape == b.shape, f"{what}[{i}]: shape {a.shape} != {b.shape}"
-        err = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)), initial=0.0))
-        assert err <= tol, (f"{what}[{i}] (shape {a.shape}): max |ours - oracle| = {err:.3g} > "
-                            f"{ulps} ulp x run scale {scale:.3g} = {tol:.3g}")
+    assert_within_ulps(ours, theirs, scale, dtype, what, ulps)
 
 
 @pytest.fixture(scope="module")
