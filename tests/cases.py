@@ -9,11 +9,14 @@ test that runs over :data:`CASES` from its spec.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import math
+import os
 from typing import Callable
 
 import numpy as np
+import pytest
 
 import fastopt as fo
 from fastopt.kernels.registry import SPECS
@@ -514,3 +517,38 @@ def assert_within_ulps(ours, theirs, scale, dtype, what, ulps):
         err = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)), initial=0.0))
         assert err <= tol, (f"{what}[{i}] (shape {a.shape}): max |ours - oracle| = {err:.3g} > "
                             f"{ulps} ulp x run scale {scale:.3g} = {tol:.3g}")
+
+
+# -- the backends a test can run on here ---------------------------------------------------
+SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_unavailable() -> str | None:
+    """Why the "cuda" backend cannot run here, or None when it can."""
+    from fastopt import _backend
+    try:
+        _backend.get("cuda")
+    except fo.BackendUnavailableError as e:
+        return f"no CUDA device (NUMBA_ENABLE_CUDASIM=1 runs these under the simulator): {e}"
+    if not SIM:
+        try:
+            import cupy  # noqa: F401
+        except ImportError:
+            return "a CUDA device without CuPy to hold the arrays"
+    return None
+
+
+def need_backend(backend):
+    """Skip, saying why, when ``backend`` cannot run here."""
+    if backend == "cuda" and cuda_unavailable():
+        pytest.skip(cuda_unavailable())
+
+
+def backend_memory(backend):
+    """(to the backend's memory, back to a NumPy array): the simulator and the CPU
+    backends take NumPy arrays, a GPU takes CuPy arrays."""
+    if backend == "cuda" and not SIM:
+        import cupy
+        return cupy.asarray, cupy.asnumpy
+    return (lambda a: a), (lambda a: np.array(a))

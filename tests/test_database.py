@@ -28,8 +28,6 @@ in the other tests, so a warm cache serves them.
 """
 from __future__ import annotations
 
-import functools
-import os
 import re
 import zlib
 
@@ -39,44 +37,16 @@ import pytest
 
 import fastopt as fo
 
-from cases import (ALL_CASES, DTYPES, assert_close, bad_hyperparameters, case_params,
-                   grid_params, hyper_kind, init_params)
+from cases import (SIM, ALL_CASES, DTYPES, assert_close, backend_memory, bad_hyperparameters, case_params,
+                   cuda_unavailable, grid_params, hyper_kind, init_params, need_backend)
 
-SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 BACKENDS = ["cpu", "numpy", "cuda"]
 DTYPE_IDS = ["f32", "f64"]
 CASE_PARAMS = case_params(ALL_CASES)
 STEPS = 3
 
 
-@functools.lru_cache(maxsize=None)
-def _cuda_unavailable() -> str | None:
-    """Why the "cuda" backend cannot run here, or None when it can."""
-    from fastopt import _backend
-    try:
-        _backend.get("cuda")
-    except fo.BackendUnavailableError as e:
-        return f"no CUDA device (NUMBA_ENABLE_CUDASIM=1 runs these under the simulator): {e}"
-    if not SIM:
-        try:
-            import cupy  # noqa: F401
-        except ImportError:
-            return "a CUDA device without CuPy to hold the arrays"
-    return None
-
-
-def need(backend):
-    if backend == "cuda" and _cuda_unavailable():
-        pytest.skip(_cuda_unavailable())
-
-
-def _memory(backend):
-    """(to the backend's memory, back to a NumPy array): the simulator and the CPU
-    backends take NumPy arrays, a GPU takes CuPy arrays."""
-    if backend == "cuda" and not SIM:
-        import cupy
-        return cupy.asarray, cupy.asnumpy
-    return (lambda a: a), (lambda a: np.array(a))
+_cuda_unavailable, need, _memory = cuda_unavailable, need_backend, backend_memory
 
 
 def _seed(*parts) -> int:

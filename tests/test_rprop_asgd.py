@@ -27,9 +27,7 @@ torch is against torch loaded from its own state dict.
 """
 from __future__ import annotations
 
-import functools
 import math
-import os
 import zlib
 
 import numpy as np
@@ -38,9 +36,10 @@ import pytest
 import fastopt as fo
 from fastopt.kernels.cpu import CHUNK
 
+from cases import SIM, backend_memory, cuda_unavailable, need_backend
+
 torch = pytest.importorskip("torch", reason="torch.optim is the oracle of Rprop and ASGD")
 
-SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 BACKENDS = ["cpu", "numpy", "cuda"]
 DTYPES = [np.float32, np.float64]
 DTYPE_IDS = ["f32", "f64"]
@@ -70,31 +69,7 @@ def _seed(*parts) -> int:
     return zlib.crc32("-".join(map(str, parts)).encode())
 
 
-@functools.lru_cache(maxsize=None)
-def _cuda_unavailable():
-    from fastopt import _backend
-    try:
-        _backend.get("cuda")
-    except fo.BackendUnavailableError as e:
-        return f"no CUDA device (NUMBA_ENABLE_CUDASIM=1 runs these under the simulator): {e}"
-    if not SIM:
-        try:
-            import cupy  # noqa: F401
-        except ImportError:
-            return "a CUDA device without CuPy to hold the arrays"
-    return None
-
-
-def _need(backend):
-    if backend == "cuda" and _cuda_unavailable():
-        pytest.skip(_cuda_unavailable())
-
-
-def _memory(backend):
-    if backend == "cuda" and not SIM:
-        import cupy
-        return cupy.asarray, cupy.asnumpy
-    return (lambda a: a), (lambda a: np.array(a))
+_cuda_unavailable, _need, _memory = cuda_unavailable, need_backend, backend_memory
 
 
 def _shapes(backend):
