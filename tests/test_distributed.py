@@ -24,7 +24,7 @@ nn = torch.nn
 STEPS, RELOAD_AT, BATCH, LR = 30, 20, 16, 1e-2
 SCENARIOS = ("ddp", "ddp_flat", "ddp_bucket_view", "ddp_bucket_view_flat", "zero", "zero_flat",
              "zero_bucket_view", "zero_bucket_view_flat", "fsdp1", "fsdp1_flat")
-TIMEOUT_S = 90
+TIMEOUT_S = 180
 
 
 def make_model():
@@ -74,24 +74,29 @@ def _worker(rank: int, out_dir: str) -> None:
 
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    def make_opt(scenario, params):
-        flat = scenario.endswith("_flat")
+    def make_opt(scenario, params, cls):
+        kw = {"flat": scenario.endswith("_flat")} if cls is ft.Adam else {}
         if scenario.startswith(("ddp", "fsdp1")):
-            return ft.Adam(params, lr=LR, flat=flat)
-        return ZeroRedundancyOptimizer(params, optimizer_class=ft.Adam, lr=LR,
+            return cls(params, lr=LR, **kw)
+        return ZeroRedundancyOptimizer(params, optimizer_class=cls, lr=LR,
                                        parameters_as_bucket_view=scenario.startswith("zero_bucket_view"),
-                                       flat=flat)
+                                       **kw)
 
-    for scenario in SCENARIOS:
-        print(f"rank {rank}: {scenario}", flush=True)
+    # Each scenario with fastopt.torch.Adam; each wrapper (flat or not) also with
+    # torch.optim.Adam, the same steps in the same run ("torch:<wrapper>").
+    runs = [(s, ft.Adam) for s in SCENARIOS]
+    runs += [(s, torch.optim.Adam) for s in SCENARIOS if not s.endswith("_flat")]
+    for scenario, cls in runs:
+        tag = scenario if cls is ft.Adam else f"torch:{scenario}"
+        print(f"rank {rank}: {tag}", flush=True)
         model = make_model()
         if scenario.startswith("fsdp1"):
             # FSDP1 flattens and shards the params itself; each rank steps its shard.
             ddp = FSDP(model, use_orig_params=False, device_id=torch.device("cpu"))
         else:
             ddp = DDP(model, gradient_as_bucket_view=scenario.startswith("ddp_bucket_view"))
-        opt = make_opt(scenario, ddp.parameters())
-        if scenario.startswith("zero"):
+        opt = make_opt(scenario, ddp.parameters(), cls)
+        if scenario.startswith("zero") and cls is ft.Adam:
             assert isinstance(opt.optim, ft.Adam)
             out[f"{scenario}/local_params"] = np.array(sum(len(g["params"]) for g in opt.optim.param_groups))
         # Every wrapper's own zero_grad (set_to_none=True): flat=True adopts what it does.
@@ -106,18 +111,18 @@ def _worker(rank: int, out_dir: str) -> None:
             sd = box[0]
             for i, st in sd["state"].items():
                 for k, v in st.items():
-                    out[f"{scenario}/state/{i}/{k}"] = v.numpy()
-            opt = make_opt(scenario, ddp.parameters())
+                    out[f"{tag}/state/{i}/{k}"] = v.numpy()
+            opt = make_opt(scenario, ddp.parameters(), cls)
             opt.load_state_dict(sd)
         train_steps(ddp, opt, STEPS - RELOAD_AT, start=RELOAD_AT, shard=(rank, 2), set_to_none=set_to_none)
         if scenario.startswith("fsdp1"):
             with FSDP.summon_full_params(ddp):
                 # (clone first: .numpy() would pin the unsharded storage FSDP frees on exit)
                 for i, p in enumerate(ddp.module.parameters()):
-                    out[f"{scenario}/param/{i}"] = p.detach().clone().numpy()
+                    out[f"{tag}/param/{i}"] = p.detach().clone().numpy()
             continue
         for i, p in enumerate(model.parameters()):
-            out[f"{scenario}/param/{i}"] = p.detach().numpy().copy()
+            out[f"{tag}/param/{i}"] = p.detach().numpy().copy()
     np.savez(os.path.join(out_dir, f"rank{rank}.npz"), **out)
     dist.barrier()
     dist.destroy_process_group()
@@ -177,6 +182,18 @@ def test_two_ranks_end_with_the_single_process_params(ranks, reference, scenario
         for r in range(2):
             _assert_close(ranks[r][f"{scenario}/param/{i}"], ref, what=f"{scenario} rank {r} param {i}")
         np.testing.assert_array_equal(ranks[0][f"{scenario}/param/{i}"], ranks[1][f"{scenario}/param/{i}"])
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_two_ranks_match_torch_adam_in_the_same_run(ranks, scenario):
+    """fastopt.torch.Adam (flat or not) inside each wrapper against torch.optim.Adam inside
+    the same wrapper, stepped in the same worker processes."""
+    base = scenario.removesuffix("_flat")
+    n = len(list(make_model().parameters()))
+    for r in range(2):
+        for i in range(n):
+            _assert_close(ranks[r][f"{scenario}/param/{i}"], ranks[r][f"torch:{base}/param/{i}"],
+                          what=f"{scenario} vs torch.optim.Adam, rank {r} param {i}")
 
 
 @pytest.mark.parametrize("scenario", [s for s in SCENARIOS if s.startswith("zero")])
