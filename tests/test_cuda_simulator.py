@@ -63,9 +63,11 @@ NEW_OPTIMIZER_FILES = ["test_adafactor.py", "test_muon.py", "test_ademamix.py", 
 @pytest.mark.skipif(UNDER_SIMULATOR, reason="already under the simulator: the files run directly")
 def test_new_optimizers_cuda_paths_under_the_simulator():
     """Adafactor, Muon, AdEMAMix, SparseAdam, Lookahead, schedule-free, Rprop and ASGD on
-    backend 'cuda' against their references and oracles."""
+    backend 'cuda' against their references and oracles. Left out here, for the CI's time
+    (the simulator runs each GPU thread in Python): Adafactor's 100-step run (80 s) and
+    Muon's float64 rows (its float32 rows run the same kernels); a GPU runs them all."""
     files = [str(HERE / f) for f in NEW_OPTIMIZER_FILES if (HERE / f).exists()]
-    _under_the_simulator([*files, "-k", "cuda"], 40)
+    _under_the_simulator([*files, "-k", "cuda and not 100_steps and not (test_muon and f64)"], 60)
 
 
 # Compiles kernels of every kind and column description for compute capability 9.0, and
