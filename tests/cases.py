@@ -552,3 +552,36 @@ def backend_memory(backend):
         import cupy
         return cupy.asarray, cupy.asnumpy
     return (lambda a: a), (lambda a: np.array(a))
+
+
+# -- worker processes on loopback (torch.distributed with gloo) ------------------------------
+def run_gloo_workers(script, world, args, timeout_s, what):
+    """Run ``python script RANK *args`` for ranks ``0 .. world-1`` with a fresh loopback
+    rendezvous and one thread each; fail the test, with the rank's log, when one fails or
+    they all take longer than ``timeout_s``."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo",
+               OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), *map(str, args)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(world)]
+    deadline = time.monotonic() + timeout_s
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{what}: workers did not finish within {timeout_s} s")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for r, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"{what}: rank {r} failed:\n{log[-4000:]}"

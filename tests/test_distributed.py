@@ -10,13 +10,12 @@ started by one module-scoped fixture with a hard timeout.
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
+
+from cases import run_gloo_workers
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -129,37 +128,10 @@ def _worker(rank: int, out_dir: str) -> None:
 
 
 # -- the tests ----------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-               GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1",
-               PYTHONUNBUFFERED="1")
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(out)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(2)]
-    deadline = time.monotonic() + TIMEOUT_S
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} failed:\n{log[-4000:]}"
+    run_gloo_workers(__file__, 2, (out,), TIMEOUT_S, "DDP/ZeRO/FSDP1")
     return [dict(np.load(out / f"rank{r}.npz")) for r in range(2)]
 
 

@@ -16,13 +16,12 @@ fused pass, and its state is DTensors with the params' placements, so
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
+
+from cases import run_gloo_workers
 
 torch = pytest.importorskip("torch", reason="torch not installed: fastopt.torch is not tested")
 pytest.importorskip("torch.distributed.fsdp", reason="torch without distributed support")
@@ -130,33 +129,8 @@ def _worker(rank: int, world: int, out_dir: str, phase: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(world, out, phase):
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-               GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1",
-               PYTHONUNBUFFERED="1")
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(world), str(out), phase], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(world)]
-    deadline = time.monotonic() + TIMEOUT_S
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"FSDP2 workers ({phase}) did not finish within {TIMEOUT_S} s")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"{phase} rank {r} failed:\n{log[-4000:]}"
+    run_gloo_workers(__file__, world, (world, out, phase), TIMEOUT_S, f"FSDP2 {phase}")
     return dict(np.load(out / f"{phase}.npz"))
 
 
