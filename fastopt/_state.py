@@ -69,11 +69,51 @@ def _as_step(value, label) -> int:
     return int(f)
 
 
+def _group_layout(opt, groups, state):
+    """pytorch_optimizer's layout read as torch.optim's (new dicts; the inputs are unchanged).
+
+    pytorch_optimizer keeps ``step`` in each param group and ``maximize`` on the optimizer
+    (not in its groups). A group's ``step`` becomes the ``step`` of each of its params that
+    has state; a param that also has its own ``step`` must agree with it. A group without
+    ``maximize`` takes the optimizer's default. Anything else is left to the caller's checks.
+    """
+    if not isinstance(groups, (list, tuple)) or not isinstance(state, dict):
+        return groups, state
+    out_groups, out_state = [], dict(state)
+    for gi, saved in enumerate(groups):
+        if not isinstance(saved, dict):
+            return groups, state
+        group = dict(saved)
+        if "maximize" in opt.defaults and "maximize" not in group:
+            group["maximize"] = opt.defaults["maximize"]
+        if "step" in group:
+            where = f"state_dict['param_groups'][{gi}]['step']"
+            step = _as_step(group.pop("step"), where)
+            ids = group.get("params", ())
+            for pid in ids if isinstance(ids, (list, tuple)) else ():
+                try:
+                    st = state.get(pid)
+                except TypeError:          # an unhashable id: refused by the caller's checks
+                    continue
+                if not isinstance(st, dict) or not st:
+                    continue
+                if "step" not in st:
+                    out_state[pid] = {**st, "step": step}
+                elif _as_step(st["step"], f"state_dict['state'][{pid!r}]['step']") != step:
+                    raise ValueError(
+                        f"state_dict['state'][{pid!r}]['step'] is {_as_step(st['step'], '')} but "
+                        f"{where} is {step}: a group-level step (pytorch_optimizer's layout) "
+                        "and the per-param steps of its params must agree")
+        out_groups.append(group)
+    return out_groups, out_state
+
+
 def load_state_dict(opt, sd) -> None:
+    """Load torch.optim's layout (or pytorch_optimizer's: :func:`_group_layout`), all or nothing."""
     name = type(opt).__name__
     if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
         raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (torch layout)")
-    groups, state = sd["param_groups"], sd["state"]
+    groups, state = _group_layout(opt, sd["param_groups"], sd["state"])
     if not isinstance(state, dict):
         raise ValueError("state_dict['state'] must be a dict")
     state, host_values = opt._host_split_loaded(state)

@@ -715,8 +715,11 @@ class TorchOptimizer(torch.optim.Optimizer):
                     sg.pop(key, None)
             if g["params"]:
                 where = f"state_dict['param_groups'][{gi}]"
+                # (a group-level "step" is pytorch_optimizer's layout: fastopt's loader reads it)
                 fo_groups.append({k: (v if k == "params" else host_value(v, where, k))
-                                  for k, v in sg.items() if k == "params" or k in self._hp_keys})
+                                  for k, v in sg.items()
+                                  if k in ("params", "step") or k in self._hp_keys})
+            sg.pop("step", None)        # the steps live in the params' state, as in torch.optim
         if self._fo is not None:
             # (an empty entry: torch's defaultdict state looked up for a param without state)
             state = {pid: {k: to_numpy(v) for k, v in st.items()}

@@ -16,8 +16,9 @@
     exp_avg_slow]``, ``state2 = exp_avg_sq`` within a few float32 roundings (its moments
     are ``b m + (1 - b) g``, torch's are ``lerp``).
 (f) State dicts with pytorch_optimizer, both ways: pytorch_optimizer keeps ``step`` in the
-    param group, fastopt (as torch.optim) in each param's state, so the tests move it
-    (``_from_po`` / ``_to_po``); the arrays load unchanged.
+    param group, fastopt (as torch.optim) in each param's state; fastopt's loader reads the
+    group's step and ``fastopt.interop.to_pytorch_optimizer`` writes it (more in
+    tests/test_interop_pytorch_optimizer.py); the arrays load unchanged.
 (g) Low-bit state (bfloat16, int8) steps through the spec's columns.
 
 Tolerance against pytorch_optimizer: 4 ulp of the dtype times the run's scale of the
@@ -36,6 +37,7 @@ import numpy as np
 import pytest
 
 import fastopt as fo
+from fastopt import interop
 from fastopt.kernels.ademamix import (SPEC, ademamix_element, ademamix_scalars, schedule_alpha,
                                       schedule_beta3)
 from fastopt.kernels.reference_ademamix import ademamix as reference
@@ -433,35 +435,6 @@ def test_matches_bitsandbytes_32bit(T):
 
 
 # -- (f) state dicts with pytorch_optimizer ----------------------------------------------------
-def _from_po(sd):
-    """pytorch_optimizer's layout -> torch.optim's: the group's ``step`` into each param's state."""
-    import torch
-    out = {"state": {}, "param_groups": []}
-    for g in sd["param_groups"]:
-        # pytorch_optimizer keeps ``maximize`` on the optimizer, not in its groups
-        out["param_groups"].append({"maximize": False, **{k: v for k, v in g.items() if k != "step"}})
-        for pid in g["params"]:
-            if pid in sd["state"]:
-                st = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in sd["state"][pid].items()}
-                out["state"][pid] = {**st, "step": g["step"]}
-    return out
-
-
-def _to_po(sd):
-    """fastopt's layout -> pytorch_optimizer's: one ``step`` per group (its params' common count)."""
-    import torch
-    out = {"state": {}, "param_groups": []}
-    for g in sd["param_groups"]:
-        steps = {int(sd["state"][pid]["step"]) for pid in g["params"] if pid in sd["state"]}
-        assert len(steps) <= 1, "pytorch_optimizer has one step count per group"
-        out["param_groups"].append({**g, "step": steps.pop() if steps else 0, "foreach": False})
-        for pid in g["params"]:
-            if pid in sd["state"]:
-                out["state"][pid] = {k: torch.from_numpy(np.array(v)) for k, v in sd["state"][pid].items()
-                                     if k != "step"}
-    return out
-
-
 @pytest.mark.parametrize("direction", ["po->fastopt", "fastopt->po"])
 def test_state_dict_interchange(oracle, direction):
     import torch
@@ -480,7 +453,7 @@ def test_state_dict_interchange(oracle, direction):
             _oracle_step(src, src_t, gs, False)
         dst_params = [t.numpy().copy() for t in src_t]
         dst = fo.AdEMAMix(dst_params, **hp)
-        dst.load_state_dict(_from_po(src.state_dict()))
+        dst.load_state_dict(interop.from_pytorch_optimizer(src.state_dict()))
         assert int(dst.state[0]["step"]) == 15
         for gs in then:
             _oracle_step(src, src_t, gs, False)
@@ -493,7 +466,7 @@ def test_state_dict_interchange(oracle, direction):
             src.step(gs)
         dst_t = [torch.tensor(p.copy()) for p in src_f]
         dst = oracle(dst_t, foreach=False, **hp)
-        dst.load_state_dict(_to_po(src.state_dict()))
+        dst.load_state_dict(interop.to_pytorch_optimizer(src.state_dict()))
         assert dst.param_groups[0]["step"] == 15
         for gs in then:
             src.step(gs)

@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 
 import fastopt as fo
+from fastopt import interop
 from fastopt.kernels import lookahead as kernel
 
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
@@ -265,28 +266,6 @@ def test_alpha_zero_puts_the_start_back():
 
 
 # -- (d) state dicts -------------------------------------------------------------------------------
-def _numpy(x):
-    import torch
-    if isinstance(x, torch.Tensor):
-        return x.detach().numpy().copy()
-    if isinstance(x, dict):
-        return {k: _numpy(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(_numpy(v) for v in x)
-    return x
-
-
-def _tensors(x):
-    import torch
-    if isinstance(x, np.ndarray):
-        return torch.from_numpy(np.array(x))
-    if isinstance(x, dict):
-        return {k: _tensors(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_tensors(v) for v in x]
-    return x
-
-
 @pytest.mark.parametrize("pullback", ["none", "pullback"])
 @pytest.mark.parametrize("direction", ["po->fastopt", "fastopt->po"])
 def test_state_dicts_interchange_with_oracle(po, direction, pullback):
@@ -310,7 +289,7 @@ def test_state_dicts_interchange_with_oracle(po, direction, pullback):
         src = po.Lookahead(torch.optim.SGD(src_t, **hp), **la)
         for gs in first:
             torch_step(src, src_t, gs)
-        sd = _numpy(src.state_dict())
+        sd = interop.from_pytorch_optimizer(src.state_dict())
         assert (0, 1) in sd["lookahead_state"]
         dst_p = [t.numpy().copy() for t in src_t]
         dst = fo.Lookahead(fo.SGD(dst_p, **hp), **la)
@@ -326,7 +305,7 @@ def test_state_dicts_interchange_with_oracle(po, direction, pullback):
             src.step(gs)
         dst_t = [torch.tensor(a.copy()) for a in src_p]
         dst = po.Lookahead(torch.optim.SGD(dst_t, **hp), **la)
-        dst.load_state_dict(_tensors(src.state_dict(pairs=True)))
+        dst.load_state_dict(interop.to_pytorch_optimizer(src.state_dict()))
         assert dst.param_groups[0]["counter"] == 2
         for gs in then:
             src.step(gs)
