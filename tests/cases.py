@@ -519,6 +519,22 @@ def assert_within_ulps(ours, theirs, scale, dtype, what, ulps):
                             f"{ulps} ulp x run scale {scale:.3g} = {tol:.3g}")
 
 
+# -- optional oracles -------------------------------------------------------------------------
+def optional_module(name: str):
+    """The module ``name``, or None when it is not installed: a file whose oracle is optional
+    marks only its oracle tests with :func:`needs`, so its reference tests still run."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def needs(module, reason: str):
+    """A mark skipping a test, saying ``reason``, when ``module`` (from
+    :func:`optional_module`) is None."""
+    return pytest.mark.skipif(module is None, reason=f"{reason} (not installed)")
+
+
 # -- the backends a test can run on here ---------------------------------------------------
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 

@@ -16,10 +16,13 @@ import os
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="torch.optim.Adafactor is the oracle")
+import fastopt as fo
+from fastopt.kernels import adafactor as kern
 
-import fastopt as fo  # noqa: E402
-from fastopt.kernels import adafactor as kern  # noqa: E402
+from cases import needs, optional_module
+
+torch = optional_module("torch")
+needs_torch = needs(torch, "torch.optim.Adafactor is the oracle")
 
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 
@@ -88,6 +91,7 @@ def _check_against(opt, topt, params, tparams, dtype):
                 _close([mine[key]], [st[key]], dtype, f"state[{i}][{key!r}]")
 
 
+@needs_torch
 @pytest.mark.parametrize("backend", ["cpu", "numpy"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("hyper", GRID, ids=[f"h{k}" for k in range(len(GRID))])
@@ -96,6 +100,7 @@ def test_oracle_grid(backend, dtype, hyper):
     _check_against(opt, topt, params, tparams, dtype)
 
 
+@needs_torch
 @pytest.mark.parametrize("backend", ["cpu", "numpy"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 def test_oracle_tiles_and_chunks(backend, dtype):
@@ -103,6 +108,7 @@ def test_oracle_tiles_and_chunks(backend, dtype):
     _check_against(opt, topt, params, tparams, dtype)
 
 
+@needs_torch
 def test_oracle_many_small_tensors():
     rng = np.random.default_rng(1)
     shapes = [tuple(int(n) for n in rng.integers(1, 6, size=rng.integers(0, 4))) for _ in range(2000)]
@@ -126,6 +132,7 @@ def test_cpu_matches_reference_closely():
         np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-14)
 
 
+@needs_torch
 def test_none_grads_and_skipped_params_count_their_own_steps():
     rng = np.random.default_rng(4)
     shapes = [(4, 3), (5,)]
@@ -143,6 +150,7 @@ def test_none_grads_and_skipped_params_count_their_own_steps():
     _check_against(opt, topt, params, tparams, np.float32)
 
 
+@needs_torch
 def test_param_groups_with_their_own_hyperparameters():
     rng = np.random.default_rng(5)
     shapes = [(6, 4), (9,), (2, 3, 3)]
@@ -161,6 +169,7 @@ def test_param_groups_with_their_own_hyperparameters():
     _check_against(opt, topt, params, tparams, np.float64)
 
 
+@needs_torch
 def test_grad_scale_and_max_grad_norm_as_torch_with_scaled_grads():
     rng = np.random.default_rng(6)
     shapes = [(6, 4), (9,)]
@@ -229,6 +238,7 @@ def _numpy_sd(tsd):
             "param_groups": copy.deepcopy(tsd["param_groups"])}
 
 
+@needs_torch
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 def test_state_dicts_both_ways(dtype):
     rng = np.random.default_rng(8)
@@ -347,6 +357,7 @@ def test_unsupported_options_refused():
         opt.step([fo.SparseGrad(np.array([0]), np.ones((1, 2), np.float32))])
 
 
+@needs_torch
 def test_defaults_and_signature_are_torchs():
     import inspect
     mine = inspect.signature(fo.Adafactor).parameters
@@ -357,6 +368,7 @@ def test_defaults_and_signature_are_torchs():
 
 
 # -- fastopt.torch ------------------------------------------------------------------------------------
+@needs_torch
 def test_fastopt_torch_class_matches_torch_optim():
     import fastopt.torch as ft
     torch.manual_seed(0)
@@ -414,6 +426,7 @@ def _dev(a):
     return cupy.asarray(a)
 
 
+@needs_torch
 @needs_cuda
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("hyper", GRID[:2], ids=["h0", "h1"])
@@ -424,6 +437,7 @@ def test_cuda_oracle(dtype, hyper):
     _check_against(opt, topt, params, tparams, dtype)
 
 
+@needs_torch
 @needs_cuda
 def test_cuda_oracle_100_steps():
     shapes = [(), (9,), (4, 3), (2, 2, 3)]
@@ -432,6 +446,7 @@ def test_cuda_oracle_100_steps():
     _check_against(opt, topt, params, tparams, np.float64)
 
 
+@needs_torch  # the bench times torch.optim.Adafactor beside fastopt
 def test_bench_record():
     from fastopt.benchmark import adafactor as bench
     rec = bench.run("quick", repeats=1, warmup=1)

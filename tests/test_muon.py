@@ -46,7 +46,10 @@ import fastopt as fo
 from fastopt.kernels import muon as kmuon
 from fastopt.kernels import reference_muon
 
-torch = pytest.importorskip("torch", reason="torch.optim.Muon is the oracle")
+from cases import needs, optional_module
+
+torch = optional_module("torch")
+needs_torch = needs(torch, "torch.optim.Muon is the oracle")
 
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 BACKENDS = ["cpu", "numpy"]
@@ -130,6 +133,7 @@ def _compare_with_torch(shapes, dtype, hyper, backend, steps=STEPS, seed=0):
 
 
 # -- (a) against torch.optim.Muon with NS in the param's dtype -----------------------------------
+@needs_torch
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("hyper", list(HYPERS), ids=list(HYPERS))
@@ -137,6 +141,7 @@ def test_matches_torch_over_hyperparameters(torch_ns_in_param_dtype, hyper, dtyp
     _compare_with_torch(SHAPE_SETS["square"] + SHAPE_SETS["tall-wide"], dtype, HYPERS[hyper], backend)
 
 
+@needs_torch
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("shapes", list(SHAPE_SETS), ids=list(SHAPE_SETS))
@@ -145,6 +150,7 @@ def test_matches_torch_over_shapes(torch_ns_in_param_dtype, shapes, dtype, backe
     _compare_with_torch(SHAPE_SETS[shapes], dtype, dict(lr=0.02, weight_decay=0.05), backend, steps)
 
 
+@needs_torch
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 def test_many_small_matrices_of_mixed_shapes(torch_ns_in_param_dtype, dtype, backend):
@@ -155,6 +161,7 @@ def test_many_small_matrices_of_mixed_shapes(torch_ns_in_param_dtype, dtype, bac
                         steps=100, seed=3)
 
 
+@needs_torch
 def test_hyperparameter_edits_between_steps_match_torch(torch_ns_in_param_dtype):
     """lr, momentum, nesterov, ns_steps (parity too) and adjust_lr_fn changed mid-run, in
     two groups; the same edits on torch."""
@@ -179,6 +186,7 @@ def test_hyperparameter_edits_between_steps_match_torch(torch_ns_in_param_dtype)
 
 
 # -- (b) against torch.optim.Muon as shipped (NS in bfloat16) -------------------------------------
+@needs_torch
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("hyper", ["defaults", "no-nesterov", "match-rms", "momentum-0.3-4steps-no-wd"])
 def test_matches_torch_bfloat16_newton_schulz_within_its_rounding(hyper, dtype):
@@ -266,6 +274,7 @@ def _numpy_sd(sd):
             "param_groups": [dict(g) for g in sd["param_groups"]]}
 
 
+@needs_torch
 @pytest.mark.parametrize("direction", ["fastopt->torch", "torch->fastopt"])
 def test_state_dicts_load_both_ways_and_continue(torch_ns_in_param_dtype, direction, tmp_path):
     rng = np.random.default_rng(4)
@@ -312,6 +321,7 @@ def test_state_dicts_load_both_ways_and_continue(torch_ns_in_param_dtype, direct
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
 
 
+@needs_torch
 def test_state_dict_layout_is_torchs():
     params = [np.ones((3, 2)), np.ones((2, 2))]
     opt = fo.Muon(params, lr=0.1)
@@ -400,6 +410,7 @@ def test_phase_times_split_the_step():
     assert all(t >= 0 for t in opt.phase_times.values())
 
 
+@needs_torch
 def test_defaults_and_signature_are_torchs():
     import inspect
     ref = inspect.signature(torch.optim.Muon).parameters
@@ -476,6 +487,7 @@ def _aux_pair(rng, dtype, amsgrad=False):
             torch.optim.AdamW(ta, **adam_hyper))
 
 
+@needs_torch
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("amsgrad", [False, True], ids=["adamw", "amsgrad"])
@@ -496,6 +508,7 @@ def test_muon_with_aux_adam_matches_the_torch_pair(torch_ns_in_param_dtype, amsg
         np.testing.assert_allclose(p, t.detach().numpy(), rtol=64 * ULP[dtype], atol=64 * ULP[dtype])
 
 
+@needs_torch
 def test_muon_with_aux_adam_one_state_dict_round_trips_and_matches_the_pair(torch_ns_in_param_dtype,
                                                                             tmp_path):
     rng = np.random.default_rng(8)
@@ -579,6 +592,7 @@ def test_muon_with_aux_adam_refuses_bad_groups_before_anything_changes():
 cuda_sim = pytest.mark.skipif(not SIM, reason="runs under the CUDA simulator (NUMBA_ENABLE_CUDASIM=1)")
 
 
+@needs_torch
 @cuda_sim
 @pytest.mark.cudasim
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
@@ -589,6 +603,7 @@ def test_cuda_backend_matches_torch(torch_ns_in_param_dtype, hyper, dtype):
     _compare_with_torch(shapes, dtype, HYPERS[hyper], "cuda", steps=10)
 
 
+@needs_torch
 @cuda_sim
 @pytest.mark.cudasim
 def test_cuda_backend_many_small_matrices(torch_ns_in_param_dtype):
@@ -599,6 +614,7 @@ def test_cuda_backend_many_small_matrices(torch_ns_in_param_dtype):
                         steps=10, seed=3)
 
 
+@needs_torch
 @cuda_sim
 @pytest.mark.cudasim
 def test_cuda_backend_muon_with_aux_adam(torch_ns_in_param_dtype):
@@ -616,6 +632,7 @@ def test_cuda_backend_muon_with_aux_adam(torch_ns_in_param_dtype):
 
 
 # -- fastopt.torch and the benchmark --------------------------------------------------------------
+@needs_torch
 def test_fastopt_torch_muon_matches_torch_and_loads_its_state_dict(torch_ns_in_param_dtype):
     import fastopt.torch as ft
     rng = np.random.default_rng(12)
@@ -642,6 +659,7 @@ def test_fastopt_torch_muon_matches_torch_and_loads_its_state_dict(torch_ns_in_p
     assert set(fresh.state_dict()["state"][0]) == {"momentum_buffer"}
 
 
+@needs_torch  # the bench times torch.optim.Muon beside fastopt
 def test_benchmark_record_and_table():
     from fastopt.benchmark import muon as bench
     assert bench.parse_matrices("2x3x4,1x5x5") == [(3, 4), (3, 4), (5, 5)]

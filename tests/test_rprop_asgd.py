@@ -36,9 +36,10 @@ import pytest
 import fastopt as fo
 from fastopt.kernels.cpu import CHUNK
 
-from cases import SIM, backend_memory, cuda_unavailable, need_backend
+from cases import SIM, backend_memory, cuda_unavailable, need_backend, needs, optional_module
 
-torch = pytest.importorskip("torch", reason="torch.optim is the oracle of Rprop and ASGD")
+torch = optional_module("torch")
+needs_torch = needs(torch, "torch.optim is the oracle of Rprop and ASGD")
 
 BACKENDS = ["cpu", "numpy", "cuda"]
 DTYPES = [np.float32, np.float64]
@@ -192,6 +193,7 @@ def _run(name, row, hp, backend, dtype, steps=STEPS, lr_change=True):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("row", list(RPROP_ROWS))
 @pytest.mark.parametrize("backend", BACKENDS)
+@needs_torch
 def test_rprop_matches_torch_bit_for_bit(backend, row, dtype):
     _need(backend)
     hp = RPROP_ROWS[row]
@@ -209,6 +211,7 @@ def test_rprop_matches_torch_bit_for_bit(backend, row, dtype):
     assert len(set(counts)) == 2, counts          # the skipping param counts fewer steps
 
 
+@needs_torch
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_rprop_sign_of_the_product_not_of_the_factors(dtype):
     """torch takes sign(g * prev): a product that underflows to 0 (float32) leaves the step
@@ -237,6 +240,7 @@ def test_rprop_sign_of_the_product_not_of_the_factors(dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("row", list(ASGD_ROWS))
 @pytest.mark.parametrize("backend", BACKENDS)
+@needs_torch
 def test_asgd_matches_torch(backend, row, dtype):
     _need(backend)
     hp = ASGD_ROWS[row]
@@ -255,6 +259,7 @@ def test_asgd_matches_torch(backend, row, dtype):
         assert any(not np.array_equal(np.asarray(st[i]["ax"]), params[i]) for i in st if params[i].size)
 
 
+@needs_torch
 def test_asgd_eta_takes_a_changed_lr_one_step_later():
     """torch computes eta from the lr at the end of a step: the step after an lr change
     still moves by the old lr's eta (here checked against torch and by the moves)."""
@@ -300,6 +305,7 @@ def test_cpu_driver_equals_numpy_reference_bit_for_bit(name, hp, dtype):
 # -- many small tensors ---------------------------------------------------------------------------
 @pytest.mark.parametrize("name,hp", [("Rprop", dict(etas=(0.3, 1.5), step_sizes=(1e-3, 0.05))),
                                      ("ASGD", dict(t0=20.0, weight_decay=0.01))])
+@needs_torch
 def test_thousand_small_tensors(name, hp):
     shapes = [(k % 5,) if k % 3 else () for k in range(1000)]
     rng = np.random.default_rng(5)
@@ -328,6 +334,7 @@ HP_SD = {"Rprop": dict(lr=0.02, etas=(0.3, 1.5), step_sizes=(1e-3, 0.05), maximi
          "ASGD": dict(lr=0.02, lambd=1e-3, alpha=0.6, t0=5.0, weight_decay=0.01)}
 
 
+@needs_torch
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", ["Rprop", "ASGD"])
@@ -356,6 +363,7 @@ def test_torch_state_dict_loads_into_fastopt_and_both_continue(name, backend, dt
     _compare(pair, name, dtype, "continued", scale, ulps)
 
 
+@needs_torch
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("name", ["Rprop", "ASGD"])
 def test_fastopt_state_dict_is_torchs_and_loads_into_torch(name, dtype):
@@ -461,6 +469,7 @@ def test_asgd_refuses_bad_hyperparameters(kwargs):
         fo.ASGD([np.zeros(2, np.float32)], **kwargs)
 
 
+@needs_torch
 def test_signatures_and_defaults_are_torchs():
     import inspect
     for name in ("Rprop", "ASGD"):

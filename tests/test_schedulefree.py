@@ -40,11 +40,11 @@ import numpy as np
 import pytest
 
 import fastopt as fo
-from cases import rel_err, sd_to_numpy, sd_to_torch
+from cases import needs, optional_module, rel_err, sd_to_numpy, sd_to_torch
 
-torch = pytest.importorskip("torch", reason="the schedule-free oracle runs on torch")
-sf = pytest.importorskip("schedulefree", reason="the oracle is the schedulefree package "
-                                                "(pip install schedulefree)")
+torch = optional_module("torch")
+sf = optional_module("schedulefree")
+needs_oracle = needs(sf, "the oracle is the schedulefree package (pip install schedulefree)")
 
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 ULPS = 16
@@ -195,6 +195,7 @@ def _run(name, hp, shapes, dtype, backend, mode="list", steps=STEPS):
 
 
 # -- (a) against the package ---------------------------------------------------------------
+@needs_oracle
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name,row_name,row", ROWS)
 @pytest.mark.parametrize("backend", ["cpu", "numpy"])
@@ -202,6 +203,7 @@ def test_equals_the_package(backend, name, row_name, row, dtype):
     _run(name, row, SHAPES, dtype, backend)
 
 
+@needs_oracle
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name,row_name,row", [ROWS[0], ROWS[3], ROWS[4], ROWS[7]])
 def test_equals_the_package_on_cuda(name, row_name, row, dtype):
@@ -210,6 +212,7 @@ def test_equals_the_package_on_cuda(name, row_name, row, dtype):
 
 
 # -- (b) many small tensors, FlatParams --------------------------------------------------------
+@needs_oracle
 @pytest.mark.parametrize("name", ["AdamWScheduleFree", "SGDScheduleFree"])
 def test_thousands_of_small_tensors_and_flat_params(name):
     shapes = [(k % 5 + 1,) for k in range(2000)] + [(), (70001,)]
@@ -237,6 +240,7 @@ def test_thousands_of_small_tensors_and_flat_params(name):
 
 
 # -- (c) state dicts both ways ---------------------------------------------------------------
+@needs_oracle
 @pytest.mark.parametrize("saved_in", ["train", "eval"])
 @pytest.mark.parametrize("direction", ["package-to-fastopt", "fastopt-to-package"])
 @pytest.mark.parametrize("name", ["AdamWScheduleFree", "SGDScheduleFree"])
@@ -278,6 +282,7 @@ def test_state_dicts_load_both_ways(backend, name, direction, saved_in):
     second.compare("eval() after loading", dtype)
 
 
+@needs_oracle
 def test_a_package_state_dict_with_no_state_yet_loads_in_eval_mode():
     """A new package optimizer is in eval mode: its state dict says so, and fastopt then
     refuses to step until train(), as the package does."""
