@@ -255,10 +255,11 @@ def _bench(args) -> int:
 
 
 # Benches of their own: Adafactor (its factored passes against torch.optim.Adafactor and a
-# roof with their traffic) and Muon (Newton-Schulz and elementwise time against
-# torch.optim.Muon on the same matrices). At --size 64M (or more) their full layouts, below
-# it their quick ones.
-EXTRA_BENCHES = ("adafactor", "muon")
+# roof with their traffic), Muon (Newton-Schulz and elementwise time against
+# torch.optim.Muon on the same matrices), SparseAdam (row-sparse gradients against
+# torch.optim.SparseAdam) and Lookahead (around AdamW, against pytorch_optimizer's). At
+# --size 64M (or more) Adafactor's and Muon's full layouts, below it their quick ones.
+EXTRA_BENCHES = ("adafactor", "muon", "sparse-adam", "lookahead")
 
 
 def _extra_benches(names, args) -> int:
@@ -273,6 +274,23 @@ def _extra_benches(names, args) -> int:
             records = [adafactor.run(layout, args.dtype, repeats=max(3, min(args.repeats, 7)),
                                      threads=args.threads, seed=args.seed) for layout in layouts]
             print("\n".join(adafactor.lines(records)), flush=True)
+        elif name == "sparse-adam":
+            from .benchmark import sparse_adam
+            size = parse_size(args.size)
+            print("\n" + sparse_adam.title(size, args.dtype), flush=True)
+            records = [sparse_adam.run(size, f, args.dtype, repeats=max(3, min(args.repeats, 7)),
+                                       threads=args.threads, seed=args.seed)
+                       for f in sparse_adam.FRACTIONS]
+            print("\n".join(sparse_adam.lines(records)), flush=True)
+        elif name == "lookahead":
+            from .benchmark import lookahead
+            from .benchmark.cases import parse_layouts
+            print("\n" + lookahead.title(args.dtype), flush=True)
+            records = [lookahead.run(layout, parse_size(args.size), args.dtype,
+                                     repeats=max(3, min(args.repeats, 7)), threads=args.threads,
+                                     seed=args.seed)
+                       for layout in parse_layouts(args.layouts)]
+            print("\n".join(lookahead.lines(records)), flush=True)
         else:
             from .benchmark import muon
             matrices = muon.DEFAULT_MATRICES if big else muon.QUICK_MATRICES

@@ -381,6 +381,48 @@ def time_interleaved(targets, repeats: int, min_sample_s=2e-3, max_time_s=None) 
     return list(zip(outs, ks))
 
 
+def median_ms(targets: dict, repeats: int, per_sample: int = 1) -> tuple[dict, dict]:
+    """Warm each named target up (two untimed calls: compiling, state, first touches),
+    time them interleaved (:func:`time_interleaved`) and return ``({name: median ms per
+    step}, {name: every sample's ms per step})``; a call of a target runs ``per_sample``
+    steps. Targets that are None are left out."""
+    named = [(n, t) for n, t in targets.items() if t is not None]
+    for _, t in named:
+        t.step()
+        t.step()
+    timed = time_interleaved([t for _, t in named], repeats)
+    every = {n: [x * 1e3 / per_sample for x in times] for (n, _), (times, _) in zip(named, timed)}
+    return {n: statistics.median(v) for n, v in every.items()}, every
+
+
+class thread_count:
+    """Within it, Numba and torch (when importable) run ``threads`` threads (None: Numba's
+    count, torch set to match); both counts are restored after."""
+
+    def __init__(self, threads=None):
+        self.threads = threads
+
+    def __enter__(self):
+        import numba
+        try:
+            import torch
+        except ImportError:
+            torch = None
+        self._saved = (numba.get_num_threads(), torch and torch.get_num_threads(), torch)
+        if self.threads is not None:
+            numba.set_num_threads(int(self.threads))
+        if torch is not None:
+            torch.set_num_threads(numba.get_num_threads())
+        return numba.get_num_threads()
+
+    def __exit__(self, *exc):
+        import numba
+        numba.set_num_threads(self._saved[0])
+        if self._saved[2] is not None:
+            self._saved[2].set_num_threads(self._saved[1])
+        return False
+
+
 def time_steps(step, repeats: int, sync=None, min_sample_s=2e-3, max_time_s=None):
     """Per-step times of ``repeats`` samples of ``step`` (seconds), and steps per sample."""
     return time_interleaved([Target(step, sync)], repeats, min_sample_s, max_time_s)[0]
