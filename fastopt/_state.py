@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -108,8 +109,31 @@ def _group_layout(opt, groups, state):
     return out_groups, out_state
 
 
-def load_state_dict(opt, sd) -> None:
-    """Load torch.optim's layout (or pytorch_optimizer's: :func:`_group_layout`), all or nothing."""
+class Loading(NamedTuple):
+    """What :func:`loaded_groups` checked: the groups to adopt, ``{param id: (group index,
+    param index)}``, the per-param state (host values split off), the saved groups and
+    host values (:meth:`_host_set_loaded`) and the optimizer's ``iterations`` (or None)."""
+
+    groups: list
+    ids: dict
+    state: dict
+    saved_groups: list
+    host_values: dict
+    iterations: int | None
+
+    def param_of(self, pid, st) -> tuple:
+        """``(group index, param index)`` of the saved state ``st`` of ``pid``, checked."""
+        where = f"state_dict['state'][{pid!r}]"
+        if not isinstance(st, dict):
+            raise ValueError(f"{where} must be a dict of state arrays, got {type(st).__name__}")
+        if pid not in self.ids:
+            raise ValueError(f"{where} refers to no param in state_dict['param_groups']")
+        return self.ids[pid]
+
+
+def loaded_groups(opt, sd) -> Loading:
+    """Step 1 of every load, checks only: the state dict's layout, its param groups against
+    the optimizer's (sizes, hyperparameter names, values, param ids) and ``iterations``."""
     name = type(opt).__name__
     if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
         raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (torch layout)")
@@ -121,7 +145,6 @@ def load_state_dict(opt, sd) -> None:
         raise ValueError("state_dict['param_groups'] must be a list of dicts")
     if len(groups) != len(opt.param_groups):
         raise ValueError(f"state_dict has {len(groups)} param groups, the optimizer has {len(opt.param_groups)}")
-    # 1. Groups: sizes, hyperparameter names (a different optimizer has other names), values.
     new_groups, id_map = [], {}
     for gi, (saved, mine) in enumerate(zip(groups, opt.param_groups)):
         where = f"state_dict['param_groups'][{gi}]"
@@ -151,17 +174,46 @@ def load_state_dict(opt, sd) -> None:
             if seen:
                 raise ValueError(f"{where}['params'] repeats param id {pid!r}: each id must name one param")
             id_map[pid] = (gi, base + k)
+    iterations = sd.get("iterations")
+    if iterations is not None:
+        iterations = _as_step(iterations, "state_dict['iterations']")
+    return Loading(new_groups, id_map, state, groups, host_values, iterations)
+
+
+def adopt(opt, loading: Loading, loaded: dict) -> None:
+    """The last step of a load, after every check: the groups' values, then fresh state
+    filled from ``loaded`` ``{param index: (param, {key: array}, step, group)}``."""
+    for gi, group in enumerate(loading.groups):
+        opt.param_groups[gi].update({k: v for k, v in group.items() if k != "params"})
+        opt._plans[gi] = None
+    opt._state = [None] * len(opt._state)
+    opt._arenas.clear()          # fresh state buffers: nothing left over from before the load
+    opt._steps[:] = 0
+    for i, (p, arrays, step, group) in loaded.items():
+        opt._ensure_state(i, p, group, tuple(k for k in arrays if k in opt.slot_names))
+        for key, value in arrays.items():
+            dst = opt._state[i][key]
+            src = np.asarray(value) if isinstance(dst, np.ndarray) else value
+            dst[...] = _to_like(dst, src)
+        opt._steps[i] = step
+    if loading.iterations is not None:
+        opt.iterations = loading.iterations
+    if opt._host_values is not None:
+        opt._host_set_loaded(loading.saved_groups, loading.host_values)
+
+
+def load_state_dict(opt, sd) -> None:
+    """Load torch.optim's layout (or pytorch_optimizer's: :func:`_group_layout`), all or nothing."""
+    name = type(opt).__name__
+    loading = loaded_groups(opt, sd)
+    new_groups, id_map = loading.groups, loading.ids
     # 2. Per-param state: keys the loaded group needs, shapes, finite step counts; low-bit
     #    state converted to this optimizer's state_format (fastopt/lowbit.py).
     record = sd.get("state_format")
     loaded = {}
-    for pid, st in state.items():
+    for pid, st in loading.state.items():
         where = f"state_dict['state'][{pid!r}]"
-        if not isinstance(st, dict):
-            raise ValueError(f"{where} must be a dict of state arrays, got {type(st).__name__}")
-        if pid not in id_map:
-            raise ValueError(f"{where} refers to no param in state_dict['param_groups']")
-        gi, i = id_map[pid]
+        gi, i = loading.param_of(pid, st)
         p = opt.param_groups[gi]["params"][i - sum(len(g["params"]) for g in opt.param_groups[:gi])]
         need = {n for n in opt._active_slots(new_groups[gi]) if n is not None}
         have = set(st) - {"step"}
@@ -194,27 +246,7 @@ def load_state_dict(opt, sd) -> None:
         arrays.update(compensation)
         step = _as_step(st["step"], f"{where}['step']") if "step" in st else (1 if have else 0)
         loaded[i] = (p, arrays, step, new_groups[gi])
-    iterations = sd.get("iterations")
-    if iterations is not None:
-        iterations = _as_step(iterations, "state_dict['iterations']")
-    # 3. All checked: mutate.
-    for gi, group in enumerate(new_groups):
-        opt.param_groups[gi].update({k: v for k, v in group.items() if k != "params"})
-        opt._plans[gi] = None
-    opt._state = [None] * len(opt._state)
-    opt._arenas.clear()          # fresh state buffers: nothing left over from before the load
-    opt._steps[:] = 0
-    for i, (p, arrays, step, group) in loaded.items():
-        opt._ensure_state(i, p, group, tuple(k for k in arrays if k in opt.slot_names))
-        for key, value in arrays.items():
-            dst = opt._state[i][key]
-            src = np.asarray(value) if isinstance(dst, np.ndarray) else value
-            dst[...] = _to_like(dst, src)
-        opt._steps[i] = step
-    if iterations is not None:
-        opt.iterations = iterations
-    if opt._host_values is not None:
-        opt._host_set_loaded(groups, host_values)
+    adopt(opt, loading, loaded)
 
 
 def _compensation(src, p, label):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _validate as v
-from ._state import TORCH_ONLY_KEYS, _as_step, _to_like
+from ._state import _as_step, adopt, loaded_groups
 from .kernels import adafactor as _k
 from .kernels import reference_adafactor as _ref
 from .kernels import threads
@@ -144,50 +144,14 @@ class Adafactor(Optimizer):
     # -- state dicts ----------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict of fastopt's or torch.optim.Adafactor's (NumPy arrays), all
-        or nothing: groups, keys, shapes (torch's state shapes) and steps are checked first."""
-        sd = state_dict
-        if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
-            raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (torch layout)")
-        groups, state = sd["param_groups"], sd["state"]
-        if not isinstance(state, dict):
-            raise ValueError("state_dict['state'] must be a dict")
-        if not isinstance(groups, (list, tuple)) or not all(isinstance(g, dict) for g in groups):
-            raise ValueError("state_dict['param_groups'] must be a list of dicts")
-        if len(groups) != len(self.param_groups):
-            raise ValueError(f"state_dict has {len(groups)} param groups, the optimizer has "
-                             f"{len(self.param_groups)}")
-        new_groups, id_map, base = [], {}, 0
-        for gi, (saved, mine) in enumerate(zip(groups, self.param_groups)):
-            where = f"state_dict['param_groups'][{gi}]"
-            ids = saved.get("params", ())
-            if not isinstance(ids, (list, tuple)) or len(ids) != len(mine["params"]):
-                raise ValueError(f"{where}['params'] must list {len(mine['params'])} param ids "
-                                 "(the optimizer's group size)")
-            missing = set(self.defaults) - set(saved)
-            if missing:
-                raise ValueError(f"{where} lacks {sorted(missing)}: it is not an Adafactor state dict")
-            group = {k: val for k, val in saved.items() if k != "params" and k not in TORCH_ONLY_KEYS}
-            group["params"] = mine["params"]
-            self._check_group(group, where)
-            new_groups.append(group)
-            for k, pid in enumerate(ids):
-                try:
-                    seen = pid in id_map
-                except TypeError:
-                    raise ValueError(f"{where}['params'][{k}] is not a valid param id: {pid!r}") from None
-                if seen:
-                    raise ValueError(f"{where}['params'] repeats param id {pid!r}")
-                id_map[pid] = base + k
-            base += len(mine["params"])
+        or nothing: groups, keys, shapes (torch's state shapes) and steps are checked first
+        (groups and the final adoption as every optimizer's: fastopt/_state.py)."""
+        loading = loaded_groups(self, state_dict)
         params = [p for g in self.param_groups for p in g["params"]]
         loaded = {}
-        for pid, st in state.items():
+        for pid, st in loading.state.items():
             where = f"state_dict['state'][{pid!r}]"
-            if not isinstance(st, dict):
-                raise ValueError(f"{where} must be a dict of state arrays, got {type(st).__name__}")
-            if pid not in id_map:
-                raise ValueError(f"{where} refers to no param in state_dict['param_groups']")
-            i = id_map[pid]
+            gi, i = loading.param_of(pid, st)
             p = params[i]
             if not st:
                 continue
@@ -210,26 +174,9 @@ class Adafactor(Optimizer):
                                      f"{shape} for params[{i}] of shape {tuple(p.shape)}")
                 if np.dtype(getattr(a, "dtype", None) or np.float64).kind != "f":
                     raise TypeError(f"{where}[{key!r}] has dtype {a.dtype}, expected a floating dtype")
-            loaded[i] = ({k: st[k] for k in shapes}, _as_step(st["step"], f"{where}['step']"))
-        iterations = sd.get("iterations")
-        if iterations is not None:
-            iterations = _as_step(iterations, "state_dict['iterations']")
-        # All checked: mutate.
-        for gi, group in enumerate(new_groups):
-            self.param_groups[gi].update({k: val for k, val in group.items() if k != "params"})
-            self._plans[gi] = None
-        self._state = [None] * len(self._state)
-        self._steps[:] = 0
-        for i, (arrays, step) in loaded.items():
-            self._ensure_state(i, params[i], None)
-            for key, value in arrays.items():
-                dst = self._state[i][key]
-                src = np.asarray(value) if isinstance(dst, np.ndarray) else value
-                dst[...] = _to_like(dst, src)
-            self._steps[i] = step
-        if iterations is not None:
-            self.iterations = iterations
-
+            loaded[i] = (p, {k: st[k] for k in shapes}, _as_step(st["step"], f"{where}['step']"),
+                         loading.groups[gi])
+        adopt(self, loading, loaded)
 
 def _cupy():
     import cupy
