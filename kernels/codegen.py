@@ -190,10 +190,13 @@ def _blockwise_step_source(name: str, layout: Layout, chunk: int) -> str:
     buffers, then per column find the new values' largest magnitude (an integer max on
     their bits) and encode them with the new absmax. Memory is read and written once.
 
-    Codes pass through a block-sized byte buffer ``cb`` on their way in and out: LLVM
-    cannot tell that a column's codes (an address from the table) do not overlap the
-    float buffer, and a loop that loads one and stores the other was left scalar (the
-    int8 step ran 2.2x slower); copying is a vectorised byte loop."""
+    Codes come in through a block-sized byte buffer ``cb``: LLVM cannot tell that a
+    column's codes (an address from the table) do not overlap the float buffer, and a
+    loop that loads one and stores the other was left scalar (the int8 step ran 2.2x
+    slower); copying is a vectorised byte loop. They go out through
+    :func:`~.blockwise.encode_block`, which writes them eight at a time (an explicit
+    vector loop, no aliasing question) and leaves the block's last ``m % 8`` (or, without
+    AVX2, all of them) to :func:`~.blockwise.encode`."""
     size = layout.block
     if chunk % size:
         raise ValueError(f"the chunk ({chunk} elements) must hold whole blocks of {size}")
@@ -219,9 +222,10 @@ def _blockwise_step_source(name: str, layout: Layout, chunk: int) -> str:
         lines += _block(3, [f"top{k} = numba.uint32(0)", "for i in range(m):",
                             f"    top{k} = max(top{k}, blockwise.magnitude_bits(buf{k}[i]))",
                             f"new{k} = blockwise.absmax_of(top{k})", f"absmax{k}[b] = new{k}",
-                            f"inv{k} = blockwise.inverse(new{k})", "for i in range(m):",
-                            f"    cb[i] = blockwise.encode(buf{k}[i] * inv{k}, CODES{k})",
-                            "for i in range(m):", f"    s{k}[i] = cb[i]"])
+                            f"inv{k} = blockwise.inverse(new{k})",
+                            f"done = blockwise.encode_block(buf{k}, inv{k}, CODES{k}, s{k}, m)",
+                            "for i in range(done, m):",
+                            f"    s{k}[i] = blockwise.encode(buf{k}[i] * inv{k}, CODES{k})"])
     return "\n".join(lines) + "\n"
 
 
