@@ -64,7 +64,8 @@ CAPABILITIES = {
     "cpu": frozenset({DENSE, MASTER_WEIGHTS, SPARSE_ROWS, PER_TENSOR, LOWBIT_STATE, PURE_KAHAN,
                       PURE_STOCHASTIC}),
     "numpy": frozenset({DENSE, MASTER_WEIGHTS, SPARSE_ROWS, PER_TENSOR, LOWBIT_STATE, PURE_KAHAN}),
-    "cuda": frozenset({DENSE, MASTER_WEIGHTS, SPARSE_ROWS, PER_TENSOR, LOWBIT_STATE}),
+    "cuda": frozenset({DENSE, MASTER_WEIGHTS, SPARSE_ROWS, PER_TENSOR, LOWBIT_STATE, PURE_KAHAN,
+                       PURE_STOCHASTIC}),
 }
 """{backend: the features it runs}; :func:`require` refuses the others."""
 

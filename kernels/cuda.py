@@ -218,10 +218,17 @@ def _step_kernel_for(element, table, scalars, writes, mode, slot, stochastic):
             reads = tuple(r and k != slot for k, r in enumerate(reads))
         if writes is not None and len(writes) != table.n_slots:
             raise ValueError(f"writes: one entry per state column ({table.n_slots}), got {len(writes)}")
-        model = table.model + ("-stochastic" if stochastic and table.model == BFLOAT16 else "")
-        layout = Layout.of(reads, writes, table.formats, mode, slot, model, table.block)
+        layout = Layout.of(reads, writes, table.formats, mode, slot, _model(table, stochastic),
+                           table.block)
         kernel = _STEPS[key] = step_kernel(element, layout, scalars)
     return kernel
+
+
+def _model(table, stochastic=False) -> str:
+    """The layout's model column (kernels/layout.py MODELS) of ``table``'s columns."""
+    if table.columns.pure:
+        return f"pure-{table.model}-{table.columns.pure}"
+    return table.model + ("-stochastic" if stochastic and table.model == BFLOAT16 else "")
 
 
 # -- launches ----------------------------------------------------------------------------
@@ -268,7 +275,7 @@ class CudaBackend:
         return cupy
 
     def table(self, params, grads, slots, merge=True, model=None, formats=None, scales=None,
-              block=0) -> CudaTable:
+              block=0, pure=None) -> CudaTable:
         """The table for ``params``/``grads``/``slots`` (C-contiguous, one dtype, equal sizes).
 
         ``slots``: one entry per state position of the element (K of them, any number),
@@ -281,10 +288,13 @@ class CudaBackend:
         Blockwise columns (formats "int8-signed", "int8-unsigned": uint8 codes, float32
         params) come with ``scales[k]``, a list of float32 absmax arrays (one value per
         ``block`` elements of each tensor), as ``cpu.ChunkTable``; ``scales`` and
-        ``block`` are ignored without blockwise columns.
+        ``block`` are ignored without blockwise columns. ``pure`` ("kahan" or "stochastic"):
+        16-bit params (float16, bfloat16) without master weights, as ``cpu.ChunkTable``:
+        the update rounded to nearest with ``model`` their Kahan compensation arrays, or
+        (bfloat16) rounded stochastically with no ``model``.
         """
         slots = tuple(slots)
-        fixed, columns, kind = fixed_columns(params, slots, model, formats, scales, block)
+        fixed, columns, kind = fixed_columns(params, slots, model, formats, scales, block, pure)
         sample = params[0] if params else None
         return TABLES(fixed, grad_addresses(grads, columns, fixed), columns, kind, sample, merge,
                       (params, grads, slots, model, scales), _chunking())
@@ -367,7 +377,7 @@ class CudaBackend:
         if layout.partials is None:
             layout.partials = cuda.device_array((layout.n_chunks, 2), dtype=np.float64)
         stream = current_stream(table.kind, table.sample)
-        kernel = reduce_kernel(fn, Layout.of(table.has, writes[1:], table.formats, model=table.model),
+        kernel = reduce_kernel(fn, Layout.of(table.has, writes[1:], table.formats, model=_model(table)),
                                scalars, maximum, writes[0])
         launch = _launcher(kernel, min(layout.n_chunks, MAX_GRID), REDUCE_BLOCK, stream)
         launch(*layout.args, scalars, layout.partials)

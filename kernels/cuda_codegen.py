@@ -46,8 +46,8 @@ import types as pytypes
 import numpy as np
 
 from . import cuda_formats
-from .layout import (BFLOAT16, BLOCKWISE, FLOAT16, INT8_SIGNED, INT8_UNSIGNED, NATIVE, ROW_GRAD,
-                     ROW_SLOT)
+from .layout import (BFLOAT16, BLOCKWISE, FLOAT16, INT8_SIGNED, INT8_UNSIGNED, NATIVE,
+                     PURE_STOCHASTIC, ROW_GRAD, ROW_SLOT)
 from .codegen import driver_name
 from .specialize import source_tag
 
@@ -56,7 +56,11 @@ STEP, REDUCE, ROWS = "step", "reduce", "rows"
 COUNT, POSITION, ROW, FIRST_OFFSET = 0, 1, 2, 3
 
 _WIDEN = {FLOAT16: "half_to_float", BFLOAT16: "bfloat16_to_float"}
-_MODEL_FORMAT = {"float16": FLOAT16, "bfloat16": BFLOAT16, "bfloat16-stochastic": BFLOAT16}
+# the 16-bit format of a model column's gradients and copy (or of pure 16-bit params)
+_MODEL_FORMAT = {"float16": FLOAT16, "bfloat16": BFLOAT16, "bfloat16-stochastic": BFLOAT16,
+                 PURE_STOCHASTIC: BFLOAT16, "pure-bfloat16-kahan": BFLOAT16,
+                 "pure-float16-kahan": FLOAT16}
+_STOCHASTIC = ("bfloat16-stochastic", PURE_STOCHASTIC)
 _MAP_KINDS = {INT8_SIGNED: "signed", INT8_UNSIGNED: "unsigned"}
 _LUT_WORDS, _MAP_SIZE = 2048, 256       # lut: 8192 codes, 4 to a uint32 word; qmap and mid
 
@@ -79,25 +83,48 @@ def _load(col, fmt, index):
     return load if fmt == NATIVE else f"{_WIDEN[fmt]}({load})"
 
 
-def _store(col, fmt, index, value):
+def _narrow(fmt, value):
+    """``value`` rounded to nearest even in storage format ``fmt``."""
     if fmt == FLOAT16:
-        value = f"float_to_half({value})"
-    elif fmt == BFLOAT16:
-        value = f"float_to_bfloat16({value}, -1)"
-    return f"{col}_span[{index}] = {value}"
+        return f"float_to_half({value})"
+    if fmt == BFLOAT16:
+        return f"float_to_bfloat16({value}, -1)"
+    return value
 
 
-def _model_store(layout, index, value, lane):
-    if layout.model == "bfloat16-stochastic":
-        return f"w_span[{index}] = float_to_bfloat16({value}, stochastic_noise(seed, at + {lane}))"
-    return _store("w", _MODEL_FORMAT[layout.model], index, value)
+def _store(col, fmt, index, value):
+    return f"{col}_span[{index}] = {_narrow(fmt, value)}"
+
+
+def _param_store(layout, sfx, value, lane):
+    """Store the updated param ``value``: as it is, and with master weights its rounded
+    model copy; pure 16-bit params rounded stochastically, or to nearest with the
+    rounding error carried in the Kahan column ``w`` (as kernels/codegen.py's
+    ``_param_store``, operation for operation: the drivers agree bit for bit)."""
+    fmt = _MODEL_FORMAT.get(layout.model)
+    k_p, k_w = f"k_p{sfx}", f"k_w{sfx}"
+    if layout.model in _STOCHASTIC:
+        rounded = f"float_to_bfloat16({value}, stochastic_noise(seed, at + {lane}))"
+        if layout.pure:
+            return [f"p_span[{k_p}] = {rounded}"]
+        return [f"p_span[{k_p}] = {value}", f"w_span[{k_w}] = {rounded}"]
+    if not layout.pure:
+        lines = [f"p_span[{k_p}] = {value}"]
+        return lines + ([_store("w", fmt, k_w, value)] if layout.model else [])
+    # Kahan: the exact update plus the error carried so far is added to the param (p{sfx},
+    # its old value widened); what rounding left out is carried on.
+    widen = _WIDEN[fmt]
+    return [f"comp{sfx} = {widen}(w_span[{k_w}]) + ({value} - p{sfx})",
+            f"q{sfx} = {_narrow(fmt, f'p{sfx} + comp{sfx}')}", f"p_span[{k_p}] = q{sfx}",
+            _store("w", fmt, k_w, f"comp{sfx} - ({widen}(q{sfx}) - p{sfx})")]
 
 
 def _lane_loads(layout, lane, sfx, scaled):
     """Index and value of every column read, for the element at offset ``lane``."""
     g_fmt = _MODEL_FORMAT[layout.model] if layout.model else NATIVE
+    p_fmt = g_fmt if layout.pure else NATIVE
     lines = [f"k_p{sfx} = np.uint64(o_p + {lane})", f"k_g{sfx} = np.uint64(o_g + {lane})",
-             f"p{sfx} = p_span[k_p{sfx}]",
+             f"p{sfx} = {_load('p', p_fmt, f'k_p{sfx}')}",
              f"g{sfx} = {_load('g', g_fmt, f'k_g{sfx}')}" + (" * scale" if scaled else "")]
     for k in range(layout.n_slots):
         if layout.row_mode == ROW_SLOT and k == layout.row_slot:
@@ -111,7 +138,7 @@ def _lane_loads(layout, lane, sfx, scaled):
                 lines.append(f"s{k}{sfx} = {_load(f's{k}', layout.formats[k], f'k_s{k}{sfx}')}")
         else:
             lines.append(f"s{k}{sfx} = g{sfx}")      # absent: the element ignores it
-    if layout.model:
+    if layout.extra_columns:
         lines.append(f"k_w{sfx} = np.uint64(o_w + {lane})")
     return lines
 
@@ -121,9 +148,7 @@ def _lane_stores(layout, result, first, write_p, lane, sfx, keep=None):
     a blockwise state's value goes to ``keep(k, value)``'s lines instead."""
     lines = []
     if write_p:
-        lines.append(f"p_span[k_p{sfx}] = {result}{sfx}[{first}]")
-        if layout.model:
-            lines.append(_model_store(layout, f"k_w{sfx}", f"{result}{sfx}[{first}]", lane))
+        lines += _param_store(layout, sfx, f"{result}{sfx}[{first}]", lane)
     for k in range(layout.n_slots):
         if layout.writes[k] and layout.formats[k] in BLOCKWISE:
             lines += keep(k, f"{result}{sfx}[{first + 1 + k}]")
@@ -172,12 +197,12 @@ def _chunk_offsets(layout):
     """Per chunk: the element offset of each column read or written."""
     lines = [f"n = chunks[c, {COUNT}]", f"o_p = chunks[c, {FIRST_OFFSET}]",
              f"o_g = chunks[c, {FIRST_OFFSET + 1}]"]
-    if layout.model == "bfloat16-stochastic":
+    if layout.model in _STOCHASTIC:
         lines.append(f"at = chunks[c, {POSITION}]")     # stochastic rounding's counter
     for k in range(layout.n_slots):
         if layout.reads[k]:
             lines.append(f"o_s{k} = chunks[c, {FIRST_OFFSET + 2 + k}]")
-    if layout.model:
+    if layout.extra_columns:
         lines.append(f"o_w = chunks[c, {FIRST_OFFSET + 2 + layout.n_slots}]")
     return lines
 
@@ -275,7 +300,7 @@ def _blockwise_step_source(name, layout, freeze, threads, warp):
         return [f"for r in range({reps}):", f"    e = base + r * {threads} + t",
                 "    if e < n:"] + _indent(lines, 2)
 
-    first = FIRST_OFFSET + 2 + layout.n_slots + bool(layout.model)
+    first = FIRST_OFFSET + 2 + layout.n_slots + layout.extra_columns
     offsets = [f"o_a{k} = chunks[c, {first + j}]" for j, k in enumerate(blocked)]
     inner = [f"qb = (base + t) // {size}", f"live = qb * {size} < n"]
     inner += [f"old{k} = a{k}_span[np.uint64(o_a{k} + qb)] if live else np.float32(0.0)"

@@ -155,8 +155,15 @@ class _Columns(NamedTuple):
     dtype: np.dtype         # the params': float32 or float64 (float32 masters with a model)
     has: tuple              # per state position: present
     formats: tuple          # per state position: its storage format
-    model: str              # "" or the model copy's format (float16, bfloat16)
+    model: str              # "" or the 16-bit format of the model copy, or of pure params
     block: int = 0          # elements per block of the blockwise columns (0: none)
+    pure: str = ""          # 16-bit params without master weights: "kahan" or "stochastic"
+
+    @property
+    def extra(self) -> bool:
+        """A column after the state columns: the model copy of master weights, or the
+        Kahan compensation of pure 16-bit params."""
+        return bool(self.model) and self.pure != "stochastic"
 
     @property
     def blockwise(self) -> tuple:
@@ -165,13 +172,13 @@ class _Columns(NamedTuple):
                      if h and f in BLOCKWISE)
 
     def storage(self) -> list:
-        """The element dtype of each address column: p, g, s0 .. s{K-1}, with master
-        weights w, and the absmax (float32) of each blockwise column."""
+        """The element dtype of each address column: p, g, s0 .. s{K-1}, the model copy
+        or Kahan column (:attr:`extra`), and the absmax (float32) of each blockwise column."""
         u16 = np.dtype(np.uint16)
         grad = u16 if self.model else self.dtype
         states = [(self.dtype if f == NATIVE else _CODES if f in BLOCKWISE else u16) if h else grad
                   for h, f in zip(self.has, self.formats)]
-        return ([self.dtype, grad] + states + ([u16] if self.model else [])
+        return ([u16 if self.pure else self.dtype, grad] + states + ([u16] if self.extra else [])
                 + [np.dtype(np.float32)] * len(self.blockwise))
 
 
@@ -237,7 +244,7 @@ class _DeviceTable:
             if key not in made:
                 made[key] = span(key[0], (key[1] - key[0]) // dt.itemsize, dt)
             spans.append(made[key])
-        if not columns.model:
+        if not columns.extra:
             # the kernel's model argument (before any absmax span), never touched
             spans.insert(len(storage) - n_absmax, spans[1])
         # Chunks: (row, lo, hi) on the host; (count, position, row, offsets + lo) on the device.
@@ -312,10 +319,12 @@ class CudaTable:
                       self.merge, (params, grads, slots, model, scales), self.chunking)
 
 
-def fixed_columns(params, slots, model, formats, scales=None, block=0):
+def fixed_columns(params, slots, model, formats, scales=None, block=0, pure=None):
     """(columns n, p, s0 .. s{K-1}, w[, absmax ..] per tensor, their storage, kind), read
     and checked once. ``scales``/``block``: the blockwise columns' absmax arrays (one
-    list per state position, None elsewhere) and block size, as ``cpu.ChunkTable``."""
+    list per state position, None elsewhere) and block size, as ``cpu.ChunkTable``.
+    ``pure`` ("kahan" or "stochastic"): the params are 16-bit, without master weights;
+    ``model`` is then their Kahan compensation arrays (16-bit, as the params), or None."""
     n_slots = len(slots)
     fixed = np.zeros((len(params), 3 + n_slots), dtype=np.int64)
     dtype = kind = None
@@ -327,7 +336,19 @@ def fixed_columns(params, slots, model, formats, scales=None, block=0):
             raise TypeError(f"one CUDA step takes one dtype, got {dtype} and {dt}")
         fixed[i, :2] = n, addr
     dtype = dtype or np.dtype(np.float32)
-    if model is not None and dtype != np.float32:
+    pure_format = ""
+    if pure is not None:
+        if pure not in ("kahan", "stochastic"):
+            raise ValueError(f"pure must be 'kahan' or 'stochastic', got {pure!r}")
+        if (pure == "kahan") != (model is not None):
+            raise ValueError("pure='kahan' needs its compensation arrays (model=), pure='stochastic' none")
+        if dtype in (np.float32, np.float64):
+            raise TypeError(f"pure 16-bit steps take float16 or bfloat16 params, got {dtype}")
+        pure_format = format_of(dtype, None, None, "the params")
+        if pure == "stochastic" and pure_format != BFLOAT16:
+            raise TypeError("stochastic rounding of pure 16-bit params is for bfloat16, got float16")
+        dtype = np.dtype(np.float32)          # the arithmetic's (and the state's native) dtype
+    elif model is not None and dtype != np.float32:
         raise TypeError(f"master weights are float32, got params of {dtype}")
     given = (None,) * n_slots if formats is None else tuple(formats)
     if len(given) != n_slots:
@@ -343,14 +364,15 @@ def fixed_columns(params, slots, model, formats, scales=None, block=0):
             same_size(n, fixed[i, 0], f"state {k} of tensor {i}")
             fixed[i, 2 + k] = addr
         found.append(fmt)
-    model_format = ""
+    model_format = pure_format
+    what = "Kahan compensation" if pure else "model copy"
     for i, w in enumerate(model or ()):
         addr, n, dt, _ = describe(w)
-        model_format = format_of(dt, model_format or None, None, f"model copy of tensor {i}")
-        same_size(n, fixed[i, 0], f"model copy of tensor {i}")
+        model_format = format_of(dt, model_format or None, None, f"{what} of tensor {i}")
+        same_size(n, fixed[i, 0], f"{what} of tensor {i}")
         fixed[i, 2 + n_slots] = addr
     has = tuple(s is not None for s in slots)
-    columns = _Columns(dtype, has, tuple(found), model_format)
+    columns = _Columns(dtype, has, tuple(found), model_format, pure=pure or "")
     if columns.blockwise:
         block = _check_blockwise(params, columns.blockwise, scales, block)
         columns = columns._replace(block=block)
@@ -414,13 +436,13 @@ class _TableCache:
         g_addr = np.asarray(grad_addresses, dtype=np.int64).reshape(-1)
         n_slots = len(columns.has)
         n_absmax = len(columns.blockwise)
-        width = 3 + n_slots + bool(columns.model)
+        width = 3 + n_slots + columns.extra
         full = np.empty((fixed.shape[0], width + n_absmax), dtype=np.int64)
         full[:, :2] = fixed[:, :2]
         full[:, 2] = g_addr
         for k in range(n_slots):
             full[:, 3 + k] = fixed[:, 2 + k] if columns.has[k] else g_addr
-        if columns.model:
+        if columns.extra:
             full[:, 3 + n_slots] = fixed[:, 2 + n_slots]
         if n_absmax:
             full[:, width:] = fixed[:, 3 + n_slots:]

@@ -23,7 +23,7 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 FILES = ["test_cuda_sim.py", "test_family_cudasim.py", "test_cuda_columns_sim.py",
-         "test_cuda_lowbit_sim.py"]
+         "test_cuda_lowbit_sim.py", "test_cuda_pure16_sim.py"]
 UNDER_SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 
 
@@ -45,7 +45,7 @@ def _under_the_simulator(args, at_least):
 
 @pytest.mark.skipif(UNDER_SIMULATOR, reason="already under the simulator: the files run directly")
 def test_cuda_kernels_under_the_simulator():
-    _under_the_simulator([str(HERE / f) for f in FILES], 170)
+    _under_the_simulator([str(HERE / f) for f in FILES], 186)
 
 
 @pytest.mark.skipif(UNDER_SIMULATOR, reason="already under the simulator: the file runs directly")
@@ -94,7 +94,7 @@ _PTX = textwrap.dedent("""
         grad = U16 if layout.model else native
         states = [(native if f == "native" else U16) if r else grad
                   for r, f in zip(layout.reads, layout.formats)]
-        return [native, grad] + states + [U16 if layout.model else grad]
+        return [U16 if layout.pure else native, grad] + states + [U16 if layout.extra_columns else grad]
 
     def ptx(kernel, layout, h, tail, dtype=numba.float32):
         text, _ = cuda.compile_ptx(kernel.py_func, (*spans(layout, dtype), *tail(typeof(h))),
@@ -116,6 +116,13 @@ _PTX = textwrap.dedent("""
                    model="bfloat16-stochastic"), adam.adam_element, h, step(h)),
         ("step f16 model, f16/bf16 state", Layout.of((True, False, True), formats=(
             "float16", "native", "bfloat16"), model="float16"), adam.adam_element, h, step(h)),
+        ("step pure bf16 params, Kahan, bf16 state", Layout.of((True, True, False), formats=(
+            "bfloat16", "native", "native"), model="pure-bfloat16-kahan"), adam.adam_element, h, step(h)),
+        ("step pure f16 params, Kahan", Layout.of((True, True, True), model="pure-float16-kahan"),
+         adam.adam_element, h, step(h)),
+        ("step pure bf16 params, stochastic", Layout.of((True, True, False),
+                                                        model="pure-bfloat16-stochastic"),
+         adam.adam_element, h, step(h)),
         ("step row slot", Layout.of((True, True, False), (False, False, False), row_mode=2,
                                     row_slot=2), lamb.lamb_element, hl,
          step(hl, np.zeros(2, np.float32))),
