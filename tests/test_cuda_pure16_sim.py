@@ -28,8 +28,8 @@ pytestmark = [pytest.mark.cudasim,
 ml_dtypes = pytest.importorskip("ml_dtypes", reason="ml_dtypes gives NumPy its bfloat16 dtype")
 BF16 = np.dtype(ml_dtypes.bfloat16)
 F16 = np.dtype(np.float16)
-SHAPES = [(0,), (1,), (3, 5), (300,), (1100,)]    # empty, one, odd 2-D, a few chunks
-STEPS = 5
+SHAPES = [(0,), (1,), (3, 5), (700,)]    # empty, one, odd 2-D, several thread blocks
+STEPS = 4
 
 OPTIMIZERS = [
     (fo.Adam, dict(lr=1e-3)),
@@ -70,8 +70,11 @@ def _run_both(cls, hp, dtype, shapes=SHAPES, **options):
     return (pc, oc), (pg, og)
 
 
-@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "f16"])
-@pytest.mark.parametrize("cls, hp", OPTIMIZERS, ids=lambda x: getattr(x, "__name__", ""))
+# (the simulator runs each GPU thread in Python: float16 on two optimizers, for CI's time)
+@pytest.mark.parametrize("cls, hp, dtype", [
+    pytest.param(c, h, d, id=f"{c.__name__}-{name}")
+    for (c, h), d, name in [(o, BF16, "bf16") for o in OPTIMIZERS]
+    + [(o, F16, "f16") for o in OPTIMIZERS[1:3]]])
 def test_kahan_cuda_equals_cpu_bit_for_bit(cls, hp, dtype):
     (pc, oc), (pg, og) = _run_both(cls, hp, dtype, kahan_sum=True)
     moved = 0
@@ -87,9 +90,9 @@ def test_kahan_cuda_equals_cpu_bit_for_bit(cls, hp, dtype):
     assert moved, "the compensation never held an error: the test would not see a wrong one"
 
 
-@pytest.mark.parametrize("cls, hp", OPTIMIZERS[:2], ids=lambda x: getattr(x, "__name__", ""))
+@pytest.mark.parametrize("cls, hp", OPTIMIZERS[1:2], ids=lambda x: getattr(x, "__name__", ""))
 def test_kahan_with_int8_state_cuda_equals_cpu(cls, hp):
-    shapes = [(5000,), (7,)]                 # one tensor with int8 state, one under 4096
+    shapes = [(4100,), (7,)]                 # one tensor with int8 state, one under 4096
     (pc, oc), (pg, og) = _run_both(cls, hp, BF16, shapes, kahan_sum=True, state_format="int8")
     for key, value in oc.state[0].items():
         if key != "step":
@@ -98,16 +101,16 @@ def test_kahan_with_int8_state_cuda_equals_cpu(cls, hp):
     assert oc.state[0]["exp_avg"].dtype == np.uint8
 
 
-@pytest.mark.parametrize("cls, hp", OPTIMIZERS, ids=lambda x: getattr(x, "__name__", ""))
+@pytest.mark.parametrize("cls, hp", OPTIMIZERS[::3], ids=lambda x: getattr(x, "__name__", ""))
 def test_stochastic_rounding_cuda_equals_cpu_bit_for_bit(cls, hp):
     (pc, oc), _ = _run_both(cls, hp, BF16, stochastic_rounding=True, master_weights=False)
-    assert "kahan_comp" not in oc.state[4]
+    assert "kahan_comp" not in oc.state[3]
 
 
 def test_stochastic_rounding_is_not_round_to_nearest():
     """The CUDA kernel really draws: over many elements some land on the farther
     neighbour, which rounding to nearest never does."""
-    shapes = [(4000,)]
+    shapes = [(2000,)]
     params = _start(BF16, shapes)
     start = params[0].astype(np.float32)
     opt = fo.SGD(params, lr=1e-3, backend="cuda", stochastic_rounding=True, master_weights=False)
@@ -117,7 +120,7 @@ def test_stochastic_rounding_is_not_round_to_nearest():
     nearest = exact.astype(BF16).astype(np.float32)
     got = params[0].astype(np.float32)
     assert np.all(np.abs(got - exact) <= np.abs(np.spacing(exact.astype(BF16)).astype(np.float32)) * 2)
-    assert np.count_nonzero(got != nearest) > 100
+    assert np.count_nonzero(got != nearest) > 50
 
 
 def test_float16_stochastic_rounding_is_refused_on_cuda_as_on_cpu():
