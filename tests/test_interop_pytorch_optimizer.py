@@ -169,9 +169,9 @@ def test_load_mid_run_and_continue(name, direction, api):
     assert ours.steps() == [FIRST + THEN] * len(SHAPES)
 
 
-@needs_oracle
 def test_round_trip_through_pytorch_optimizer_keeps_everything():
-    """fastopt -> pytorch_optimizer's layout -> fastopt: the same arrays and steps."""
+    """fastopt -> pytorch_optimizer's layout -> fastopt: the same arrays and steps (with
+    torch tensors in between where torch is importable, NumPy arrays otherwise)."""
     row = ROWS["AdEMAMix"]
     a = _Side("numpy", row, _init(4))
     for gs in _grads(5, 7):
@@ -231,6 +231,9 @@ def test_loader_reads_group_steps_and_default_maximize():
     assert [g["maximize"] for g in fresh.param_groups] == [True, True]     # the optimizer's default
     assert all("step" not in g for g in fresh.param_groups)
     assert sd["param_groups"][0]["step"] == 3 and "step" not in sd["state"][0]    # input untouched
+    sd["state"][0]["step"] = np.array(3.0, np.float32)      # both layouts at once, agreeing
+    fresh.load_state_dict(sd)
+    assert [int(fresh.state[i]["step"]) for i in (0, 1)] == [3, 3]
 
 
 def _bad_state_dicts():
