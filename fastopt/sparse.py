@@ -28,7 +28,12 @@ class SparseGrad(NamedTuple):
     rows: np.ndarray
 
     def coalesce(self) -> "SparseGrad":
-        """Unique sorted indices, duplicate rows summed (in index order: deterministic)."""
+        """Unique sorted indices, duplicate rows summed (in index order: deterministic).
+        Indices already strictly increasing (torch's coalesced COO gradients, most
+        embedding lookups after ``unique``) are taken as they are: no sort, no copy."""
+        i = self.indices
+        if i.size < 2 or bool(np.all(i[1:] > i[:-1])):
+            return self if self.rows.flags.c_contiguous else SparseGrad(i, np.ascontiguousarray(self.rows))
         uniq, inverse = np.unique(self.indices, return_inverse=True)
         if uniq.size == self.indices.size:
             order = np.argsort(self.indices, kind="stable")
