@@ -36,6 +36,7 @@ arrays turned into tensors (or back) and, for torch, ``step`` as torch keeps it.
 from __future__ import annotations
 
 import numbers
+import operator
 
 import numpy as np
 
@@ -89,7 +90,7 @@ class Lookahead:
         self._slow = self._copies(params, copy=True)
         self._slow_momentum = self._copies(params, copy=False) \
             if self.pullback_momentum == "pullback" else None
-        self._tables: dict = {}
+        self._passes: dict = {}
 
     # -- what it shares with the inner optimizer --------------------------------------------
     @property
@@ -141,17 +142,17 @@ class Lookahead:
     def step(self, grads=None, **options) -> bool:
         """The inner step (``grads`` and options as its ``step``), then the slow-weight
         update of the groups whose counter reaches k. Returns what the inner step returns."""
-        params = self._params()
-        if len(params) != len(self._slow):
+        n = sum(len(g["params"]) for g in self.optimizer.param_groups)
+        if n != len(self._slow):
             raise ValueError("Lookahead: the inner optimizer's params changed (add_param_group "
                              "on the inner optimizer); use Lookahead.add_param_group")
         applied = self.optimizer.step(grads, **options)
         if not applied:
             return applied
         if grads is None or _validate.is_array(grads):
-            stepped = range(len(params))
-        else:
-            stepped = [i for i, g in enumerate(grads) if g is not None]
+            stepped = range(n)
+        else:   # read only when a slow update is due
+            stepped = (i for i, g in enumerate(grads) if g is not None)
         self.after_step(stepped)
         return applied
 
@@ -160,17 +161,23 @@ class Lookahead:
         over the params ``stepped`` (their positions over all groups: those that had a
         gradient). :meth:`step` calls it; a wrapper that runs the inner step itself (a
         torch-side Lookahead over fastopt.torch's optimizer) calls it after that step."""
-        params = self._params()
-        due, start = set(), 0
+        due, start = [], 0
         for gi, group in enumerate(self.optimizer.param_groups):
+            n = len(group["params"])
             self._counters[gi] += 1
             if self._counters[gi] >= self.k:
                 self._counters[gi] = 0
-                due.update(range(start, start + len(group["params"])))
-            start += len(group["params"])
-        chosen = [i for i in stepped if i in due]
+                due.append(range(start, start + n))
+            start += n
+        if not due:
+            return
+        if isinstance(stepped, range) and stepped == range(start) and sum(map(len, due)) == start:
+            chosen = stepped                      # every param, in order: the common case
+        else:
+            wanted = set().union(*due)
+            chosen = tuple(i for i in stepped if i in wanted)
         if chosen:
-            self._update(params, chosen)
+            self._update(self._params(), chosen)
 
     def _momenta(self, chosen):
         """The inner momentum_buffer of each chosen param (None where it keeps none)."""
@@ -183,37 +190,27 @@ class Lookahead:
         return out if any(m is not None for m in out) else None
 
     def _update(self, params, chosen) -> None:
+        """The slow update of params ``chosen`` (a range or a tuple of positions)."""
         backend_name = _backend.resolve(self.optimizer.backend, params[0])
+        if isinstance(chosen, range) and len(chosen) == len(params):
+            sel, slows = params, self._slow
+        else:
+            sel, slows = [params[i] for i in chosen], [self._slow[i] for i in chosen]
         momenta = self._momenta(chosen)
+        slow_m = None if momenta is None or self._slow_momentum is None else \
+            [self._slow_momentum[i] for i in chosen]
         if backend_name == "numpy":
-            sel = [params[i] for i in chosen]
-            slows = [self._slow[i] for i in chosen]
-            if momenta is not None and self._slow_momentum is not None:
-                slow_m = [self._slow_momentum[i] for i in chosen]
-            else:
-                slow_m = None
             _kernel.lookahead_numpy(sel, slows, momenta, slow_m, self.alpha, self.pullback_momentum)
             return
         driver = _backend.get(backend_name)
-        by_dtype: dict = {}
-        for k, i in enumerate(chosen):
-            if params[i].size:
-                # params with and without a momentum buffer run as separate tables
-                has_m = momenta is not None and momenta[k] is not None
-                by_dtype.setdefault((np.dtype(params[i].dtype), has_m), []).append((i, k))
-        for (dtype, has_m), members in by_dtype.items():
-            ps = [params[i] for i, _ in members]
-            slots = ([self._slow[i] for i, _ in members],
-                     [momenta[k] for _, k in members] if has_m else None,
-                     [self._slow_momentum[i] for i, _ in members]
-                     if has_m and self.pullback_momentum == "pullback" else None)
-            key = (backend_name, dtype, has_m, tuple(i for i, _ in members),
-                   tuple(id(a) for col in (ps,) + slots if col is not None for a in col))
-            table = self._tables.get(key)
-            if table is None:
-                if len(self._tables) > 64:
-                    self._tables.clear()
-                table = self._tables[key] = driver.table(ps, ps, slots)
+        columns = _SlowPass.columns_of(sel, slows, momenta, slow_m)
+        key = (backend_name, chosen)
+        plan = self._passes.get(key)
+        if plan is None or not plan.holds(columns):
+            if plan is None and len(self._passes) >= 64:
+                self._passes.clear()
+            plan = self._passes[key] = _SlowPass(driver, columns)
+        for dtype, has_m, table in plan.runs:
             scalars = _kernel.lookahead_scalars(self.alpha, self.pullback_momentum if has_m else "none",
                                                 dtype.type)
             driver.run(_kernel.lookahead_element, table, scalars, 1.0)
@@ -322,7 +319,7 @@ class Lookahead:
             if self._slow_momentum is not None:
                 self._slow_momentum[i][...] = slow_m[i]
         self._counters = counters
-        self._tables.clear()
+        self._passes.clear()
 
     def _group_spans(self):
         start = 0
@@ -345,3 +342,46 @@ class Lookahead:
     def __repr__(self):
         return (f"Lookahead({self.optimizer!r}, k={self.k}, alpha={self.alpha}, "
                 f"pullback_momentum={self.pullback_momentum!r})")
+
+
+class _SlowPass:
+    """The slow update of one choice of params, kept for the next slow steps while the
+    same arrays take part: the arrays it was built over (held, so that an identity test
+    stays valid) and, per (dtype, has a momentum buffer), the driver's chunk table.
+
+    Whatever replaces an array makes a new pass: params rebound in ``param_groups``, the
+    inner ``load_state_dict`` (new state arrays), a momentum buffer that appears after
+    the first inner step, another inner optimizer."""
+
+    __slots__ = ("columns", "runs")
+
+    def __init__(self, driver, columns):
+        self.columns = columns
+        params, slows, momenta, slow_m = columns
+        members: dict = {}
+        for k, p in enumerate(params):
+            if p.size:
+                # params with and without a momentum buffer run as separate tables
+                has_m = momenta is not None and momenta[k] is not None
+                members.setdefault((np.dtype(p.dtype), has_m), []).append(k)
+        self.runs = []
+        for (dtype, has_m), ks in members.items():
+            ps = [params[k] for k in ks]
+            slots = ([slows[k] for k in ks], [momenta[k] for k in ks] if has_m else None,
+                     [slow_m[k] for k in ks] if has_m and slow_m is not None else None)
+            self.runs.append((dtype, has_m, driver.table(ps, ps, slots)))
+
+    @staticmethod
+    def columns_of(params, slows, momenta, slow_m) -> tuple:
+        """The arrays of a slow pass, as tuples (None for an absent column)."""
+        return tuple(None if col is None else tuple(col) for col in (params, slows, momenta, slow_m))
+
+    def holds(self, columns) -> bool:
+        """Whether ``columns`` are the very arrays this pass was built over."""
+        for mine, now in zip(self.columns, columns):
+            if mine is None or now is None:
+                if mine is not now:
+                    return False
+            elif len(mine) != len(now) or not all(map(operator.is_, mine, now)):
+                return False
+        return True
