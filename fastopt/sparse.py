@@ -59,7 +59,9 @@ def rows_seen_so_far(seen: dict, i: int, param, sg: "SparseGrad"):
 
 
 def check(grad, param, index: int) -> "SparseGrad":
-    """Validate a SparseGrad against its parameter; return it coalesced."""
+    """Validate a SparseGrad against its parameter; return it coalesced, indices int64.
+    The bounds are checked on the coalesced indices, which are sorted: their first and
+    last are the least and the greatest (no pass over the indices for them)."""
     label = f"grads[{index}]"
     if not isinstance(param, np.ndarray):
         raise TypeError(f"{label}: sparse gradients are supported for NumPy params only")
@@ -74,10 +76,12 @@ def check(grad, param, index: int) -> "SparseGrad":
                          f"(one row of params[{index}] per index)")
     if rows.dtype != param.dtype:
         raise TypeError(f"{label}.rows has dtype {rows.dtype}, expected {param.dtype}")
-    if idx.size and (idx.min() < 0 or idx.max() >= param.shape[0]):
+    # coalesced in the indices' own dtype: an unsigned index past int64 stays itself
+    sg = SparseGrad(idx, rows).coalesce()
+    if idx.size and (sg.indices[0] < 0 or sg.indices[-1] >= param.shape[0]):
         raise IndexError(f"{label}.indices must lie in [0, {param.shape[0]}), got "
-                         f"[{idx.min()}, {idx.max()}]")
-    return SparseGrad(idx.astype(np.int64, copy=False), rows).coalesce()
+                         f"[{sg.indices[0]}, {sg.indices[-1]}]")
+    return sg if sg.indices.dtype == np.int64 else SparseGrad(sg.indices.astype(np.int64), sg.rows)
 
 
 class SparseSteps:
