@@ -203,13 +203,12 @@ class Lookahead:
             _kernel.lookahead_numpy(sel, slows, momenta, slow_m, self.alpha, self.pullback_momentum)
             return
         driver = _backend.get(backend_name)
-        columns = _SlowPass.columns_of(sel, slows, momenta, slow_m)
         key = (backend_name, chosen)
         plan = self._passes.get(key)
-        if plan is None or not plan.holds(columns):
+        if plan is None or not plan.holds(sel, momenta):
             if plan is None and len(self._passes) >= 64:
                 self._passes.clear()
-            plan = self._passes[key] = _SlowPass(driver, columns)
+            plan = self._passes[key] = _SlowPass(driver, sel, slows, momenta, slow_m)
         for dtype, has_m, table in plan.runs:
             scalars = _kernel.lookahead_scalars(self.alpha, self.pullback_momentum if has_m else "none",
                                                 dtype.type)
@@ -349,15 +348,17 @@ class _SlowPass:
     same arrays take part: the arrays it was built over (held, so that an identity test
     stays valid) and, per (dtype, has a momentum buffer), the driver's chunk table.
 
-    Whatever replaces an array makes a new pass: params rebound in ``param_groups``, the
-    inner ``load_state_dict`` (new state arrays), a momentum buffer that appears after
-    the first inner step, another inner optimizer."""
+    Whatever replaces a param or a momentum buffer makes a new pass: params rebound in
+    ``param_groups``, the inner ``load_state_dict`` (new state arrays), buffers that
+    appear after the first inner step, another inner optimizer. The slow weights and
+    slow momenta need no test: they are the Lookahead's own arrays, one per position,
+    never replaced (add_param_group appends, load_state_dict copies into them)."""
 
-    __slots__ = ("columns", "runs")
+    __slots__ = ("params", "momenta", "runs")
 
-    def __init__(self, driver, columns):
-        self.columns = columns
-        params, slows, momenta, slow_m = columns
+    def __init__(self, driver, params, slows, momenta, slow_m):
+        self.params = tuple(params)
+        self.momenta = None if momenta is None else tuple(momenta)
         members: dict = {}
         for k, p in enumerate(params):
             if p.size:
@@ -371,17 +372,13 @@ class _SlowPass:
                      [slow_m[k] for k in ks] if has_m and slow_m is not None else None)
             self.runs.append((dtype, has_m, driver.table(ps, ps, slots)))
 
-    @staticmethod
-    def columns_of(params, slows, momenta, slow_m) -> tuple:
-        """The arrays of a slow pass, as tuples (None for an absent column)."""
-        return tuple(None if col is None else tuple(col) for col in (params, slows, momenta, slow_m))
+    def holds(self, params, momenta) -> bool:
+        """Whether ``params`` and ``momenta`` (None: no buffers) are the very arrays this
+        pass was built over."""
+        if (momenta is None) != (self.momenta is None):
+            return False
+        return _same(self.params, params) and (momenta is None or _same(self.momenta, momenta))
 
-    def holds(self, columns) -> bool:
-        """Whether ``columns`` are the very arrays this pass was built over."""
-        for mine, now in zip(self.columns, columns):
-            if mine is None or now is None:
-                if mine is not now:
-                    return False
-            elif len(mine) != len(now) or not all(map(operator.is_, mine, now)):
-                return False
-        return True
+
+def _same(mine, now) -> bool:
+    return len(mine) == len(now) and all(map(operator.is_, mine, now))
