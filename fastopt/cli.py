@@ -293,7 +293,9 @@ def _extra_benches(names, args) -> int:
             print("\n".join(lookahead.lines(records)), flush=True)
         else:
             from .benchmark import muon
-            matrices = muon.DEFAULT_MATRICES if big else muon.QUICK_MATRICES
+            matrices, note = muon.matrices_for(big)
+            if note:
+                print(note, flush=True)
             print(f"\nMuon vs torch.optim.Muon on {matrices} ({args.dtype})", flush=True)
             record = muon.run(muon.parse_matrices(matrices), args.dtype,
                               repeats=max(3, min(args.repeats, 7)), threads=args.threads,

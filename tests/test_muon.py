@@ -672,3 +672,17 @@ def test_benchmark_record_and_table():
     assert len(record["samples_ms"]["fastopt"]["total"]) == 2
     text = "\n".join(bench.lines(record))
     assert "fastopt.Muon" in text and "torch.optim.Muon" in text
+
+
+def test_bench_takes_quick_matrices_where_torchs_bfloat16_matmul_is_slow():
+    from fastopt.benchmark import muon as bench
+    assert bench.matrices_for(False, slowdown=lambda: 1000.0) == (bench.QUICK_MATRICES, None)
+    assert bench.matrices_for(True, slowdown=lambda: 1.5) == (bench.DEFAULT_MATRICES, None)
+    matrices, note = bench.matrices_for(True, slowdown=lambda: 29.0)
+    assert matrices == bench.QUICK_MATRICES and "29x" in note and bench.DEFAULT_MATRICES in note
+
+
+@needs_torch
+def test_bfloat16_slowdown_is_a_positive_ratio():
+    from fastopt.benchmark import muon as bench
+    assert bench.bfloat16_slowdown(64) > 0

@@ -43,6 +43,46 @@ def parse_matrices(text: str) -> list:
     return shapes
 
 
+# torch.optim.Muon runs Newton-Schulz in bfloat16. Where torch's bfloat16 CPU matmul is
+# this many times slower than its float32 one (no native path: AVX2-only CPUs, measured
+# 29x on an AMD EPYC), the default matrices take minutes per torch step.
+SLOW_BFLOAT16 = 8.0
+
+
+def bfloat16_slowdown(n: int = 256) -> float:
+    """How many times longer torch's ``n x n`` bfloat16 matmul takes than its float32 one
+    on this CPU (the best of 3 of each, after one untimed call)."""
+    import torch
+
+    def best(dtype):
+        a = torch.randn(n, n).to(dtype)
+        b = torch.randn(n, n).to(dtype)
+        a @ b
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    return best(torch.bfloat16) / max(best(torch.float32), 1e-9)
+
+
+def matrices_for(big: bool, slowdown=bfloat16_slowdown) -> tuple:
+    """The matrices ``fastopt bench`` times (``DEFAULT_MATRICES`` at --size 64M or more,
+    ``QUICK_MATRICES`` below it) and a note, or None: at 64M, a CPU whose bfloat16 matmul
+    is over :data:`SLOW_BFLOAT16` times slower than float32 gets the quick matrices."""
+    if not big:
+        return QUICK_MATRICES, None
+    ratio = slowdown()
+    if ratio <= SLOW_BFLOAT16:
+        return DEFAULT_MATRICES, None
+    return QUICK_MATRICES, (
+        f"note: muon: torch's bfloat16 matmul takes {ratio:.0f}x its float32 time on this CPU "
+        f"(torch.optim.Muon's Newton-Schulz runs in bfloat16), so Muon runs on {QUICK_MATRICES} "
+        f"instead of {DEFAULT_MATRICES}; python -m fastopt.benchmark.muon --matrices ... times any size")
+
+
 def _median(xs):
     xs = sorted(xs)
     n = len(xs)
@@ -134,7 +174,7 @@ def _run(shapes, dtype, repeats, warmup, seed, hyper, blas_threads):
     f, t = med["fastopt"], med["torch"]
     return {
         "shapes": [list(s) for s in shapes], "dtype": dt.name, "repeats": repeats,
-        "threads": torch.get_num_threads(), "blas_threads": blas_threads or "BLAS default",
+        "threads": torch.get_num_threads(), "blas_threads": blas_threads or "default",
         "params": int(sum(m * n for m, n in shapes)),
         "fastopt_ms": f, "torch_ms": t,
         "samples_ms": {who: {k: [x * 1e3 for x in v] for k, v in r.items()} for who, r in rows.items()},
