@@ -32,6 +32,8 @@ from fastopt import SparseGrad
 from fastopt.kernels.reference_sparse_adam import coalesce, sparse_adam, sparse_adam_dense_rows
 from fastopt.kernels.sparse_adam import SPEC, sparse_adam_element, sparse_adam_scalars
 
+from cases import RunScales, assert_within_ulps
+
 DTYPES = [np.float32, np.float64]
 DTYPE_IDS = ["f32", "f64"]
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
@@ -46,23 +48,8 @@ HPARAMS = {
 }
 
 
-class _Scales:
-    def __init__(self):
-        self.seen = {}
-
-    def update(self, name, arrays) -> float:
-        m = max((float(np.max(np.abs(a))) for a in arrays if a.size), default=0.0)
-        self.seen[name] = max(self.seen.get(name, 0.0), m)
-        return self.seen[name]
-
-
 def _assert_close(ours, theirs, scale, dtype, what):
-    tol = ULPS * float(np.finfo(dtype).eps) * scale
-    for i, (a, b) in enumerate(zip(ours, theirs)):
-        a, b = np.asarray(a), np.asarray(b)
-        assert a.dtype == np.dtype(dtype) and a.shape == b.shape, (what, a.dtype, a.shape, b.shape)
-        err = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)), initial=0.0))
-        assert err <= tol, f"{what}[{i}]: max |ours - torch| = {err:.3g} > {tol:.3g}"
+    assert_within_ulps(ours, theirs, scale, dtype, what, ULPS)
 
 
 def _batch(rng, shape, dtype, step):
@@ -96,7 +83,7 @@ def test_reference_matches_torch(torch, dtype, row):
     m, v = np.zeros_like(p), np.zeros_like(p)
     t = torch.tensor(p.copy())
     opt = torch.optim.SparseAdam([t], **hp)
-    scales = _Scales()
+    scales = RunScales()
     for step in range(1, STEPS + 1):
         idx, vals = _batch(rng, shape, dtype, step)
         t.grad = _torch_grad(idx, vals, shape)
@@ -172,7 +159,7 @@ def _run_against_torch(torch, dtype, row, backend, steps=STEPS, shapes=SHAPES):
                         backend=backend, **hp)
     ref = torch.optim.SparseAdam([{"params": theirs[:half]},
                                   {"params": theirs[half:], "lr": hp["lr"] * 2}], **hp)
-    scales = _Scales()
+    scales = RunScales()
     counts = [0] * len(shapes)
     for step in range(1, steps + 1):
         if step == steps // 2:
