@@ -28,10 +28,11 @@ State dict (pytorch_optimizer's layout)::
 ``i`` is the param's position over all groups (torch's state ids), so ``fastopt.save``
 stores it; ``state_dict(pairs=True)`` keys it ``(group, position in group)`` as
 pytorch_optimizer does. :meth:`load_state_dict` takes either key (the arrays as NumPy
-arrays: ``fastopt.interop.from_pytorch_optimizer`` converts a torch one), and the inner part as the inner optimizer's
-``load_state_dict`` does (torch.optim's layout). So a pytorch_optimizer.Lookahead around
-``torch.optim.X`` loads into ``fastopt.Lookahead(fastopt.X(...))`` and back, with the
-arrays turned into tensors (or back) and, for torch, ``step`` as torch keeps it.
+arrays: ``fastopt.interop.from_pytorch_optimizer`` converts a torch one), and the inner
+part as the inner optimizer's ``load_state_dict`` does (torch.optim's layout). So a
+pytorch_optimizer.Lookahead around ``torch.optim.X`` loads into
+``fastopt.Lookahead(fastopt.X(...))`` and back, with the arrays turned into tensors (or
+back) and, for torch, ``step`` as torch keeps it.
 """
 from __future__ import annotations
 

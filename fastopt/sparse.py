@@ -33,7 +33,8 @@ class SparseGrad(NamedTuple):
         embedding lookups after ``unique``) are taken as they are: no sort, no copy."""
         i = self.indices
         if i.size < 2 or bool(np.all(i[1:] > i[:-1])):
-            return self if self.rows.flags.c_contiguous else SparseGrad(i, np.ascontiguousarray(self.rows))
+            rows = self.rows
+            return self if rows.flags.c_contiguous else SparseGrad(i, np.ascontiguousarray(rows))
         uniq, inverse = np.unique(self.indices, return_inverse=True)
         if uniq.size == self.indices.size:
             order = np.argsort(self.indices, kind="stable")

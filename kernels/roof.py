@@ -74,9 +74,9 @@ def pass_scalars(reads: str, cast):
 # bytes such a step moves, over one contiguous buffer per array, with trivial math: each
 # param gets scale * g added, each 16-bit or 8-bit state element one added (wrapping), and
 # each absmax (one float32 per ``block`` elements of a blockwise column) is read and
-# rewritten once per block (bfloat16: in blocks of 256, a loop per array). Each runs in chunks of ``chunk`` elements (whole blocks), one
-# chunk per ``prange`` iteration, sliced first and looped from 0 as the driver's loops
-# (the form LLVM vectorises). One function per number of state columns: generated, and
+# rewritten once per block (bfloat16: in blocks of 256, a loop per array). Each runs in
+# chunks of ``chunk`` elements (whole blocks), one chunk per ``prange`` iteration, sliced
+# first and looped from 0 as the driver's loops (the form LLVM vectorises). One function per number of state columns: generated, and
 # cached on disk as the drivers are (kernels/codegen.py).
 LOWBIT_KINDS = ("bfloat16", "int8")
 _LOWBIT: dict = {}
