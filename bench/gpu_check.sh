@@ -60,7 +60,7 @@ timeout 150 "$PY" -m pytest -q -rfEs -p no:cacheprovider -p no:randomly \
 tests_rc=${PIPESTATUS[0]}
 
 echo "== GPU figures"
-timeout 170 "$PY" "$REPO/bench/gpu_figures.py" --out "$OUT" 2>&1 | tee "$OUT/gpu_figures.log"
+timeout 240 "$PY" "$REPO/bench/gpu_figures.py" --out "$OUT" 2>&1 | tee "$OUT/gpu_figures.log"
 figures_rc=${PIPESTATUS[0]}
 
 {

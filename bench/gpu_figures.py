@@ -7,7 +7,11 @@ Rows (Adam, float32):
     same data, and a small sweep of launch geometry (block size, chunk size, grid);
   - 2000 tensors x 512: fastopt FlatParams and list mode vs torch fused (list of 2000);
   - kernel launches per step, counted by the torch profiler (CUPTI) and by the driver;
-  - parity with torch fused Adam on the device (1M params, 20 steps).
+  - parity with torch fused Adam on the device (1M params, 20 steps);
+  - low-bit state (64M params, FlatParams): fastopt Adam with float32, bfloat16 and int8
+    state, each in GB/s of the bytes it actually moves and against a roof kernel with its
+    access pattern (CuPy RawKernel, trivial math); torch fused Adam with float32 and with
+    bfloat16 state; bitsandbytes' 8-bit Adam where it is installed with CUDA.
 
 Every section is guarded: a failure is recorded in the JSON and the run goes on.
 Writes ``$OUT/gpu_figures.json`` (or ``--out``) and prints a compact table at the end.
@@ -355,6 +359,106 @@ def parity(n=1 << 20, steps=20):
         rel_err=err, ok=err < 1e-5)
 
 
+# Bytes each state format moves per float32 Adam param and step: p read and written, g
+# read, and per moment its stored width read and written (int8: a float32 absmax read and
+# written per 256-element block as well).
+LOWBIT_BYTES = {"float32": 28.0, "bfloat16": 20.0, "int8": 16.0 + 2 * 8.0 / 256}
+
+# The roof of each format: Adam's access pattern with trivial math (one thread per
+# element; the thread at a block's first element also updates the block's absmax).
+_LOWBIT_ROOF = r"""
+extern "C" __global__ void roof_NAME(float* p, const float* g, STATE* m, STATE* v,
+                                      float* am, float* av, float scale, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        p[i] = p[i] + scale * g[i];
+        m[i] = (STATE)(m[i] + 1);
+        v[i] = (STATE)(v[i] + 1);
+        if (ABSMAX && (i & 255) == 0) { am[i >> 8] += scale; av[i >> 8] += scale; }
+    }
+}
+"""
+
+
+def _lowbit_roof(fmt, n):
+    """``step()`` of the roof kernel of ``fmt`` over fresh arrays of ``n`` params."""
+    import cupy
+    ctype, dtype = {"float32": ("float", cupy.float32), "bfloat16": ("unsigned short", cupy.uint16),
+                    "int8": ("unsigned char", cupy.uint8)}[fmt]
+    source = (_LOWBIT_ROOF.replace("NAME", fmt).replace("STATE", ctype)
+              .replace("ABSMAX", "1" if fmt == "int8" else "0"))
+    kernel = cupy.RawKernel(source, f"roof_{fmt}")
+    p, g = cupy.zeros(n, cupy.float32), cupy.ones(n, cupy.float32)
+    m, v = cupy.zeros(n, dtype), cupy.zeros(n, dtype)
+    blocks = max(1, (n + 255) // 256)
+    am, av = cupy.zeros(blocks, cupy.float32), cupy.zeros(blocks, cupy.float32)
+    grid = min(blocks, INFO.get("sm_count", 132) * 32)
+    args = (p, g, m, v, am, av, np.float32(1e-3), np.int64(n))
+    return lambda: kernel((grid,), (256,), args)
+
+
+@section("lowbit_64M")
+def lowbit(n):
+    """fastopt Adam's state formats on the device against their roofs, torch fused Adam
+    (float32 and bfloat16 state) and bitsandbytes' 8-bit Adam, in GB/s of bytes moved."""
+    import cupy
+
+    import fastopt as fo
+    rng = cupy.random.default_rng(3)
+    init = rng.standard_normal(n, dtype=cupy.float32)
+    grad = rng.standard_normal(n, dtype=cupy.float32)
+    ms_of = {}
+    for fmt, per_param in LOWBIT_BYTES.items():
+        moved = per_param * n
+        roof_step = _lowbit_roof(fmt, n)
+        ms, gms = timeit(roof_step, 20)
+        roof_gms = gms
+        row("lowbit_64M", f"roof, {fmt} state", ms, gms, bytes_per_param=per_param,
+            gbps=round(moved / gms / 1e6, 1))
+        del roof_step
+        free()
+        flat = fo.FlatParams([init.copy()])
+        flat.grad[...] = grad
+        opt = fo.Adam(flat, lr=1e-4, state_format=fmt)
+        opt.step()
+        ms, gms = timeit(opt.step, 20)
+        ms_of[fmt] = gms
+        row("lowbit_64M", f"fastopt Adam FlatParams, {fmt} state", ms, gms, bytes_per_param=per_param,
+            gbps=round(moved / gms / 1e6, 1), frac_of_roof=round(roof_gms / gms, 3),
+            vs_fastopt_float32=round(ms_of["float32"] / gms, 3))
+        del opt, flat
+        free()
+    torch = _torch()
+    for fmt in ("float32", "bfloat16"):
+        tp = _torch_view(torch, init).clone()
+        tp.grad = _torch_view(torch, grad).clone()
+        topt = torch.optim.Adam([tp], lr=1e-4, fused=True)
+        topt.step()
+        if fmt == "bfloat16":   # torch's fused CUDA Adam takes bfloat16 moments beside float32 params
+            for key in ("exp_avg", "exp_avg_sq"):
+                topt.state[tp][key] = topt.state[tp][key].to(torch.bfloat16)
+        topt.step()
+        ms, gms = timeit(topt.step, 20)
+        row("lowbit_64M", f"torch Adam(fused=True), {fmt} state", ms, gms,
+            bytes_per_param=LOWBIT_BYTES[fmt], gbps=round(LOWBIT_BYTES[fmt] * n / gms / 1e6, 1),
+            fastopt_speedup=round(gms / ms_of[fmt], 3))
+        del topt, tp
+        free()
+    try:
+        import bitsandbytes as bnb
+    except Exception as exc:  # noqa: BLE001 - an optional baseline
+        INFO["bitsandbytes"] = f"unavailable: {type(exc).__name__}: {exc}"
+        return
+    INFO["bitsandbytes"] = getattr(bnb, "__version__", "?")
+    tp = _torch_view(torch, init).clone()
+    tp.grad = _torch_view(torch, grad).clone()
+    bopt = bnb.optim.Adam8bit([tp], lr=1e-4)
+    bopt.step()
+    ms, gms = timeit(bopt.step, 20)
+    row("lowbit_64M", "bitsandbytes Adam8bit", ms, gms, bytes_per_param=LOWBIT_BYTES["int8"],
+        gbps=round(LOWBIT_BYTES["int8"] * n / gms / 1e6, 1), fastopt_speedup=round(gms / ms_of["int8"], 3))
+
+
 @section("kernel_cache")
 def kernel_cache(repo):
     """FASTOPT_CUDA_CACHE=1: time to the first step in a fresh process, cold then warm."""
@@ -404,6 +508,10 @@ def table():
     if launch_rows:
         tgt.append("one launch per step per dtype group: "
                    + ("PASS" if all(r.get("ok") for r in launch_rows) else "FAIL"))
+    for r in ROWS:
+        if r["section"] == "lowbit_64M" and r.get("frac_of_roof") is not None:
+            tgt.append(f"{r['name']}: {r['frac_of_roof']:.3f} of its roof, "
+                       f"{r['vs_fastopt_float32']:.3f}x fastopt float32 state")
     lines += ["targets:"] + ["  " + t for t in tgt]
     if ERRORS:
         lines.append("errors: " + "; ".join(f"{e['section']}: {e['error'][:160]}" for e in ERRORS))
@@ -415,6 +523,7 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--n", type=int, default=1 << 28, help="params of the large Adam case (256M)")
     ap.add_argument("--copy-bytes", type=int, default=1 << 31)
+    ap.add_argument("--lowbit-n", type=int, default=1 << 26, help="params of the low-bit rows (64M)")
     ap.add_argument("--skip-cache", action="store_true")
     args = ap.parse_args()
     global OUT_DIR
@@ -426,6 +535,7 @@ def main():
     adam_small()
     launches()
     parity()
+    lowbit(args.lowbit_n)
     if not args.skip_cache:
         kernel_cache(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     INFO["total_s"] = round(time.perf_counter() - t0, 1)
