@@ -44,7 +44,8 @@ to :meth:`CudaBackend.table` as ``formats=``, ``scales=``, ``block=``, as to
 block owns whole quantization blocks, finds each block's new absmax with warp shuffles
 (and shared memory across warps), and encodes with the CPU encoder's tables, so codes
 and absmax are the CPU driver's bit for bit when the element's math is (see
-kernels/cuda_codegen.py).
+kernels/cuda_codegen.py). A reduction reads them read-only (LAMB's and LARS's first
+pass): each code decoded with its block's absmax, nothing re-encoded.
 
 The same kernels run under the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``), where the
 spans are NumPy views of host memory, so the simulator exercises exactly the code the
@@ -224,6 +225,16 @@ def _step_kernel_for(element, table, scalars, writes, mode, slot, stochastic):
     return kernel
 
 
+def _reduction_layout(table, writes, blocked) -> Layout:
+    """The layout of a reduction over ``table`` storing the state columns ``writes``, its
+    blockwise columns (``blocked``) read-only: decoded, never re-encoded. Layout.of
+    refuses a blockwise column read and not written (a step re-encodes each one it
+    reads), so the layout is built with them written and their writes then cleared."""
+    layout = Layout.of(table.has, tuple(w or b for w, b in zip(writes, blocked)), table.formats,
+                       model=_model(table), block=table.block)
+    return layout._replace(writes=tuple(w and not b for w, b in zip(layout.writes, blocked)))
+
+
 def _model(table, stochastic=False) -> str:
     """The layout's model column (kernels/layout.py MODELS) of ``table``'s columns."""
     if table.columns.pure:
@@ -369,16 +380,18 @@ class CudaBackend:
                              f"entries, got {len(writes)}")
         if any(w and not h for w, h in zip(writes[1:], table.has)):
             raise ValueError(f"writes {writes} name a state slot absent from the table {table.has}")
-        if table.block:
-            raise ValueError("blockwise (int8) columns have a step kernel only, no reduction")
+        blocked = tuple(f in BLOCKWISE for f in table.formats)
+        if any(w and b for w, b in zip(writes[1:], blocked)):
+            raise ValueError(f"writes {writes} name a blockwise (int8) state column: a reduction "
+                             "stores none (the step re-encodes them)")
         if not table.n_chunks:
             return np.zeros((0, 2), dtype=np.float64)
         layout = table.layout
         if layout.partials is None:
             layout.partials = cuda.device_array((layout.n_chunks, 2), dtype=np.float64)
         stream = current_stream(table.kind, table.sample)
-        kernel = reduce_kernel(fn, Layout.of(table.has, writes[1:], table.formats, model=_model(table)),
-                               scalars, maximum, writes[0])
+        kernel = reduce_kernel(fn, _reduction_layout(table, writes[1:], blocked), scalars, maximum,
+                               writes[0])
         launch = _launcher(kernel, min(layout.n_chunks, MAX_GRID), REDUCE_BLOCK, stream)
         launch(*layout.args, scalars, layout.partials)
         self.launches += 1

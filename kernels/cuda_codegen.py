@@ -24,8 +24,9 @@ or the gradient's span again), then for the chunk walks the device chunk table w
 columns ``(count, position, row, p, g, s0 .. s{K-1}[, w])`` of element offsets, and for
 the row walk the index array and the row width.
 
-Blockwise 8-bit columns (a layout with ``block``; the step only) have their own walk and
-body (:func:`_blockwise_step_source`): a thread block owns whole quantization blocks.
+Blockwise 8-bit columns (a layout with ``block``) have their own step walk and body
+(:func:`_blockwise_step_source`; a reduction only decodes them, read-only, in the common
+walk: :func:`_reduce_source`): a thread block of the step owns whole quantization blocks.
 Per iteration it takes ``max(block, threads)`` elements of its chunk, each thread
 ``max(1, block // threads)`` of them (one with the default 256 and 256): it decodes the
 codes with their block's old absmax (``qmap[code] * old``, the map in shared memory),
@@ -333,13 +334,29 @@ def _blockwise_step_source(name, layout, freeze, threads, warp):
 
 
 def _reduce_source(name, layout, freeze, write_p, maximum, rblock):
+    """Per-chunk partials of a reducer. Blockwise columns are read-only here (a step
+    re-encodes them): each element's code is decoded with its quantization block's
+    absmax, ``qmap[code] * a<k>[o_a<k> + i // block]`` (chunks hold whole blocks), the
+    map read from the table's ``qmap`` argument; the kernel takes the step's arguments
+    (absmax spans and map tables after the spans) and leaves the encoder tables alone."""
     combine = (["sa[t] = max(sa[t], sa[t + s])", "sb[t] = max(sb[t], sb[t + s])"] if maximum
                else ["sa[t] += sa[t + s]", "sb[t] += sb[t + s]"])
+    blocked = layout.blockwise
+    if any(layout.writes[k] for k in blocked):
+        raise ValueError("a reduction stores no blockwise column (the step re-encodes it)")
+    more, offsets, decode = [], [], []
+    if blocked:
+        more = [f"a{k}_span" for k in blocked] + [
+            f"{table}_{kind}" for kind in map_kinds(layout.formats, layout.reads)
+            for table in ("qmap", "mid", "lut")]
+        first = FIRST_OFFSET + 2 + layout.n_slots + layout.extra_columns
+        offsets = [f"o_a{k} = chunks[c, {first + j}]" for j, k in enumerate(blocked)]
+        decode = [f"old{k} = a{k}_span[np.uint64(o_a{k} + i // {layout.block})]" for k in blocked]
     # float64 partial sums, deliberately: a chunk's sum may have millions of terms. One
     # partial per chunk from a fixed-shape tree: the result is deterministic.
-    body = (_chunk_offsets(layout)
+    body = (_chunk_offsets(layout) + offsets
             + ["acc_a = 0.0", "acc_b = 0.0", "i = t", "while i < n:"]
-            + _indent(_reduce_body(layout, write_p, maximum) + [f"i += {rblock}"], 1)
+            + _indent(decode + _reduce_body(layout, write_p, maximum) + [f"i += {rblock}"], 1)
             + ["sa[t] = acc_a", "sb[t] = acc_b", "cuda.syncthreads()", f"s = {rblock // 2}",
                "while s > 0:", "    if t < s:"] + _indent(combine, 2)
             + ["    cuda.syncthreads()", "    s //= 2",
@@ -347,7 +364,8 @@ def _reduce_source(name, layout, freeze, write_p, maximum, rblock):
                "cuda.syncthreads()"])
     head = [freeze, f"sa = cuda.shared.array({rblock}, np.float64)",
             f"sb = cuda.shared.array({rblock}, np.float64)", "t = cuda.threadIdx.x"]
-    return _kernel_source(name, layout, "chunks, h, out", head, "chunks", body)
+    head += [f"q_{kind} = qmap_{kind}" for kind in map_kinds(layout.formats, layout.reads)]
+    return _kernel_source(name, layout, "chunks, h, out", head, "chunks", body, more)
 
 
 def _rows_source(name, layout, freeze):
@@ -381,8 +399,8 @@ def generate(kind, fn, layout, flags=(), scalars=None, pair=False, maximum=False
     named = scalars is not None and hasattr(scalars, "_fields")
     freeze = _freeze(flags, len(scalars) if scalars is not None else 0, named)
     extra = ""
-    if layout.block and kind != STEP:
-        raise ValueError(f"blockwise columns have a step kernel only, not {kind!r}")
+    if layout.block and kind == ROWS:
+        raise ValueError("blockwise columns have a step and a reduction kernel, not a rows kernel")
     if kind == STEP and layout.block:
         extra = f"_t{threads}w{warp}"
     elif kind == STEP:

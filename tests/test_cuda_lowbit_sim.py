@@ -369,8 +369,8 @@ def test_bad_blockwise_tables():
     assert table.block == 16 and table.scales is scales
     with pytest.raises(ValueError, match="read without being written"):
         be.run(adam.adam_element, table, _adam()[1], writes=(False, False, False))
-    with pytest.raises(ValueError, match="no reduction"):
-        be.reduce_chunks(adam.adam_element, table, _adam()[1])
+    with pytest.raises(ValueError, match="stores none"):      # reductions decode, read-only
+        be.reduce_chunks(adam.adam_element, table, _adam()[1], writes=(False, True, False, False))
     with pytest.raises(ValueError, match="sparse rows"):
         be.run_rows(adam.adam_element, params[0].reshape(4, 10), np.array([1]), g[0][:10], slots,
                     _adam()[1], formats=fm)
