@@ -234,8 +234,9 @@ def _blockwise_step_source(name: str, layout: Layout, chunk: int) -> str:
     by block, in short loops over a block that stays in L1, each simple enough for LLVM
     to vectorise: decode each blockwise column into a float32 block buffer (its old
     absmax times the map's value), run the element over the params, gradients and
-    buffers, then per column find the new values' largest magnitude (an integer max on
-    their bits) and encode them with the new absmax. Memory is read and written once.
+    buffers, then per written column find the new values' largest magnitude (an integer
+    max on their bits) and encode them with the new absmax (a read-only column is only
+    decoded). Memory is read and written once.
 
     Codes come in through a block-sized byte buffer ``cb``: LLVM cannot tell that a
     column's codes (an address from the table) do not overlap the float buffer, and a
@@ -265,7 +266,7 @@ def _blockwise_step_source(name: str, layout: Layout, chunk: int) -> str:
     lines += _block(3, body + ["for i in range(m):"])
     lines += _block(4, _element_lines(layout, "out", 0, True, True,
                                       f"seed, c * {chunk} + start - lo + i", blocked))
-    for k in blocked:
+    for k in (k for k in blocked if layout.writes[k]):      # read-only ones: decoded only
         lines += _block(3, [f"top{k} = numba.uint32(0)", "for i in range(m):",
                             f"    top{k} = max(top{k}, blockwise.magnitude_bits(buf{k}[i]))",
                             f"new{k} = blockwise.absmax_of(top{k})", f"absmax{k}[b] = new{k}",
@@ -291,6 +292,53 @@ def reduce_source(name: str, layout: Layout, block: int, maximum: bool, write_p:
                     + ["block_a = like - like  # unifies with the element's output type",
                        "block_b = like - like", "for i in range(stop - start):"])
     lines += _block(4, _element_lines(layout, "res", 2, False, write_p, "0, start + i")
+                    + [combine.format("block_a", "res[0]"), combine.format("block_b", "res[1]")])
+    lines += _block(3, [total.format("acc_a", "block_a"), total.format("acc_b", "block_b")])
+    lines += _block(2, ["out[c, 0] = acc_a", "out[c, 1] = acc_b"])
+    return "\n".join(lines) + "\n"
+
+
+def _blockwise_reduce_source(name: str, layout: Layout, chunk: int, maximum: bool,
+                             write_p: bool) -> str:
+    """:func:`reduce_source` over a layout with blockwise columns, read-only: each chunk
+    (whole blocks) goes block by block; each blockwise column is decoded into a float32
+    block buffer as in :func:`_blockwise_step_source` (codes through the byte buffer
+    ``cb``, then ``QMAP[code] * absmax``), the element runs over the block, and its two
+    outputs are combined over the block in the element's precision, then into the
+    chunk's partial, in a fixed order: one chunk is one thread's, so the partials do not
+    depend on the thread count. The sums' blocks are the quantization blocks (not
+    ``REDUCE_BLOCK``): the decode and the element share one short loop nest.
+
+    A reduction stores no blockwise column: re-encoding belongs to the step, which
+    quantizes each column once per step (per_tensor.py: LAMB's int8 moments are
+    recomputed and stored by its step, from the values its sums were taken over)."""
+    size = layout.block
+    if chunk % size:
+        raise ValueError(f"the chunk ({chunk} elements) must hold whole blocks of {size}")
+    blocked = layout.blockwise
+    if any(layout.writes[k] for k in blocked):
+        raise ValueError("a reduction stores no blockwise column (the step re-encodes it)")
+    combine = ("{0} = max({0}, {1})" if maximum else "{0} = accumulate({0}, {1})")
+    total = ("{0} = max({0}, {1})" if maximum else "{0} += {1}")
+    first = 3 + layout.n_slots + layout.extra_columns     # the absmax columns follow
+    lines = [f"def {name}(table, chunks, like, bits, h, out):",
+             "    for c in prange(chunks.shape[0]):"]
+    head = _chunk_head() + [f"n_blocks = (n + {size - 1}) // {size}",
+                            f"cb = np.empty({size}, np.uint8)"]
+    for k in blocked:
+        head += [f"absmax{k} = view(table[r, {first + blocked.index(k)}], n_blocks, ABSMAX)",
+                 f"buf{k} = np.empty({size}, np.float32)"]
+    head += ["acc_a = out[c, 0] * 0", "acc_b = out[c, 1] * 0"]
+    lines += _block(2, head + [f"for start in range(lo, hi, {size}):"])
+    body = [f"stop = min(start + {size}, hi)", f"b = start // {size}", "m = stop - start"]
+    body += _chunk_views(layout, "start", "stop")
+    for k in blocked:
+        body += [f"old{k} = absmax{k}[b]", "for i in range(m):", f"    cb[i] = s{k}[i]",
+                 "for i in range(m):", f"    buf{k}[i] = QMAP{k}[cb[i]] * old{k}"]
+    body += ["block_a = like - like  # unifies with the element's output type",
+             "block_b = like - like", "for i in range(m):"]
+    lines += _block(3, body)
+    lines += _block(4, _element_lines(layout, "res", 2, False, write_p, "0, start + i", blocked)
                     + [combine.format("block_a", "res[0]"), combine.format("block_b", "res[1]")])
     lines += _block(3, [total.format("acc_a", "block_a"), total.format("acc_b", "block_b")])
     lines += _block(2, ["out[c, 0] = acc_a", "out[c, 1] = acc_b"])
@@ -343,16 +391,18 @@ def build(kind: str, element, layout: Layout, flags: tuple, chunk: int, block: i
           maximum: bool = False, write_p: bool = False):
     """The compiled driver ``kind`` ("step", "reduce" or "rows") for ``element`` over
     ``layout``, specialised on the scalars' ``flags``."""
-    if layout.block and kind != "step":
-        raise ValueError(f"blockwise columns have a step driver only, not {kind!r}")
+    if layout.block and kind not in ("step", "reduce"):
+        raise ValueError(f"blockwise columns have a step and a reduction driver, not {kind!r}")
+    # blockwise drivers hold the maps as constants: their hash is part of the name
+    maps = f"_q{blockwise.TAG}" if layout.block else ""
     if kind == "step":
-        # blockwise drivers hold the maps as constants: their hash is part of the name
-        name = driver_name(kind, element, layout, flags, f"_q{blockwise.TAG}" if layout.block else "")
+        name = driver_name(kind, element, layout, flags, maps)
         text = step_source(name, layout, chunk)
     elif kind == "reduce":
         name = driver_name(kind, element, layout, flags, f"_{'max' if maximum else 'sum'}"
-                           f"{'_p' if write_p else ''}")
-        text = reduce_source(name, layout, block, maximum, write_p)
+                           f"{'_p' if write_p else ''}{maps}")
+        text = (_blockwise_reduce_source(name, layout, chunk, maximum, write_p) if layout.block
+                else reduce_source(name, layout, block, maximum, write_p))
     elif kind == "rows":
         name = driver_name(kind, element, layout, flags)
         text = rows_source(name, layout)

@@ -386,15 +386,15 @@ def reduce_chunks(fn, table: ChunkTable, scalars, maximum=False, accumulate=np.f
     if writes is not None:
         writes = tuple(writes)
     flags = flags_of(scalars)
-    key = ("reduce", fn, table.has, table.formats, table.low_kind, table.pure, writes, bool(maximum),
-           flags)
+    key = ("reduce", fn, table.has, table.formats, table.low_kind, table.pure, table.block, writes,
+           bool(maximum), flags)
     driver_fn = _BY_CALL.get(key)
     if driver_fn is None:
         mask = _reduce_writes(table, writes)
         if not out.shape[0]:
             return out
-        driver_fn = _BY_CALL[key] = reducer(fn, table.layout(mask[1:], load_absent=True),
-                                            maximum, flags, mask[0])
+        driver_fn = _BY_CALL[key] = reducer(fn, _reduction_layout(table, mask[1:]), maximum, flags,
+                                            mask[0])
     if out.shape[0]:
         threads.launch(driver_fn, table.table, table.chunks, table.like, _BITS, scalars, out)
     return out
@@ -409,7 +409,23 @@ def _reduce_writes(table: ChunkTable, writes) -> tuple:
                          f"got {len(mask)}")
     if any(w and not h for w, h in zip(mask[1:], table.has)):
         raise ValueError(f"writes {mask} name a state slot absent from the table {table.has}")
+    if any(w and f in BLOCKWISE for w, f in zip(mask[1:], table.formats)):
+        raise ValueError(f"writes {mask} name a blockwise (int8) state column: a reduction "
+                         "stores none (the step re-encodes them)")
     return mask
+
+
+def _reduction_layout(table: ChunkTable, writes) -> Layout:
+    """The layout of a reduction over ``table`` storing the state columns ``writes``:
+    every column read, blockwise ones read-only (decoded, never re-encoded:
+    codegen._blockwise_reduce_source). Layout.of refuses a read-only blockwise column, as
+    the steps re-encode every blockwise column they read; the reduction's layout is that
+    layout with their writes cleared."""
+    blocked = tuple(f in BLOCKWISE for f in table.formats)
+    layout = table.layout(tuple(w or b for w, b in zip(writes, blocked)), load_absent=True)
+    if not any(blocked):
+        return layout
+    return layout._replace(writes=tuple(w and not b for w, b in zip(layout.writes, blocked)))
 
 
 def _rows_column(s, shape, fmt):

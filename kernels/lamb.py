@@ -21,6 +21,15 @@ Two passes (:mod:`fastopt.kernels.per_tensor`), 40 bytes per float32 parameter:
    position. The gradient is not read again and the moments are not written again.
 
 Recomputing the moments in pass 2 instead (pass 1 then writes nothing) moves 44 bytes.
+That is the form of int8 (blockwise) state (fastopt/_passes.py, ``recompute``): pass 1
+reads p, g and the decoded moments and stores nothing; pass 2 recomputes the moments,
+applies the update with them and stores them quantized. The sums and the update thus see
+the same float32 moments, and each moment is quantized once per step, after the update
+used it, as in every other int8 optimizer (and bitsandbytes' 32-bit LAMB, which takes
+the update norm from the unquantized new moments and recomputes them in its update
+kernel; its 8-bit blockwise LAMB has no trust ratio at all). Storing quantized moments
+in pass 1 instead would have the update, and its norm, read moments carrying this step's
+quantization error. Bytes per parameter: 10 + 16 = 26 (1-byte codes, absmax aside).
 
 The bias corrections multiply by host reciprocals where optax divides: each pass then
 has one division and one square root per element instead of three and one, which on
@@ -49,6 +58,7 @@ class LambScalars(NamedTuple):
     weight_decay: float
     grad_scale: float          # the step's gradient multiplier (pass 1 only)
     decay: bool
+    recompute: bool = False    # pass 2 gets the old moments and updates them (int8 state)
 
 
 # Pass 1 writes the moments, pass 2 the param (the drivers' write masks).
@@ -69,7 +79,12 @@ def lamb_moments(p, g, m, v, unused, h):
 
 def lamb_element(p, g, m, v, ratio, h):
     """Pass 2 for one element: the moments are pass 1's (read-only) and ``ratio`` is the
-    tensor's trust ratio (read-only); ``g`` is not used. Returns (p, m, v, ratio)."""
+    tensor's trust ratio (read-only); ``g`` is not used. With ``h.recompute`` (int8 state)
+    the moments are the old ones and ``g`` the scaled gradient: they are updated as pass 1
+    updated them (the same bits) and returned to be stored. Returns (p, m, v, ratio)."""
+    if h.recompute:
+        m = h.one_minus_beta1 * g + h.beta1 * m
+        v = (h.one_minus_beta2 * g) * g + h.beta2 * v
     u = (m * h.inv_bias_correction1) / (math.sqrt(v * h.inv_bias_correction2 + h.eps_root) + h.eps)
     if h.decay:
         u = u + h.weight_decay * p
