@@ -12,7 +12,10 @@ divides, which rounds differently in rare cases); an all-zero block has absmax 0
 every value takes the code of 0.
 
 :func:`step` runs an optimizer's reference on a bucket whose columns are low-bit:
-decode every column to float32, run the float32 reference, encode the results.
+decode every column to float32, run the float32 reference, encode the results. For LAMB
+and LARS the reference's trust ratio is then taken over this step's float32 values (the
+decoded state updated in float32), the values the CPU driver's int8 passes apply too
+(fastopt/_passes.py).
 """
 from __future__ import annotations
 

@@ -8,6 +8,8 @@ does, so the codes are compared for equality, not for a share of them.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numba
 import numpy as np
 import pytest
@@ -15,9 +17,9 @@ import pytest
 import fastopt as fo
 from cases import ALL_BY_NAME, case_params, rel_err, rms
 from fastopt import lowbit
-from fastopt.kernels import blockwise, cpu, lars, per_tensor
+from fastopt.kernels import blockwise, cpu, lars, per_tensor, threads
 from fastopt.kernels import reference_lowbit as ref
-from fastopt.kernels.layout import INT8_SIGNED, NATIVE
+from fastopt.kernels.layout import INT8_SIGNED, NATIVE, Layout
 
 CASES = [ALL_BY_NAME["lamb"], ALL_BY_NAME["lars"]]
 # Sizes: empty, under min_8bit_size (float32 state), not a multiple of the block (256),
@@ -229,3 +231,39 @@ def test_int8_state_columns_of_lamb():
     v = lowbit.decode(sd["exp_avg_sq"], sd["exp_avg_sq_absmax"], 256,
                       blockwise.dynamic_map(blockwise.UNSIGNED))
     assert np.all(v >= 0) and np.any(v > 0)
+
+
+# -- the blockwise step with a read-only column ----------------------------------------------
+class _Half(NamedTuple):
+    half: float
+
+
+def _minus_half_trace(p, g, t, h):
+    """p - t/2, the trace read-only."""
+    return p - h.half * t, t
+
+
+def test_step_decodes_a_read_only_blockwise_column_without_encoding_it():
+    """Layout.of refuses a read-only blockwise column (the CUDA step re-encodes every one
+    it reads); the CPU step's generator decodes it only: codes and absmax stay as they are."""
+    sizes = [(5001,), (66000,)]
+    _, params, _, codes, scales, _ = _blockwise_table(sizes)
+    # codes away from the map's ends (+-1): re-encoding them would change every absmax
+    rng = np.random.default_rng(5)
+    for c in codes:
+        c[...] = rng.integers(32, 224, c.shape)
+    qmap = blockwise.dynamic_map(blockwise.SIGNED)
+    decoded = [ref.dequantize(c, a, qmap, 256) for c, a in zip(codes, scales)]
+    table = cpu.ChunkTable(params, _grads(sizes, 3), ([c for c in codes],), merge=False,
+                           formats=(INT8_SIGNED,), scales=([a for a in scales],), block=256)
+    before = [p.copy() for p in params], [c.copy() for c in codes], [a.copy() for a in scales]
+    layout = Layout.of((True,), (True,), (INT8_SIGNED,), block=256)._replace(writes=(False,))
+    step = cpu.driver(_minus_half_trace, layout, ())
+    threads.launch(step, table.table, table.chunks, table.like, np.uint16(0), _Half(np.float32(0.5)),
+                   np.float32(1.0), None, np.uint32(0))
+    for p, p0, t in zip(params, before[0], decoded):
+        assert np.array_equal(p, p0 - np.float32(0.5) * t)
+    for c, c0 in zip(codes, before[1]):
+        assert np.array_equal(c, c0)
+    for a, a0 in zip(scales, before[2]):
+        assert np.array_equal(a, a0)
