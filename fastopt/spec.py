@@ -471,8 +471,10 @@ def optimizer_class(spec: Spec, base: type, module: str) -> type:
 
 # -- the functional form -----------------------------------------------------------------------
 def functional_signature(spec: Spec) -> inspect.Signature:
-    """``(params, grads, <columns>, *, step=1, <hyperparameters>, [host state], backend=None)``:
-    columns always active are required, the others default to None; ``betas`` are split."""
+    """``(params, grads, <columns>, *, step=1, <hyperparameters>, [host state], [absmax=None,
+    block_size=256], backend=None)``: columns always active are required, the others
+    default to None; ``betas`` are split; ``absmax`` and ``block_size`` (int8 state) where
+    the spec has columns."""
     P = inspect.Parameter
     params = [P("params", P.POSITIONAL_OR_KEYWORD), P("grads", P.POSITIONAL_OR_KEYWORD)]
     for c in spec.columns:
@@ -488,6 +490,9 @@ def functional_signature(spec: Spec) -> inspect.Signature:
             params.append(P(h.name, P.KEYWORD_ONLY, default=h.default))
     for h in spec.hosts:
         params.append(P(h.name, P.KEYWORD_ONLY, default=None))
+    if spec.columns:            # int8 state's absmax arrays and their block (fastopt.functional)
+        params += [P("absmax", P.KEYWORD_ONLY, default=None),
+                   P("block_size", P.KEYWORD_ONLY, default=256)]
     params.append(P("backend", P.KEYWORD_ONLY, default=None))
     return inspect.Signature(params)
 
@@ -519,12 +524,19 @@ def functional_form(spec: Spec, cls: type, run: Callable) -> Callable:
             if value is not None:
                 group[h.name] = v.number(h.name, value, where=spec.functional)
         columns = tuple(a[c.functional_name] for c in spec.columns)
-        run(cls, spec.functional, group, a["step"], a["params"], a["grads"], columns, a["backend"])
+        low_bit = {"absmax": a["absmax"], "block_size": a["block_size"]} if spec.columns else {}
+        run(cls, spec.functional, group, a["step"], a["params"], a["grads"], columns, a["backend"],
+            **low_bit)
 
     step_fn.__signature__ = sig
     step_fn.__name__ = step_fn.__qualname__ = spec.functional
     step_fn.__doc__ = (f"{spec.name} step in place over caller-owned state (see fastopt.{spec.name}). "
                        "``step`` counts this step (1 on the first).")
+    if spec.columns:
+        step_fn.__doc__ += (" Low-bit state: bfloat16 state arrays beside float32 params, or "
+                            "uint8 int8 codes with their float32 absmax arrays in absmax={<argument>: "
+                            "[array or None per param]} (blocks of block_size elements); see "
+                            "fastopt.functional.")
     if spec.per_tensor is not None:
         step_fn.__doc__ += (" Each call runs the per-tensor pass first (a reduction per tensor, "
                             "then one value per tensor, e.g. its trust ratio): that value is "
