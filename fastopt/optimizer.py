@@ -78,8 +78,6 @@ class Optimizer(_Planning, SparseSteps, HostStates):
         if max_grad_norm is not None:
             max_grad_norm = _validate.number("max_grad_norm", max_grad_norm, low=0.0, low_open=True)
         self.state_format = lowbit.StateFormat.checked(state_format, block_size, min_8bit_size)
-        if backend == "cuda":
-            self._refuse_int8_per_tensor("cuda")
         self.defaults = dict(defaults)
         self.backend = backend
         self.max_grad_norm = max_grad_norm
@@ -117,16 +115,6 @@ class Optimizer(_Planning, SparseSteps, HostStates):
         groups = self._as_groups(params)
         for group in groups:
             self.add_param_group(group)
-
-    def _refuse_int8_per_tensor(self, backend_name: str) -> None:
-        """int8 state of an optimizer with a per-tensor pass (LAMB, LARS) runs on the CPU
-        and NumPy backends: the CUDA driver has no blockwise reduction."""
-        if backend_name == "cuda" and self.state_format.name == lowbit.INT8 \
-                and self.spec is not None and self.spec.per_tensor is not None:
-            raise NotImplementedError(f"{type(self).__name__} does not support state_format='int8' "
-                                      "on the 'cuda' backend yet: its per-tensor pass reads its "
-                                      "state in a reduction, which has no blockwise CUDA driver; "
-                                      "use 'bfloat16' or 'float32', or the 'cpu' backend")
 
     # -- construction -------------------------------------------------------------------
     def _as_groups(self, params):
@@ -389,7 +377,6 @@ class Optimizer(_Planning, SparseSteps, HostStates):
         if not self.state_format.is_default:
             _backend.require(backend_name, _backend.LOWBIT_STATE,
                              f"state_format={self.state_format.name!r}")
-            self._refuse_int8_per_tensor(backend_name)
         plans, groups = [], []
         for gi, group in enumerate(self.param_groups):
             self._checked_group(gi, group)

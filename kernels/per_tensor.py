@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import cpu
-from .layout import BLOCKWISE, parse_row_mode
+from .layout import parse_row_mode
 
 MODES = ("grad", "slot2")       # the common ones; "slot<k>" names any state position
 
@@ -40,14 +40,12 @@ def table(params, grads, slots, backend=None, formats=None, scales=None, block=0
     """The ``merge=False`` table (one row per non-empty tensor) of ``backend``'s driver;
     ``formats``: the state columns' storage formats (16-bit state given as uint16
     patterns, as on a GPU, needs them); ``scales`` and ``block``: the absmax arrays of
-    blockwise (int8) columns and their block size (:class:`~.cpu.ChunkTable`), CPU only."""
+    blockwise (int8) columns and their block size (:class:`~.cpu.ChunkTable`)."""
     if _is_cpu(backend):
         return cpu.ChunkTable(params, grads, slots, merge=False, formats=formats, scales=scales,
                               block=block)
-    if formats is not None and any(f in BLOCKWISE for f in formats):
-        raise NotImplementedError("per-tensor passes over int8 (blockwise) state run on the CPU "
-                                  "driver only: the CUDA driver has no blockwise reduction")
-    return backend.table(params, grads, slots, merge=False, formats=formats)
+    return backend.table(params, grads, slots, merge=False, formats=formats, scales=scales,
+                         block=block)
 
 
 def row_starts(table) -> np.ndarray:
