@@ -169,6 +169,54 @@ def test_float32_state_loads_into_int8_lamb_quantized():
                         codes_only=True)
 
 
+@pytest.mark.parametrize("case", case_params(CASES))
+def test_flat_params_equal_lists_bit_for_bit(case):
+    """A FlatParams arena: the per-tensor table still has one row per tensor, each with
+    its absmax arrays (state over an arena is its own compact buffer)."""
+    runs = []
+    for flat in (False, True):
+        params = _params(SIZES)
+        if flat:
+            arena = fo.FlatParams(params)
+            params = list(arena.params)
+        opt = case.fo_cls(params, **case.hp(), state_format="int8")
+        for t in range(1, 4):
+            grads = _grads(SIZES, t)
+            if flat:
+                for g, dst in zip(grads, arena.grads):
+                    dst[...] = g
+                opt.step()
+            else:
+                opt.step(grads)
+        runs.append((params, opt.state_dict()["state"]))
+    (pl, sl), (pf, sf) = runs
+    for a, b in zip(pl, pf):
+        assert np.array_equal(a, b)
+    _assert_state_equal(sl, sf)
+
+
+def test_params_skipping_steps_match_the_reference():
+    """None gradients: LAMB's bucket is split by step count, each part with its absmax
+    arrays (and its own bias corrections)."""
+    case = ALL_BY_NAME["lamb"]
+    sizes = [(5001,), (4096,), (300,)]
+    runs = []
+    for backend in ("cpu", "numpy"):
+        params = _params(sizes)
+        opt = case.fo_cls(params, **case.hp(), backend=backend, state_format="int8")
+        for t in range(1, 8):
+            grads = _grads(sizes, t)
+            if t % 3 == 0:
+                grads[0] = None
+            opt.step(grads)
+        runs.append((params, opt.state_dict()["state"]))
+    (pc, sc), (pn, sn) = runs
+    assert int(sc[0]["step"]) == 5 and int(sc[1]["step"]) == 7
+    for a, b in zip(pc, pn):
+        assert rel_err(a, b, rms(pn)) < PARAM_TOL
+    _assert_state_equal(sc, sn, codes_only=True)
+
+
 def test_keras_clipnorm_with_int8_state():
     """Keras's clipnorm is a per-tensor pass too (a reduction of the gradients, then the
     step): over int8 state its reduction decodes the columns it does not use."""
