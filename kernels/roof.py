@@ -79,12 +79,19 @@ def pass_scalars(reads: str, cast):
 # first and looped from 0 as the driver's loops (the form LLVM vectorises). One function per number of state columns: generated, and
 # cached on disk as the drivers are (kernels/codegen.py).
 LOWBIT_KINDS = ("bfloat16", "int8")
+# A multi-pass step's reduction over int8 state (LAMB's first pass): reads p, g, the codes
+# and the absmax, writes nothing but a partial sum per chunk.
+INT8_READ = "int8-read"
 _LOWBIT: dict = {}
+
+
+def _roof_name(kind: str, k_slots: int) -> str:
+    return f"roof_{kind.replace('-', '_')}_{k_slots}"
 
 
 def _lowbit_source(kind: str, k_slots: int) -> str:
     cols = [f"s{k}" for k in range(k_slots)]
-    name = f"roof_{kind}_{k_slots}"
+    name = _roof_name(kind, k_slots)
     if kind == "bfloat16":
         args = ", ".join(["p", "g", *cols, "scale", "chunk"])
         lines = [f"def {name}({args}):",
@@ -123,20 +130,46 @@ def _lowbit_source(kind: str, k_slots: int) -> str:
                  "        for i in range(hi - lo):",
                  "            pc[i] = pc[i] + scale * gc[i]",
                  *(f"            {x}c[i] = {x}c[i] + one" for x in cols)]
+    elif kind == INT8_READ:
+        absmax = [f"a{k}" for k in range(k_slots)]
+        args = ", ".join(["p", "g", *cols, *absmax, "out", "block", "chunk"])
+        terms = " + ".join(["pc[i] * gc[i]", *(f"np.float32({x}c[i])" for x in cols)])
+        lines = [f"def {name}({args}):",
+                 "    n = p.size",
+                 "    n_blocks = (n + block - 1) // block",
+                 "    per_chunk = chunk // block",
+                 "    for c in prange((n + chunk - 1) // chunk):",
+                 "        lo = c * chunk",
+                 "        hi = min(lo + chunk, n)",
+                 "        b_lo = c * per_chunk",
+                 "        b_hi = min(b_lo + per_chunk, n_blocks)",
+                 "        acc = np.float32(0.0)",
+                 *(f"        {a}c = {a}[b_lo:b_hi]" for a in absmax),
+                 *(["        for b in range(b_hi - b_lo):"] if absmax else []),
+                 *(f"            acc += {a}c[b]" for a in absmax),
+                 *(f"        {x}c = {x}[lo:hi]" for x in ["p", "g", *cols]),
+                 "        for i in range(hi - lo):",
+                 f"            acc += {terms}",
+                 "        out[c] = acc"]
     else:
-        raise ValueError(f"no low-bit roof for {kind!r}; expected one of {LOWBIT_KINDS}")
-    decorated = ["@numba.njit(parallel=True, cache=True)", *lines]
+        raise ValueError(f"no low-bit roof for {kind!r}; expected one of "
+                         f"{LOWBIT_KINDS + (INT8_READ,)}")
+    # a sum vectorises only where its additions may be reordered (the read roof's)
+    decorated = [f"@numba.njit(parallel=True, cache=True{', fastmath=True' if kind == INT8_READ else ''})",
+                 *lines]
     return "# fastopt roof kernel (kernels/roof.py), generated\n" + "\n".join(decorated) + "\n"
 
 
 def lowbit_roof(kind: str, k_slots: int):
     """The compiled roof of ``k_slots`` state columns stored as ``kind``: "bfloat16"
-    (``fn(p, g, s0, ..., scale, chunk)``, uint16 columns) or "int8"
-    (``fn(p, g, s0, ..., a0, ..., scale, block, chunk)``: uint8 codes and float32 absmax)."""
+    (``fn(p, g, s0, ..., scale, chunk)``, uint16 columns), "int8"
+    (``fn(p, g, s0, ..., a0, ..., scale, block, chunk)``: uint8 codes and float32 absmax),
+    or "int8-read" (``fn(p, g, s0, ..., a0, ..., out, block, chunk)``: reads them all,
+    writes a float32 partial sum per chunk into ``out``; 0 to 8 columns)."""
     key = (kind, int(k_slots))
     fn = _LOWBIT.get(key)
     if fn is None:
-        if not 1 <= k_slots <= 8:
+        if not (0 if kind == INT8_READ else 1) <= k_slots <= 8:
             raise ValueError(f"a low-bit roof needs 1 to 8 state columns, got {k_slots}")
         import numba
         import numpy as np
@@ -144,5 +177,5 @@ def lowbit_roof(kind: str, k_slots: int):
         from . import codegen
         module = codegen.load(_lowbit_source(kind, k_slots),
                               {"numba": numba, "np": np, "prange": numba.prange})
-        fn = _LOWBIT[key] = getattr(module, f"roof_{kind}_{k_slots}")
+        fn = _LOWBIT[key] = getattr(module, _roof_name(kind, k_slots))
     return fn

@@ -1,6 +1,7 @@
 """The ``fastopt`` command line and the benchmark package, at tiny sizes (a few seconds)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -325,7 +326,8 @@ def test_bench_list(capsys):
     assert row["sgd"][2] == "12" and row["adam"][2] == "28" and row["adam-amsgrad"][2] == "36"
     text = {line.split()[0]: line for line in lines[1:]}
     assert text["adam"].endswith("low-bit 20 / 16.0625")          # bfloat16 / int8
-    assert text["lamb"].endswith("low-bit 28 / -")                 # no int8 LAMB
+    # LAMB's int8 passes: 20 B of p and g, six moment reads and writes of a code + absmax/256
+    assert text["lamb"].endswith(f"low-bit 28 / {20 + 6 * (1 + 4 / 256):g}")
     assert text["sgd"].endswith("low-bit - / -")                   # no state
 
 
@@ -401,10 +403,21 @@ def test_default_state_formats_and_what_is_skipped():
     formats, skipped = suite.state_plan(suite.BenchConfig(
         optimizers=cases.available_optimizers("sgd,lamb,adam"), layouts="large,small",
         state_formats="int8,float32,int8"), notes)
-    assert formats == {"sgd": ["float32"], "lamb": ["float32"], "adam": ["int8", "float32"]}
+    assert formats == {"sgd": ["float32"], "lamb": ["int8", "float32"], "adam": ["int8", "float32"]}
     assert skipped == {"int8": ["small"]}
-    assert any(n.startswith("lamb int8: no rows: LAMB does not support") for n in notes)
     assert "sgd int8: no rows: it has no state" in notes
+    # an optimizer that refuses a format gets a note with its reason, and no rows
+    lamb = cases.available_optimizers("lamb")[0]
+    refusing_case = type("Refusing", (type(lamb),), {
+        "state_support": lambda self, fmt, dtype=np.float32: None if fmt == "float32"
+        else "LAMB does not support it here"})
+    refusing = refusing_case(**{**{f.name: getattr(lamb, f.name) for f in dataclasses.fields(lamb)},
+                                "name": "lamb-refusing"})
+    notes = []
+    formats, _ = suite.state_plan(suite.BenchConfig(optimizers=[refusing], layouts="large",
+                                                    state_formats="int8,float32"), notes)
+    assert formats == {"lamb-refusing": ["float32"]}
+    assert any(n.startswith("lamb-refusing int8: no rows: LAMB does not support") for n in notes)
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -485,6 +498,80 @@ def test_lowbit_roof_kernels_touch_every_column(kind, k_slots):
     assert all(np.all(c == 8) for c in cols)
     with pytest.raises(ValueError, match="no low-bit roof"):
         roof.lowbit_roof("float16", 1)
+
+
+def test_int8_passes_of_lamb_and_lars():
+    """With int8 state LAMB's first pass stores nothing and its step recomputes and stores
+    the moments (fastopt/_passes.py): the step reads g and both moments and writes them;
+    LARS's first pass stores nothing anyway. Bytes per parameter follow: a code and a
+    float32 absmax per 256 elements for each state column read or written."""
+    lamb, lars = cases.available_optimizers("lamb,lars")
+    (red, step), = [lamb.passes_for("int8")]
+    assert red.reduce and set(red.reads.split()) == {"p", "g", "s0", "s1"} and red.writes == ""
+    assert not step.reduce and set(step.reads.split()) == {"p", "g", "s0", "s1"}
+    assert set(step.writes.split()) == {"p", "s0", "s1"}
+    assert lars.passes_for("int8") == lars.passes == lars.passes_for("bfloat16")
+    assert lamb.passes_for("float32") == lamb.passes
+    code = 1 + 4 / 256
+    # pass 1: p, g, two moments read; pass 2: p, g, two moments read, p and two written
+    assert lamb.bytes_per_param(np.float32, "int8", [(1 << 20,)]) == pytest.approx(4 * 5 + 6 * code)
+    # a tensor under 4096 elements keeps float32 state and LAMB's float32 passes (40 B)
+    mixed = [(1 << 20,), (1000,)]
+    want = ((4 * 5 + 6 * code) * (1 << 20) + 40 * 1000) / ((1 << 20) + 1000)
+    assert lamb.bytes_per_param(np.float32, "int8", mixed) == pytest.approx(want)
+
+
+def test_int8_read_roof_reads_every_column():
+    from fastopt.kernels import roof
+    n, block, chunk = 3000, 256, 1024
+    rng = np.random.default_rng(0)
+    p, g = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    cols = [rng.integers(0, 256, n).astype(np.uint8) for _ in range(2)]
+    absmax = [rng.random(-(-n // block)).astype(np.float32) for _ in range(2)]
+    before = [a.copy() for a in (p, g, *cols, *absmax)]
+    out = np.zeros(-(-n // chunk), np.float32)
+    roof.lowbit_roof(roof.INT8_READ, 2)(p, g, *cols, *absmax, out, block, chunk)
+    for c in range(out.size):
+        lo, hi = c * chunk, min(c * chunk + chunk, n)
+        b = slice(lo // block, -(-hi // block))
+        want = (p[lo:hi].astype(np.float64) * g[lo:hi] + cols[0][lo:hi] + cols[1][lo:hi]).sum() \
+            + absmax[0][b].sum() + absmax[1][b].sum()
+        assert out[c] == pytest.approx(want, rel=1e-5)
+    assert all(np.array_equal(a, b) for a, b in zip((p, g, *cols, *absmax), before))
+    out[...] = 0
+    roof.lowbit_roof(roof.INT8_READ, 0)(p, g, out, block, chunk)      # LARS's: p and g only
+    assert out[0] == pytest.approx((p[:chunk].astype(np.float64) * g[:chunk]).sum(), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["lamb", "lars"])
+def test_int8_multipass_roof_writes_what_the_step_writes(name):
+    """The roof of LAMB's and LARS's int8 step: every code and absmax array of the state
+    written, the gradients only read; a layout with small tensors runs the float32
+    passes' roof over them too."""
+    from fastopt.benchmark.roof import roof_target
+    case = cases.available_optimizers(name)[0]
+    data = runner.LayoutData("transformer", 70_000, np.float32)
+    target = roof_target(case, data, "int8")
+    arrays = []
+
+    def collect(x):
+        if isinstance(x, np.ndarray):
+            arrays.append(x)
+        elif isinstance(x, (list, tuple)):
+            for y in x:
+                collect(y)
+        elif hasattr(x, "refs"):
+            collect(x.refs)
+    collect(target.keep)
+    codes = [a for a in arrays if a.dtype == np.uint8]
+    assert codes and len(codes) == sum(case.slot_mask())
+    for a in codes:
+        a[...] = 0
+    grads = [a.copy() for a in arrays if a.dtype == np.float32 and a.size and
+             np.array_equal(a, data.grads[:a.size])]
+    target.step()
+    assert all(a.all() for a in codes)          # each code stepped once (0 -> 1)
+    assert grads and all(np.array_equal(a, data.grads[:a.size]) for a in grads)
 
 
 def test_state_nbytes_counts_the_state_buffers():

@@ -168,6 +168,26 @@ class OptimizerCase:
         """Which of the element's three state positions are live (the driver's mask)."""
         return tuple(s is not None for s in self.active_slots())
 
+    def passes_for(self, state_format=FLOAT32) -> tuple:
+        """The passes of a multi-pass step with its state stored as ``state_format``. With
+        int8 state a reduction that stores state columns (LAMB's moments) stores none,
+        and the step recomputes and stores them (fastopt/_passes.py): it reads ``g`` and
+        those columns too and writes them."""
+        if state_format != INT8 or not self.passes:
+            return self.passes
+        out, moved = [], []
+        for one in self.passes:
+            writes = one.writes.split()
+            if one.reduce:
+                moved += [w for w in writes if w != "p"]
+                out.append(Pass(one.reads, " ".join(w for w in writes if w == "p"), True))
+                continue
+            reads = one.reads.split()
+            reads += [x for x in ["g", *moved] if x not in reads]
+            writes += [x for x in moved if x not in writes]
+            out.append(Pass(" ".join(reads), " ".join(writes)))
+        return tuple(out)
+
     def bytes_per_param(self, dtype=np.float32, state_format=FLOAT32, shapes=None) -> float:
         """Bytes a step moves per parameter (see the module docstring): an int for
         ``state_format="float32"`` (the params' own dtype); for a low-bit format, over
@@ -180,6 +200,20 @@ class OptimizerCase:
         per_slot = state_bytes_per_element(state_format, shapes, itemsize)
         weight = {"p": itemsize, "g": itemsize}
         weight.update({f"s{k}": per_slot for k in range(len(self.slot_mask()))})
+        if self.passes and state_format == INT8:
+            # the int8 tensors run the int8 passes, the small ones (float32 state) the others
+            sizes, block = _storages(INT8, [(1 << 20,)] if shapes is None else shapes)
+            n_low = sum(n for n, storage in sizes if storage != "native")
+            n_all = sum(n for n, _ in sizes)
+            if not n_all:
+                return 0.0
+            codes = sum(n + 4 * -(-n // block) for n, storage in sizes if storage != "native")
+            weight.update({f"s{k}": codes / n_low if n_low else 0.0
+                           for k in range(len(self.slot_mask()))})
+            low = sum(weight[a] for one in self.passes_for(INT8)
+                      for a in one.reads.split() + one.writes.split())
+            native = itemsize * sum(p.words() for p in self.passes)
+            return float((low * n_low + native * (n_all - n_low)) / n_all)
         if self.passes:
             return float(sum(weight[a] for one in self.passes
                              for a in one.reads.split() + one.writes.split()))

@@ -17,8 +17,10 @@ trivial math, in the driver's chunks, on one contiguous buffer per array. The dr
 own 16-bit or blockwise loads and stores are the format's math (rounding; absmax,
 encoding), which a roof must not time. Where a layout keeps some tensors' state in
 float32 (int8: tensors under 4096 elements), the roof also runs the float32 roof over
-that many elements, so it moves the row's bytes. A multi-pass step (LAMB, LARS: no int8)
-with bfloat16 state runs its pass roofs through the drivers on bfloat16 state columns.
+that many elements, so it moves the row's bytes. A multi-pass step (LAMB, LARS) with
+bfloat16 state runs its pass roofs through the drivers on bfloat16 state columns; with
+int8 state, the low-bit loops of its int8 passes (``case.passes_for("int8")``: a
+reduction that reads the codes and absmax, then the step).
 
 On a GPU there are two: the roof kernel through fastopt's CUDA driver, and a
 device-to-device ``memcpy`` moving the same number of bytes as one step (half read,
@@ -91,9 +93,7 @@ def lowbit_roof_target(case: OptimizerCase, data: LayoutData, state_format: str)
     from .cases import lowbit_sizes
     if state_format not in roof.LOWBIT_KINDS:
         raise ValueError(f"no low-bit roof for state format {state_format!r}")
-    if case.passes:
-        if state_format != "bfloat16":
-            raise ValueError(f"{case.name} has no {state_format} state (multi-pass step)")
+    if case.passes and state_format == "bfloat16":
         return _float_roof(case, data.params.copy(), data.grads.copy(), lowbit.bfloat16())
     k_slots = sum(case.slot_mask())
     n_low, n_native = lowbit_sizes(state_format, data.shapes)
@@ -102,7 +102,11 @@ def lowbit_roof_target(case: OptimizerCase, data: LayoutData, state_format: str)
         rest = _float_roof(case, data.params[n_low:].copy(), data.grads[n_low:].copy())
         parts.append(rest.step)
         keep.append(rest.keep)
-    if n_low:
+    if n_low and case.passes:
+        step, args = _int8_passes(case, data.params[:n_low].copy(), data.grads[:n_low].copy())
+        parts.append(step)
+        keep.append(args)
+    elif n_low:
         p, g = data.params[:n_low].copy(), data.grads[:n_low].copy()
         scale = p.dtype.type(1e-12)
         fn = roof.lowbit_roof(state_format, k_slots)
@@ -118,6 +122,38 @@ def lowbit_roof_target(case: OptimizerCase, data: LayoutData, state_format: str)
         keep.append(args)
     step = parts[0] if len(parts) == 1 else (lambda: [f() for f in parts])
     return Target(step, keep=keep, numba_cpu=True)
+
+
+def _int8_passes(case: OptimizerCase, p, g):
+    """A multi-pass step's roof over int8 state columns (``case.passes_for("int8")``):
+    a reduction reads p, g and the codes and absmax of the columns it reads (the
+    "int8-read" loop); a step reads p, g and its columns and writes p and them (the
+    "int8" loop; each step pass must write every column it reads, as LAMB's and LARS's
+    do). One code and one absmax array per state position the passes name, shared by
+    them."""
+    from fastopt import lowbit
+    from fastopt.kernels import cpu, roof, threads
+    block = lowbit.blockwise.BLOCK
+    passes = case.passes_for("int8")
+    named = sorted({int(x[1:]) for one in passes for x in one.reads.split() if x.startswith("s")})
+    codes = {k: np.zeros(p.size, np.uint8) for k in named}
+    absmax = {k: np.ones(lowbit.n_blocks(p.size, block), np.float32) for k in named}
+    out = np.zeros(-(-p.size // cpu.CHUNK), np.float32)
+    scale = p.dtype.type(1e-12)
+    steps = []
+    for one in passes:
+        cols = [int(x[1:]) for x in one.reads.split() if x.startswith("s")]
+        args = [*(codes[k] for k in cols), *(absmax[k] for k in cols)]
+        if one.reduce:
+            fn, args = roof.lowbit_roof(roof.INT8_READ, len(cols)), (p, g, *args, out, block, cpu.CHUNK)
+        else:
+            written = [int(x[1:]) for x in one.writes.split() if x.startswith("s")]
+            if sorted(written) != sorted(cols) or "p" not in one.writes.split():
+                raise ValueError(f"{case.name}: no int8 roof for a pass reading {one.reads!r} "
+                                 f"and writing {one.writes!r}")
+            fn, args = roof.lowbit_roof("int8", len(cols)), (p, g, *args, scale, block, cpu.CHUNK)
+        steps.append(lambda fn=fn, args=args: threads.launch(fn, *args))
+    return (lambda: [f() for f in steps]), (p, g, list(codes.values()), list(absmax.values()), out)
 
 
 def roof_cuda_target(case: OptimizerCase, data: LayoutData) -> Target:
