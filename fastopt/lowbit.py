@@ -248,26 +248,97 @@ def _saved_codes(opt, name, p, st, block, storage, label, where, out):
     return decode(codes, absmax.astype(np.float32), block, table)
 
 
+# bitsandbytes' state<k> where it stacks several of fastopt's columns (rows in this order)
+_BNB_STACKED = {"AdEMAMix": (("exp_avg", "exp_avg_slow"), ("exp_avg_sq",))}
+# fastopt's name of bitsandbytes' betas[0] where fastopt has no betas
+_BNB_BETA1 = {"SGD": "momentum", "RMSprop": "alpha"}
+# fastopt's hyperparameters that bitsandbytes' update implies
+_BNB_IMPLIED = {"AdEMAMix": {"weight_decouple": True, "fixed_decay": False}}
+
+
+def _bnb_columns(opt) -> tuple:
+    """fastopt's column names held by bitsandbytes' state1, state2, ... (several: stacked)."""
+    stacked = _BNB_STACKED.get(opt.spec.name)
+    return stacked if stacked else tuple((c.name,) for c in opt.spec.columns)
+
+
+def _param_shape(state_dict, opt, pid, where):
+    """The shape of the param ``pid`` names (through the saved groups' param ids)."""
+    for saved, mine in zip(state_dict["param_groups"], opt.param_groups):
+        ids = list(saved.get("params", ()))
+        if pid in ids and ids.index(pid) < len(mine["params"]):
+            return tuple(np.shape(mine["params"][ids.index(pid)]))
+    raise ValueError(f"{where} refers to no param in state_dict['param_groups']")
+
+
+def _bnb_rows(state_dict, opt, pid, key, value, targets) -> list:
+    """``value`` of bitsandbytes' ``key`` split among fastopt's columns ``targets``: a
+    stacked state (``len(targets)`` rows of the param's shape) or absmax (rows of
+    blocks) by rows; a map is every target's."""
+    where = f"state_dict['state'][{pid!r}]"
+    if len(targets) == 1 or key.startswith("qmap"):
+        return [value] * len(targets)
+    n = len(targets)
+    if key.startswith("state"):
+        shape = _param_shape(state_dict, opt, pid, where)
+        if tuple(value.shape) != (n, *shape):
+            raise ValueError(f"{where}[{key!r}] has shape {tuple(value.shape)}, expected "
+                             f"{(n, *shape)}: {type(opt).__name__}'s {', '.join(targets)} "
+                             f"stacked on the param's shape {shape}")
+    elif value.ndim != 2 or value.shape[0] != n:
+        raise ValueError(f"{where}[{key!r}] has shape {tuple(value.shape)}, expected ({n}, "
+                         f"blocks): one row of block maxima for each of {', '.join(targets)}")
+    return list(value)
+
+
+def _bnb_group(saved, mine, gi, name) -> dict:
+    """fastopt's group ``mine`` (without params) with the values of bitsandbytes' group
+    ``saved`` where the two share a hyperparameter."""
+    where = f"state_dict['param_groups'][{gi}]"
+    group = {k: v for k, v in mine.items() if k != "params"}
+    for k, v in saved.items():
+        if k in group and k != "params":
+            group[k] = v
+    if "betas" in saved and "betas" in group:
+        group["betas"] = tuple(saved["betas"])[:len(mine["betas"])]
+    if "betas" in saved and name in _BNB_BETA1:
+        group[_BNB_BETA1[name]] = saved["betas"][0]
+    if "t_alpha_beta3" in group and ("t_alpha" in saved or "t_beta3" in saved):
+        t_alpha, t_beta3 = saved.get("t_alpha") or None, saved.get("t_beta3") or None
+        if t_alpha != t_beta3:
+            raise ValueError(f"{where} has t_alpha={t_alpha!r} and t_beta3={t_beta3!r}: "
+                             f"{name} warms both up over one t_alpha_beta3")
+        group["t_alpha_beta3"] = t_alpha
+    group.update(_BNB_IMPLIED.get(name, {}))
+    return group
+
+
 def from_bitsandbytes(state_dict: dict, opt) -> dict:
     """A bitsandbytes 8-bit optimizer's state dict (tensors as NumPy arrays) as a state
     dict ``opt`` (a fastopt optimizer of the same kind, same params) loads.
 
     bitsandbytes names its columns ``state1``/``state2`` (codes or float32 values),
     ``absmax1``/``absmax2`` and ``qmap1``/``qmap2``; they become ``opt``'s first and
-    second state columns, with its block size (256). Since 0.49.2 its ``state_dict()``
+    second state columns, with its block size (256); AdEMAMix's ``state1`` stacks
+    ``exp_avg`` and ``exp_avg_slow`` (shape ``(2, *p.shape)``, ``absmax1`` two rows of
+    block maxima, one ``qmap1``) and its ``state2`` is ``exp_avg_sq``; other shapes
+    are refused, naming the key. Since 0.49.2 its ``state_dict()``
     nests them under ``"__bnb_optimizer_quant_state__"`` (hidden from FSDP); both forms
     load. Codes saved with another map than fastopt's (bitsandbytes' signed map keeps
     -0.99297 as code 0 where fastopt has -1.0) are decoded with the saved map and encoded
     with fastopt's. ``unorm_vec`` and ``gnorm_vec`` (norm scratch buffers) are dropped;
     ``max1``/``new_max1`` (non-blockwise 8-bit state, ``block_wise=False``) are refused.
     Group hyperparameters bitsandbytes shares with ``opt`` (lr, betas, eps,
-    weight_decay, ...) are taken, the others keep ``opt``'s values. Note bitsandbytes'
+    weight_decay, alpha, ...) are taken, and those its update implies: ``betas[0]`` is
+    RMSprop's ``alpha`` and SGD's ``momentum``; AdEMAMix's ``t_alpha`` and ``t_beta3``
+    are ``t_alpha_beta3`` (refused where they differ), its decay decoupled
+    (``weight_decouple=True``). The others keep ``opt``'s values. Note bitsandbytes'
     Adam8bit decays weights decoupled, as AdamW.
     """
     if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
         raise ValueError("state_dict must be a bitsandbytes state dict with 'state' and 'param_groups'")
     wrapper = "__bnb_optimizer_quant_state__"   # Optimizer8bit._FSDP_WRAPPED_QUANT_STATE_KEY
-    names = [c.name for c in opt.spec.columns]
+    columns = _bnb_columns(opt)
     state = {}
     for pid, st in state_dict["state"].items():
         if not isinstance(st, dict):
@@ -288,10 +359,13 @@ def from_bitsandbytes(state_dict: dict, opt) -> dict:
             for bnb, ours in (("state", ""), ("absmax", ABSMAX), ("qmap", QMAP)):
                 if key.startswith(bnb) and key[len(bnb):].isdigit():
                     k = int(key[len(bnb):]) - 1
-                    if not 0 <= k < len(names):
+                    if not 0 <= k < len(columns):
                         raise ValueError(f"state_dict['state'][{pid!r}] has {key!r}, but "
-                                         f"{type(opt).__name__} has {len(names)} state columns")
-                    d[names[k] + ours] = np.asarray(value)
+                                         f"bitsandbytes' {type(opt).__name__} has "
+                                         f"{len(columns)} states")
+                    rows = _bnb_rows(state_dict, opt, pid, key, np.asarray(value), columns[k])
+                    for name, row in zip(columns[k], rows):
+                        d[name + ours] = row
                     break
             else:
                 if key.startswith(("max", "new_max")):
@@ -302,13 +376,8 @@ def from_bitsandbytes(state_dict: dict, opt) -> dict:
                                  "bitsandbytes optimizer state key")
         state[pid] = d
     groups = []
-    for saved, mine in zip(state_dict["param_groups"], opt.param_groups):
-        group = {k: v for k, v in mine.items() if k != "params"}
-        for k, v in saved.items():
-            if k in group and k != "params":
-                group[k] = tuple(v) if k == "betas" else v
-        if "betas" in group and len(group["betas"]) > 2:
-            group["betas"] = tuple(group["betas"][:2])
+    for gi, (saved, mine) in enumerate(zip(state_dict["param_groups"], opt.param_groups)):
+        group = _bnb_group(saved, mine, gi, opt.spec.name)
         group["params"] = list(saved.get("params", ()))
         groups.append(group)
     return {"state": state, "param_groups": groups,
