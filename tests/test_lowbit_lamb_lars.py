@@ -217,6 +217,24 @@ def test_params_skipping_steps_match_the_reference():
     _assert_state_equal(sc, sn, codes_only=True)
 
 
+def test_functional_lamb_with_int8_codes_equals_the_class():
+    """fo.functional.lamb over uint8 codes and their absmax: the same passes as the class."""
+    case = ALL_BY_NAME["lamb"]
+    sizes = [(5001,)]
+    opt, params = _run(case, "cpu", sizes, 3, case.hp())
+    p = _params(sizes)
+    m, am = lowbit.encode(np.zeros(sizes[0], np.float32), "int8-signed", 256)
+    v, av = lowbit.encode(np.zeros(sizes[0], np.float32), "int8-unsigned", 256)
+    hp = case.functional_kwargs(case.hp())
+    for t in range(1, 4):
+        fo.functional.lamb(p, _grads(sizes, t), [m], [v], step=t, **hp,
+                           absmax={"exp_avgs": [am], "exp_avg_sqs": [av]})
+    st = opt.state[0]
+    assert np.array_equal(p[0], params[0])
+    for codes, absmax, name in ((m, am, "exp_avg"), (v, av, "exp_avg_sq")):
+        assert np.array_equal(codes, st[name]) and np.array_equal(absmax, st[name + "_absmax"])
+
+
 def test_keras_clipnorm_with_int8_state():
     """Keras's clipnorm is a per-tensor pass too (a reduction of the gradients, then the
     step): over int8 state its reduction decodes the columns it does not use."""
