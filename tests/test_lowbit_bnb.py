@@ -359,8 +359,8 @@ def _frac_equal(a, b) -> float:
 # Where an element's code differs by one (its value within rounding of the midpoint
 # between two map values: bitsandbytes divides by the absmax, fastopt multiplies by its
 # reciprocal), its decoded moment differs by the map's spacing there times the block's
-# absmax (at most 0.0141 * absmax1 for the signed map, 0.0070 * absmax2 for the
-# unsigned one), and that element's update differs by what this makes of it: for SGD
+# absmax (at most 0.0211 * absmax1 for the signed map, between -1 and -0.979, 0.0141
+# on its positive side; 0.0070 * absmax2 for the unsigned one), and that element's update differs by what this makes of it: for SGD
 # lr * momentum * spacing * absmax1; for Adam lr / c1 * b1 * spacing * absmax1 / denom
 # (and the second moment's spacing through denom, large where v is near 0); for Lion 0,
 # or 2 lr where the sign flips. _run computes exactly that per element and step: the
