@@ -32,8 +32,11 @@ weight_decay=1e-2)`` is this update with ``weight_decouple=True`` (its decay is
 ``p *= 1 - lr wd`` before the step) and ``t_alpha == t_beta3 == t_alpha_beta3``; it
 keeps ``exp_avg`` and ``exp_avg_slow`` stacked in one ``state1`` of shape
 ``(2, *p.shape)`` and ``exp_avg_sq`` as ``state2``. Its moments are ``b m + (1 - b) g``
-rather than torch's ``lerp`` (a rounding apart). Its separate ``t_alpha`` and
-``t_beta3`` (and ``t == 0`` meaning "off") have no equivalent here.
+rather than torch's ``lerp``: its two coefficients, each rounded to float32, do not sum
+to 1 (b = 0.999: 1 + 1.3e-8), so its moments drift from these relatively by up to
+``|F32(b) + F32(1 - b) - 1| / (1 - b)`` (derived: 1.3e-5 at b3 = 0.999, 1.7e-4 at the
+default 0.9999; tests/test_lowbit_bnb.py measures and allows it). Its separate
+``t_alpha`` and ``t_beta3`` (and ``t == 0`` meaning "off") have no equivalent here.
 
 The beta3 scheduler takes logarithms of b1 and b3; at b1 == 0 or b3 == 0 (where the
 oracle raises a math domain error) this takes the formula's limits: ``b3^(T/t)`` for
