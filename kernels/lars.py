@@ -12,7 +12,9 @@ References:
 
 Two passes (:mod:`fastopt.kernels.per_tensor`): :func:`lars_norms` reduces ``||p||^2``
 and ``||u||^2`` per tensor (reads p and g only), then :func:`lars_element` applies the
-ratio, which the per-tensor driver passes in the third state position.
+ratio, which the per-tensor driver passes in the third state position. With int8 state
+the reduction leaves the trace's codes undecoded (it does not read them) and the step
+decodes the trace, updates it and stores it re-encoded, as any int8 step.
 """
 from __future__ import annotations
 
