@@ -92,13 +92,16 @@ def test_kahan_cuda_equals_cpu_bit_for_bit(cls, hp, dtype):
 
 @pytest.mark.parametrize("cls, hp", OPTIMIZERS[1:2], ids=lambda x: getattr(x, "__name__", ""))
 def test_kahan_with_int8_state_cuda_equals_cpu(cls, hp):
-    shapes = [(4100,), (7,)]                 # one tensor with int8 state, one under 4096
-    (pc, oc), (pg, og) = _run_both(cls, hp, BF16, shapes, kahan_sum=True, state_format="int8")
+    # one tensor with int8 state (a block of 256 and a bit), one under min_8bit_size
+    shapes = [(300,), (7,)]
+    (pc, oc), (pg, og) = _run_both(cls, hp, BF16, shapes, kahan_sum=True, state_format="int8",
+                                   min_8bit_size=256)
     for key, value in oc.state[0].items():
         if key != "step":
             np.testing.assert_array_equal(np.asarray(og.state[0][key]).view(np.uint8),
                                           np.asarray(value).view(np.uint8), err_msg=key)
-    assert oc.state[0]["exp_avg"].dtype == np.uint8
+    assert oc.state[0]["exp_avg"].dtype == np.uint8 and oc.state[0]["exp_avg_absmax"].size == 2
+    assert oc.state[1]["exp_avg"].dtype != np.uint8         # under min_8bit_size: not int8
 
 
 @pytest.mark.parametrize("cls, hp", OPTIMIZERS[::3], ids=lambda x: getattr(x, "__name__", ""))

@@ -7,7 +7,7 @@ tiny blocks and chunks, so every chunk and block boundary is crossed). On a mach
 with a GPU (``bench/gpu_check.sh``) the same tests run for real on CuPy arrays, plus
 the GPU-only tests at the end (streams, asynchrony, no per-step allocation, torch
 tensors). In a plain run with neither, the CUDA tests skip; the import-isolation tests
-run everywhere.
+run everywhere but under the simulator (where they would repeat the plain run's).
 """
 from __future__ import annotations
 
@@ -492,12 +492,19 @@ def _python(code, env_extra=None):
                           timeout=300)
 
 
+# Under the simulator (tests/test_cuda_simulator.py's child) these two would repeat the plain
+# run's: their own child processes drop NUMBA_ENABLE_CUDASIM either way.
+plain_run_only = pytest.mark.skipif(SIM, reason="the plain run runs it (its child drops NUMBA_ENABLE_CUDASIM)")
+
+
+@plain_run_only
 def test_cpu_use_never_imports_cuda_libraries():
     r = _python(_ISOLATION)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "LOADED []" in r.stdout
 
 
+@plain_run_only
 def test_missing_cuda_driver_raises_backend_unavailable_with_the_cause():
     code = textwrap.dedent("""
         import sys
