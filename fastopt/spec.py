@@ -156,7 +156,9 @@ class PerTensor:
       "grad" (it multiplies the tensor's gradients).
     step_writes: the state columns the step stores (None: every active one).
     The element's scalars must have a ``grad_scale`` field: the reducer reads raw
-    gradients and applies the step's gradient scale itself.
+    gradients and applies the step's gradient scale itself. With int8 state a reducer
+    with ``writes`` stores nothing: the step recomputes and stores those columns, told
+    by its scalars' ``recompute`` flag (fastopt/_passes.py).
     """
 
     reducer: Callable

@@ -20,8 +20,8 @@ from fastopt.kernels import blockwise
 from fastopt.kernels import reference_lowbit as ref
 from fastopt.kernels.keras import SPECS as KERAS_SPECS
 
-# Optimizers whose state is moments and that run in one pass (LAMB and LARS: their
-# reduction pass has no blockwise driver yet, and they refuse "int8", tested below).
+# Optimizers whose state is moments and that run in one pass (LAMB and LARS, two passes:
+# tests/test_lowbit_lamb_lars.py).
 LOWBIT_CASES = [c for c in ALL_CASES if c.spec.per_tensor is None]
 # Sizes: empty, 1, under the int8 threshold, odd, not a multiple of the block, more than
 # one chunk (65536) and not a multiple of it.
@@ -414,12 +414,6 @@ def test_bad_options_are_refused(kwargs, match):
 def test_float64_params_refuse_low_bit_state():
     with pytest.raises(TypeError, match="float64"):
         fo.Adam(_params([(10,)], dtype=np.float64), state_format="bfloat16")
-
-
-@pytest.mark.parametrize("name", ["LAMB", "LARS"])
-def test_per_tensor_optimizers_refuse_int8(name):
-    with pytest.raises(NotImplementedError, match="int8"):
-        getattr(fo, name)(_params([(10,)]), state_format="int8")
 
 
 def test_sparse_gradients_refuse_low_bit_state_before_any_change():
