@@ -40,10 +40,9 @@ SIZES = [(0,), (1,), (300,), (1001,)]          # empty, one, a block and a bit, 
 @pytest.fixture(autouse=True, scope="module")
 def _quick_thread_switches():
     # The simulator's syncthreads hands the GIL between its threads: at the default 5 ms
-    # switch interval a blockwise step spends most of its time waiting (tests/
-    # test_cuda_simulator.py starts its child at 0.1 ms: never raised here).
+    # switch interval a blockwise step spends most of its time waiting.
     before = sys.getswitchinterval()
-    sys.setswitchinterval(min(before, 1e-4))
+    sys.setswitchinterval(5e-4)
     yield
     sys.setswitchinterval(before)
 

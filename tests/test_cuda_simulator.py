@@ -27,20 +27,10 @@ FILES = ["test_cuda_sim.py", "test_family_cudasim.py", "test_cuda_columns_sim.py
 UNDER_SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 
 
-# The simulator runs each GPU thread as a Python thread, and a thread waiting at
-# ``cuda.syncthreads()`` gets the GIL only when the running one hands it over: at Python's
-# default 5 ms switch interval, a kernel with a block-wide reduction (LAMB, LARS, clipping,
-# Adafactor, blockwise int8) spends most of its time waiting. At 0.1 ms those tests ran
-# 3 to 5 times faster on a 2-core VM; the kernels and results are the same.
-SWITCH_INTERVAL_S = 1e-4
-_CHILD = ("import sys; sys.setswitchinterval(float(sys.argv.pop(1))); import pytest; "
-          "sys.exit(pytest.main(sys.argv[1:]))")
-
-
 def _under_the_simulator(args, at_least):
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-c", _CHILD, str(SWITCH_INTERVAL_S), "-q", "-p", "no:cacheprovider",
-           "-p", "no:xdist", "-o", "addopts=-rfE", *args]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+           "-o", "addopts=-rfE", *args]
     proc = subprocess.run(cmd, cwd=HERE.parent, env=env, capture_output=True, text=True,
                           timeout=1800)
     out = proc.stdout + proc.stderr
