@@ -23,7 +23,8 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 FILES = ["test_cuda_sim.py", "test_family_cudasim.py", "test_cuda_columns_sim.py",
-         "test_cuda_lowbit_sim.py", "test_cuda_pure16_sim.py"]
+         "test_cuda_lowbit_sim.py", "test_cuda_pure16_sim.py", "test_cuda_lowbit_reduce_sim.py",
+         "test_cuda_lowbit_lamb_lars_sim.py"]
 UNDER_SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 
 
