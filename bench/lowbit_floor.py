@@ -99,7 +99,7 @@ def phases(reps=100_000) -> dict:
     work = {"decode": lambda r: _decode(codes, qmap, values.copy(), r),
             "absmax": lambda r: _absmax(values.copy(), r),
             "encode, gathers": lambda r: _encode_gather(values, table, codes.copy(), r),
-            "encode, scalar reads": lambda r: _encode_scalar(values, table, codes.copy(), r)}
+            "encode, scalar code": lambda r: _encode_scalar(values, table, codes.copy(), r)}
     return {name: median_s(lambda f=f: f(reps), rounds=7, inner=1) / reps / blockwise.BLOCK * 1e9
             for name, f in work.items()}
 
