@@ -10,7 +10,7 @@ machine is compute-bound for it and how many such cores would make it memory-bou
 2. The int8 step's phases on one 256-element block in L1, one thread: decoding a column
    (code -> map value x absmax), the block's absmax (an integer max), encoding a column
    (the nearest-code table read as AVX2 gathers, :func:`fastopt.kernels.blockwise.encode_block`,
-   and as scalar reads, :func:`~fastopt.kernels.blockwise.encode`).
+   and with the scalar code, :func:`~fastopt.kernels.blockwise.encode`).
 3. The memory roofs at 64M params on every thread: the roof kernels with float32 and int8
    state's access pattern (:mod:`fastopt.kernels.roof`), in ns per param.
 
