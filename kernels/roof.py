@@ -85,6 +85,28 @@ INT8_READ = "int8-read"
 _LOWBIT: dict = {}
 
 
+def _blockwise_chunks(cols, absmax, per_block, per_element, before=(), after=()) -> list:
+    """The loop of an int8 roof over chunks of ``chunk`` elements (whole blocks): per
+    chunk, ``before``, ``per_block`` over its blocks' absmax slices ``a<k>c``,
+    ``per_element`` over its slices ``pc``, ``gc`` and the code slices, then ``after``."""
+    return ["    n = p.size",
+            "    n_blocks = (n + block - 1) // block",
+            "    per_chunk = chunk // block",
+            "    for c in prange((n + chunk - 1) // chunk):",
+            "        lo = c * chunk",
+            "        hi = min(lo + chunk, n)",
+            "        b_lo = c * per_chunk",
+            "        b_hi = min(b_lo + per_chunk, n_blocks)",
+            *(f"        {line}" for line in before),
+            *(f"        {a}c = {a}[b_lo:b_hi]" for a in absmax),
+            *(["        for b in range(b_hi - b_lo):"] if per_block else []),
+            *(f"            {line}" for line in per_block),
+            *(f"        {x}c = {x}[lo:hi]" for x in ["p", "g", *cols]),
+            "        for i in range(hi - lo):",
+            *(f"            {line}" for line in per_element),
+            *(f"        {line}" for line in after)]
+
+
 def _roof_name(kind: str, k_slots: int) -> str:
     return f"roof_{kind.replace('-', '_')}_{k_slots}"
 
@@ -113,44 +135,18 @@ def _lowbit_source(kind: str, k_slots: int) -> str:
     elif kind == "int8":
         absmax = [f"a{k}" for k in range(k_slots)]
         args = ", ".join(["p", "g", *cols, *absmax, "scale", "block", "chunk"])
-        lines = [f"def {name}({args}):",
-                 "    n = p.size",
-                 "    one = np.uint8(1)",
-                 "    n_blocks = (n + block - 1) // block",
-                 "    per_chunk = chunk // block",
-                 "    for c in prange((n + chunk - 1) // chunk):",
-                 "        lo = c * chunk",
-                 "        hi = min(lo + chunk, n)",
-                 "        b_lo = c * per_chunk",
-                 "        b_hi = min(b_lo + per_chunk, n_blocks)",
-                 *(f"        {a}c = {a}[b_lo:b_hi]" for a in absmax),
-                 "        for b in range(b_hi - b_lo):",
-                 *(f"            {a}c[b] = {a}c[b] + scale" for a in absmax),
-                 *(f"        {x}c = {x}[lo:hi]" for x in ["p", "g", *cols]),
-                 "        for i in range(hi - lo):",
-                 "            pc[i] = pc[i] + scale * gc[i]",
-                 *(f"            {x}c[i] = {x}c[i] + one" for x in cols)]
+        lines = [f"def {name}({args}):", "    one = np.uint8(1)",
+                 *_blockwise_chunks(cols, absmax, [f"{a}c[b] = {a}c[b] + scale" for a in absmax],
+                                    ["pc[i] = pc[i] + scale * gc[i]",
+                                     *(f"{x}c[i] = {x}c[i] + one" for x in cols)])]
     elif kind == INT8_READ:
         absmax = [f"a{k}" for k in range(k_slots)]
         args = ", ".join(["p", "g", *cols, *absmax, "out", "block", "chunk"])
         terms = " + ".join(["pc[i] * gc[i]", *(f"np.float32({x}c[i])" for x in cols)])
         lines = [f"def {name}({args}):",
-                 "    n = p.size",
-                 "    n_blocks = (n + block - 1) // block",
-                 "    per_chunk = chunk // block",
-                 "    for c in prange((n + chunk - 1) // chunk):",
-                 "        lo = c * chunk",
-                 "        hi = min(lo + chunk, n)",
-                 "        b_lo = c * per_chunk",
-                 "        b_hi = min(b_lo + per_chunk, n_blocks)",
-                 "        acc = np.float32(0.0)",
-                 *(f"        {a}c = {a}[b_lo:b_hi]" for a in absmax),
-                 *(["        for b in range(b_hi - b_lo):"] if absmax else []),
-                 *(f"            acc += {a}c[b]" for a in absmax),
-                 *(f"        {x}c = {x}[lo:hi]" for x in ["p", "g", *cols]),
-                 "        for i in range(hi - lo):",
-                 f"            acc += {terms}",
-                 "        out[c] = acc"]
+                 *_blockwise_chunks(cols, absmax, [f"acc += {a}c[b]" for a in absmax],
+                                    [f"acc += {terms}"], ["acc = np.float32(0.0)"],
+                                    ["out[c] = acc"])]
     else:
         raise ValueError(f"no low-bit roof for {kind!r}; expected one of "
                          f"{LOWBIT_KINDS + (INT8_READ,)}")

@@ -484,6 +484,16 @@ def compare_impls(impls, dtype, when, slots=(), nonfinite=False):
 
 
 # -- param groups -------------------------------------------------------------------------
+def step_on(opt, grads, arena=None):
+    """One step of ``opt`` with ``grads``: as a list, or copied into the FlatParams
+    ``arena``'s gradients first (then ``opt.step()`` reads them)."""
+    if arena is None:
+        return opt.step(grads)
+    for g, dst in zip(grads, arena.grads):
+        dst[...] = g
+    return opt.step()
+
+
 def group_of(spec, **overrides) -> dict:
     """A full param group of ``spec`` (what its ``scalars(group, step, cast)`` reads): every
     hyperparameter's default, the fixed ones (AdamW's ``decoupled_weight_decay``) at their

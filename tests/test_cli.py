@@ -430,6 +430,16 @@ def test_bad_state_formats_fail_before_the_run(argv, message, no_run, capsys):
     assert message in capsys.readouterr().err
 
 
+def _arrays_in(x) -> list:
+    """The NumPy arrays a roof target keeps: in lists and tuples, and a ChunkTable's
+    params, grads and slots (its ``refs``)."""
+    if isinstance(x, np.ndarray):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [a for y in x for a in _arrays_in(y)]
+    return _arrays_in(x.refs) if hasattr(x, "refs") else []
+
+
 @pytest.mark.parametrize("fmt", ["bfloat16", "int8"])
 def test_lowbit_roof_moves_the_rows_bytes(fmt):
     """The low-bit roof writes p, every state column and (int8) every absmax, reads g, and
@@ -439,18 +449,7 @@ def test_lowbit_roof_moves_the_rows_bytes(fmt):
     case = cases.available_optimizers("adam")[0]
     data = runner.LayoutData("transformer", 70_000, np.float32)
     roof = roof_target(case, data, fmt)
-    arrays = []
-
-    def collect(x):
-        if isinstance(x, np.ndarray):
-            arrays.append(x)
-        elif isinstance(x, (list, tuple)):
-            for y in x:
-                collect(y)
-        elif hasattr(x, "refs"):                   # a ChunkTable: its params, grads, slots
-            collect(x.refs)
-    collect(roof.keep)
-    unique = list({id(a): a for a in arrays}.values())
+    unique = list({id(a): a for a in _arrays_in(roof.keep)}.values())
     n = data.n_params
 
     def is_grad(a):
@@ -552,17 +551,7 @@ def test_int8_multipass_roof_writes_what_the_step_writes(name):
     case = cases.available_optimizers(name)[0]
     data = runner.LayoutData("transformer", 70_000, np.float32)
     target = roof_target(case, data, "int8")
-    arrays = []
-
-    def collect(x):
-        if isinstance(x, np.ndarray):
-            arrays.append(x)
-        elif isinstance(x, (list, tuple)):
-            for y in x:
-                collect(y)
-        elif hasattr(x, "refs"):
-            collect(x.refs)
-    collect(target.keep)
+    arrays = _arrays_in(target.keep)
     codes = [a for a in arrays if a.dtype == np.uint8]
     assert codes and len(codes) == sum(case.slot_mask())
     for a in codes:

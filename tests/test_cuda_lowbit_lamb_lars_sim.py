@@ -15,7 +15,6 @@ simulator files with ``NUMBA_ENABLE_CUDASIM=1``; a plain run skips this one.
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -23,22 +22,12 @@ import pytest
 from cases import rel_err, rms
 
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
-pytestmark = [pytest.mark.cudasim,
+pytestmark = [pytest.mark.cudasim, pytest.mark.usefixtures("quick_thread_switches"),
               pytest.mark.skipif(not SIM, reason="run under the CUDA simulator by tests/test_cuda_simulator.py")]
 
 F32 = np.float32
 # empty, one, a block and a bit (float32 state under min_8bit_size=512), two blocks and a bit
 SIZES = [(0,), (1,), (300,), (700,)]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _quick_thread_switches():
-    # The simulator's syncthreads hands the GIL between its threads (as in
-    # tests/test_cuda_lowbit_sim.py): a short switch interval keeps a blockwise step quick.
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(5e-4)
-    yield
-    sys.setswitchinterval(before)
 
 
 def _run(name, hp, backend_name, steps=3):

@@ -19,15 +19,14 @@ its threads a few times per quantization block, so sizes are small and steps few
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
 import pytest
 
-from cases import group_of
+from cases import group_of, step_on
 
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
-pytestmark = [pytest.mark.cudasim,
+pytestmark = [pytest.mark.cudasim, pytest.mark.usefixtures("quick_thread_switches"),
               pytest.mark.skipif(not SIM, reason="run under the CUDA simulator by tests/test_cuda_simulator.py")]
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
@@ -35,16 +34,6 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 F32 = np.float32
 SIGNED, UNSIGNED = "int8-signed", "int8-unsigned"
 SIZES = [(0,), (1,), (300,), (1001,)]          # empty, one, a block and a bit, odd (4 blocks)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _quick_thread_switches():
-    # The simulator's syncthreads hands the GIL between its threads: at the default 5 ms
-    # switch interval a blockwise step spends most of its time waiting.
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(5e-4)
-    yield
-    sys.setswitchinterval(before)
 
 
 def backend():
@@ -305,20 +294,11 @@ def _front(cls, hp, fmt, backend_name, flat=False, sizes=SIZES, steps=2):
     import fastopt as fo
     rng = np.random.default_rng(0)
     init = [rng.standard_normal(s).astype(F32) for s in sizes]
-    if flat:
-        arena = fo.FlatParams(init)
-        params = list(arena.params)
-    else:
-        params = init
+    arena = fo.FlatParams(init) if flat else None
+    params = list(arena.params) if flat else init
     opt = cls(params, backend=backend_name, state_format=fmt, min_8bit_size=0, **hp)
     for t in range(1, steps + 1):
-        grads = _grads(sizes, t)
-        if flat:
-            for g, dst in zip(grads, arena.grads):
-                dst[...] = g
-            opt.step()
-        else:
-            opt.step(grads)
+        step_on(opt, _grads(sizes, t), arena)
     return params, opt
 
 

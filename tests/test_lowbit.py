@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import fastopt as fo
-from cases import ALL_CASES, case_params, rel_err, rms
+from cases import ALL_CASES, case_params, rel_err, rms, step_on
 from fastopt import keras as fk
 from fastopt import lowbit
 from fastopt.kernels import blockwise
@@ -106,18 +106,12 @@ def test_encoder_is_the_nearest_code_ties_to_the_lower(kind):
 # -- fused drivers against the reference ----------------------------------------------------------
 def _run(case, fmt, backend, sizes, steps, hp=None, flat=False, **options):
     params = _params(sizes)
+    fp = fo.FlatParams(params) if flat else None
     if flat:
-        fp = fo.FlatParams(params)
         params = list(fp.params)
     opt = case.fo_cls(params, **(hp or case.hp()), backend=backend, state_format=fmt, **options)
     for t in range(1, steps + 1):
-        grads = _grads(sizes, t)
-        if flat:
-            for g, dst in zip(grads, fp.grads):
-                dst[...] = g
-            opt.step()
-        else:
-            opt.step(grads)
+        step_on(opt, _grads(sizes, t), fp)
     return opt, params
 
 

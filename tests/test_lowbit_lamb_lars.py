@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import fastopt as fo
-from cases import ALL_BY_NAME, case_params, rel_err, rms
+from cases import ALL_BY_NAME, case_params, rel_err, rms, step_on
 from fastopt import lowbit
 from fastopt.kernels import blockwise, cpu, lars, per_tensor, threads
 from fastopt.kernels import reference_lowbit as ref
@@ -176,18 +176,12 @@ def test_flat_params_equal_lists_bit_for_bit(case):
     runs = []
     for flat in (False, True):
         params = _params(SIZES)
+        arena = fo.FlatParams(params) if flat else None
         if flat:
-            arena = fo.FlatParams(params)
             params = list(arena.params)
         opt = case.fo_cls(params, **case.hp(), state_format="int8")
         for t in range(1, 4):
-            grads = _grads(SIZES, t)
-            if flat:
-                for g, dst in zip(grads, arena.grads):
-                    dst[...] = g
-                opt.step()
-            else:
-                opt.step(grads)
+            step_on(opt, _grads(SIZES, t), arena)
         runs.append((params, opt.state_dict()["state"]))
     (pl, sl), (pf, sf) = runs
     for a, b in zip(pl, pf):
