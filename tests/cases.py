@@ -494,6 +494,25 @@ def step_on(opt, grads, arena=None):
     return opt.step()
 
 
+def on_one_and_all_threads(run):
+    """``run()`` with Numba on one thread, then on every thread (the thread count is
+    restored after): the pair of results, for a test that they agree bit for bit.
+    Skips where Numba has a single thread."""
+    import numba
+    top = numba.config.NUMBA_NUM_THREADS
+    if top < 2:
+        pytest.skip("Numba has a single thread here")
+    before = numba.get_num_threads()
+    try:
+        out = []
+        for threads in (1, top):
+            numba.set_num_threads(threads)
+            out.append(run())
+        return out
+    finally:
+        numba.set_num_threads(before)
+
+
 def group_of(spec, **overrides) -> dict:
     """A full param group of ``spec`` (what its ``scalars(group, step, cast)`` reads): every
     hyperparameter's default, the fixed ones (AdamW's ``decoupled_weight_decay``) at their

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import fastopt as fo
-from cases import ALL_CASES, case_params, rel_err, rms, step_on
+from cases import ALL_CASES, case_params, on_one_and_all_threads, rel_err, rms, step_on
 from fastopt import keras as fk
 from fastopt import lowbit
 from fastopt.kernels import blockwise
@@ -192,16 +192,12 @@ def test_many_small_tensors_keep_float32_state_and_match():
 def test_thread_count_does_not_change_a_bit():
     case = next(c for c in ALL_CASES if c.name == "adam")
     sizes = [(200_000,), (5001,)]
-    results = []
-    before = numba.get_num_threads()
-    try:
-        for threads in (1, numba.config.NUMBA_NUM_THREADS):
-            numba.set_num_threads(threads)
-            opt, params = _run(case, "int8", "cpu", sizes, 3)
-            results.append((params, opt.state_dict()["state"]))
-    finally:
-        numba.set_num_threads(before)
-    (p1, s1), (p2, s2) = results
+
+    def run():
+        opt, params = _run(case, "int8", "cpu", sizes, 3)
+        return params, opt.state_dict()["state"]
+
+    (p1, s1), (p2, s2) = on_one_and_all_threads(run)
     for a, b in zip(p1, p2):
         assert np.array_equal(a, b)
     for i in s1:

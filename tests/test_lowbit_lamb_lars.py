@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import numba
 import numpy as np
 import pytest
 
 import fastopt as fo
-from cases import ALL_BY_NAME, case_params, rel_err, rms, step_on
+from cases import ALL_BY_NAME, case_params, on_one_and_all_threads, rel_err, rms, step_on
 from fastopt import lowbit
 from fastopt.kernels import blockwise, cpu, lars, per_tensor, threads
 from fastopt.kernels import reference_lowbit as ref
@@ -106,18 +105,12 @@ def test_grad_scale_is_applied_once(case):
 @pytest.mark.parametrize("case", case_params(CASES))
 def test_thread_count_does_not_change_a_bit(case):
     sizes = [(200_000,), (5001,), (300,)]
-    results = []
-    before = numba.get_num_threads()
-    try:
-        for threads in (1, 2):
-            if threads > numba.config.NUMBA_NUM_THREADS:
-                pytest.skip("Numba has a single thread here")
-            numba.set_num_threads(threads)
-            opt, params = _run(case, "cpu", sizes, 5, case.hp())
-            results.append((params, opt.state_dict()["state"]))
-    finally:
-        numba.set_num_threads(before)
-    (p1, s1), (p2, s2) = results
+
+    def run():
+        opt, params = _run(case, "cpu", sizes, 5, case.hp())
+        return params, opt.state_dict()["state"]
+
+    (p1, s1), (p2, s2) = on_one_and_all_threads(run)
     for a, b in zip(p1, p2):
         assert np.array_equal(a, b)
     _assert_state_equal(s1, s2)
