@@ -2,9 +2,10 @@
 
 ``fastopt bench`` interleaves its rows, so every step there starts from DRAM; this
 script repeats each step on its own (the 1M parameters stay in cache), the way a
-training loop calls it. Four rows: FlatParams, a list given the same gradient arrays at
+training loop calls it. Five rows: FlatParams, a list given the same gradient arrays at
 every step, a list given new gradient arrays at every step (each one validated and its
-address read), and torch.optim.Adam(fused=True).
+address read), ``fastopt.functional.adam`` over caller-owned state given new gradient
+arrays at every call, and torch.optim.Adam(fused=True).
 
 Run:  python bench/many_small.py [--tensors 2000] [--size 512] [--steps 200]
 """
@@ -51,9 +52,20 @@ def main():
         count[0] += 1
         list_opt.step(fresh[count[0] % len(fresh)])
 
+    # the functional form over caller-owned state, given new gradient arrays each call
+    fn_params = [p.copy() for p in params]
+    exp_avgs = [np.zeros_like(p) for p in params]
+    exp_avg_sqs = [np.zeros_like(p) for p in params]
+
+    def functional_new_grads():
+        count[0] += 1
+        fo.functional.adam(fn_params, fresh[count[0] % len(fresh)], exp_avgs, exp_avg_sqs,
+                           step=count[0], lr=1e-3)
+
     rows = {"fastopt FlatParams": median_ms(flat_opt.step, args.steps),
             "fastopt list, same grads": median_ms(lambda: list_opt.step(grads), args.steps),
-            "fastopt list, new grads": median_ms(new_grads, args.steps)}
+            "fastopt list, new grads": median_ms(new_grads, args.steps),
+            "fastopt functional, new": median_ms(functional_new_grads, args.steps)}
     try:
         import torch
     except ImportError:

@@ -231,3 +231,25 @@ def test_threads_with_their_own_arrays_each_equal_the_class():
         th.join()
     assert not errors, errors
     assert out == {7: True, 8: True}
+
+
+def test_functional_forms_bind_their_arguments_as_python_functions():
+    """The forms are written as Python functions with the spec's signature (no
+    ``inspect.Signature.bind`` per call): Python binds and refuses the arguments."""
+    params = _arrays(9)
+    m, v = [np.zeros_like(p) for p in params], [np.zeros_like(p) for p in params]
+    ref = [p.copy() for p in params]
+    rm, rv = [np.zeros_like(p) for p in params], [np.zeros_like(p) for p in params]
+    grads = _grads(1)
+    functional.adam(params, grads, m, v, None, step=1, lr=0.1, beta2=0.99)
+    functional.adam(params=ref, grads=grads, exp_avg_sqs=rv, exp_avgs=rm, lr=0.1, beta2=0.99)
+    for a, b in zip(params, ref):
+        assert np.array_equal(a, b)
+    with pytest.raises(TypeError, match="missing 2 required positional arguments: 'exp_avgs' and"):
+        functional.adam(params, grads)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'betas'"):
+        functional.adam(params, grads, m, v, betas=(0.9, 0.99))
+    with pytest.raises(TypeError, match="positional arguments but 6 were given"):
+        functional.adam(params, grads, m, v, None, 2)
+    assert functional.adam.__module__ == "fastopt.functional"
+    assert functional.adam.__name__ == "adam"
