@@ -254,13 +254,22 @@ class _Planning:
             return
         spans = self._param_spans(replaced)
         ks = list(addresses)
-        g_lo = np.fromiter((addresses[k] for k in ks), dtype=np.int64, count=len(ks))
         # A checked gradient has its param's shape and dtype, so its param's byte count.
         sigs = self._param_sigs
-        g_hi = g_lo + np.fromiter(
-            (sigs[base + k][2] if sigs[base + k] is not None and base + k not in replaced
-             else _validate.nbytes(grads[k]) for k in ks), dtype=np.int64, count=len(ks))
+        sizes = [sigs[base + k][2] if sigs[base + k] is not None and base + k not in replaced
+                 else _validate.nbytes(grads[k]) for k in ks]
         starts, ends, owner = spans
+        if len(ks) <= 8:
+            # a few gradients: one search each (NumPy's vector set-up costs more)
+            for k, size in zip(ks, sizes):
+                lo = addresses[k]
+                j = int(starts.searchsorted(lo + size, side="left")) - 1
+                if size and j >= 0 and int(ends[j]) > lo:
+                    raise ValueError(f"grads[{base + k}] overlaps the memory of params[{int(owner[j])}]; "
+                                     "a gradient must not share memory with any param")
+            return
+        g_lo = np.fromiter((addresses[k] for k in ks), dtype=np.int64, count=len(ks))
+        g_hi = g_lo + np.asarray(sizes, dtype=np.int64)
         j = np.searchsorted(starts, g_hi, side="left") - 1     # last param starting below g_hi
         hit = (j >= 0) & (ends[np.maximum(j, 0)] > g_lo) & (g_hi > g_lo)
         if hit.any():

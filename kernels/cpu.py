@@ -161,7 +161,7 @@ class ChunkTable:
     """
 
     __slots__ = ("fixed", "table", "chunks", "starts", "like", "low_kind", "has", "formats",
-                 "n_elements", "refs", "merge", "scales", "block", "pure")
+                 "n_elements", "refs", "merge", "scales", "block", "pure", "regrad")
 
     def __init__(self, params, grads, slots, grad_addresses=None, fixed=None, merge=True,
                  model=None, formats=None, scales=None, block=0, pure=None):
@@ -223,7 +223,8 @@ class ChunkTable:
         full[:, 3:] = fixed[:, 2:]
         for k in np.flatnonzero(~np.array(self.has, dtype=bool)):
             full[:, 3 + k] = full[:, 2]
-        full = full[full[:, 0] > 0]
+        nonempty = np.flatnonzero(full[:, 0] > 0)
+        full = full[nonempty]
         # Bytes per element of each address column, for the back-to-back test.
         grad_size = 2 if low is not None else dtype.itemsize
         itemsizes = np.array([dtype.itemsize, grad_size]
@@ -237,6 +238,22 @@ class ChunkTable:
         self.n_elements = int(self.table[:, 0].sum())
         # The table holds raw addresses: keep every array alive while the table lives.
         self.refs = (params, grads, slots, model)
+        self.regrad = self._regrad(full, itemsizes, nonempty, len(blocked))
+
+    def _regrad(self, full, itemsizes, nonempty, n_absmax):
+        """``(non-empty tensors, gradient-address columns)`` when new gradients cannot
+        change the rows: no two rows merged, and no two whose other columns (params,
+        present state, model, absmax) continue each other could merge whatever the
+        gradients are. Then :meth:`with_grads` only writes the new addresses; else None."""
+        if self.table.shape[0] != full.shape[0]:
+            return None
+        columns = [2] + [3 + k for k, h in enumerate(self.has) if not h]   # absent: the gradient's
+        if self.merge and full.shape[0] > 1:
+            fixed = [c for c in range(1, full.shape[1]) if c not in columns]
+            if merge_runs(full[:, [0] + fixed], itemsizes[[c - 1 for c in fixed]], self.block,
+                          n_absmax).shape[0] != full.shape[0]:
+                return None
+        return nonempty, columns
 
     @staticmethod
     def _fixed(params, slots, model):
@@ -266,10 +283,22 @@ class ChunkTable:
         return np.ascontiguousarray(np.stack([row_of, lo, hi], axis=1)), starts
 
     def with_grads(self, grads, grad_addresses=None) -> "ChunkTable":
-        """The same params and state over new gradient arrays."""
+        """The same params and state over new gradient arrays: where the rows cannot change
+        (:meth:`_regrad`), a copy with the new addresses written in; else made anew."""
         params, _, slots, model = self.refs
-        return ChunkTable(params, grads, slots, grad_addresses, self.fixed, self.merge, model,
-                          self.formats, self.scales, self.block, self.pure)
+        if self.regrad is None:
+            return ChunkTable(params, grads, slots, grad_addresses, self.fixed, self.merge, model,
+                              self.formats, self.scales, self.block, self.pure)
+        nonempty, columns = self.regrad
+        if grad_addresses is None:
+            grad_addresses = [address(g) if g.size else 0 for g in grads]
+        out = object.__new__(ChunkTable)
+        for name in ChunkTable.__slots__:
+            setattr(out, name, getattr(self, name))
+        out.table = self.table.copy()
+        out.table[:, columns] = np.asarray(grad_addresses, dtype=np.int64)[nonempty, None]
+        out.refs = (params, grads, slots, model)
+        return out
 
     def layout(self, writes=None, row_mode=None, stochastic=False, load_absent=False) -> Layout:
         """The layout of a pass over this table: every present column is read, and with
