@@ -33,11 +33,12 @@ class _Bucket:
     """
 
     __slots__ = ("indices", "params", "grads", "slots", "table", "positions", "model",
-                 "formats", "scales", "block", "pure", "compensation")
+                 "formats", "scales", "block", "pure", "compensation", "_span")
 
     def __init__(self, indices, params, grads, slots, model=None, positions=None,
                  formats=None, scales=None, block=0):
         self.indices = np.asarray(indices, dtype=np.int64)
+        self._span = None
         self.params = params
         self.grads = grads
         self.slots = slots
@@ -58,7 +59,22 @@ class _Bucket:
         out = _Bucket(indices, params, grads, slots, model, positions, self.formats,
                       self.scales, self.block)
         out.pure, out.compensation = self.pure, self.compensation
+        if indices is self.indices:
+            out._span = self._span
         return out
+
+    @property
+    def span(self):
+        """The indices as a slice where they are consecutive (the usual case), else the
+        index array: reading and adding to a slice of the step counts is a view, several
+        times cheaper than fancy indexing for a short step."""
+        if self._span is None:
+            ix = self.indices
+            n = ix.size
+            consecutive = n > 0 and int(ix[-1]) - int(ix[0]) + 1 == n and \
+                (n < 3 or bool(np.all(np.diff(ix) == 1)))
+            self._span = slice(int(ix[0]), int(ix[0]) + n) if consecutive else ix
+        return self._span
 
     def subset(self, sel) -> "_Bucket":
         """The tensors at positions ``sel`` of this bucket, with everything they carry

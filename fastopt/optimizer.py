@@ -474,16 +474,18 @@ class Optimizer(_Planning, SparseSteps, HostStates):
 
     def _run_group(self, group, plan, backend_name, scale=1.0):
         for bucket in plan.buckets:
-            steps = self._steps[bucket.indices]
-            if steps.size and steps.min() != steps.max():
+            span = bucket.span
+            steps = self._steps[span]
+            if steps.size > 1 and steps.min() != steps.max():
                 # Params of one group that skipped different steps: one pass per step count,
                 # each over a part of the bucket that keeps its master weights and model.
+                steps = steps.copy()            # a view of the counts where span is a slice
                 for s in np.unique(steps):
                     sub = bucket.subset(np.flatnonzero(steps == s))
                     self._run_bucket(group, sub, int(s) + 1, backend_name, scale)
             elif steps.size:
                 self._run_bucket(group, bucket, int(steps[0]) + 1, backend_name, scale)
-            self._steps[bucket.indices] += 1
+            self._steps[span] += 1
 
     def _run_bucket(self, group, bucket, step, backend_name, scale=1.0):
         if self._host_values is not None:
