@@ -76,15 +76,22 @@ def test_repeated_calls_equal_the_class_bit_for_bit(fmt):
         assert np.array_equal(v[i].view(np.uint8), st["exp_avg_sq"].view(np.uint8))
 
 
-def test_a_per_tensor_optimizer_equals_the_class():
-    params = _arrays(1)
+def _beside_the_class(form, cls, seed, steps):
+    """``steps`` calls of ``form`` and steps of ``cls`` on copies of the same params, with
+    new gradients each time: the two param lists after each step."""
+    params = _arrays(seed)
     ref = [p.copy() for p in params]
     m, v = [np.zeros_like(p) for p in params], [np.zeros_like(p) for p in params]
-    opt = fo.LAMB(ref, lr=1e-2)
-    for t in range(1, 9):
+    opt = cls(ref, lr=1e-2)
+    for t in range(1, steps + 1):
         grads = _grads(t)
-        functional.lamb(params, grads, m, v, step=t, lr=1e-2)
+        form(params, grads, m, v, step=t, lr=1e-2)
         opt.step(grads)
+        yield params, ref
+
+
+def test_a_per_tensor_optimizer_equals_the_class():
+    for t, (params, ref) in enumerate(_beside_the_class(functional.lamb, fo.LAMB, 1, 8), 1):
         for a, b in zip(params, ref):
             assert np.array_equal(a, b), f"step {t}"
 
@@ -212,14 +219,8 @@ def test_threads_with_their_own_arrays_each_equal_the_class():
 
     def train(seed):
         try:
-            params = _arrays(seed)
-            ref = [p.copy() for p in params]
-            m, v = [np.zeros_like(p) for p in params], [np.zeros_like(p) for p in params]
-            opt = fo.Adam(ref, lr=1e-2)
-            for t in range(1, 30):
-                grads = _grads(t)
-                functional.adam(params, grads, m, v, step=t, lr=1e-2)
-                opt.step(grads)
+            for params, ref in _beside_the_class(functional.adam, fo.Adam, seed, 29):
+                pass
             out[seed] = all(np.array_equal(a, b) for a, b in zip(params, ref))
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
